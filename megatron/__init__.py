@@ -1,0 +1,3 @@
+"""Megatron-style pretraining for StarCoder-class code models."""
+
+__version__ = "0.1.0"
