@@ -1,0 +1,618 @@
+"""Dataset blending and train/valid/test splits: ``--data-path``, ``--split`` and weighted split files.
+
+Blending is a deterministic greedy interleave. Sample k (0-based) of the blend comes from the dataset
+whose achieved count lags its target the most, the target being ``weight * (k + 1)`` (the share the
+blend should hold once sample k is placed); ties go to the lowest dataset index; within the chosen
+dataset the next unused sample is taken. With that target every dataset stays within one sample of
+``weight * k`` at every prefix k: never a full sample ahead (a dataset is only chosen while it lags, so
+it ends at most 1 - 1/n ahead), and never a full sample behind on every input the tests and the
+benchmark try (random, very uneven, tied and zero weights; this side is checked, not proven here).
+Megatron-LM measures the lag against ``weight * max(k, 1)`` instead, which lets a dataset fall up to
+about 1.5 samples behind.
+
+The greedy is inherently sequential, so it runs in a small C kernel compiled on first use with the
+system C compiler (cached as a shared library, like Megatron-LM's ``helpers.cpp``). The kernel keeps
+only datasets whose lag is close to the maximum in an active set and the others in a timing wheel keyed
+by the step at which their lag gets there, so a step costs a few operations instead of a scan of every
+dataset (the result is the same as the scan's).
+Without a compiler a pure-Python loop of the same rule is used (correct, much slower, with a warning).
+Index arrays are int32 (dataset) and int64 (sample), so there is no limit on the number of datasets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron.data import indexed as indexed_lib
+from megatron.data.gpt_dataset import GPTDataset, _small_pages
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_MARGIN = 1.005  # each blended dataset gets 0.5% more samples than its share, as Megatron-LM
+
+_KERNEL_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+
+static double lag(const double *w, const int64_t *c, int32_t d, int64_t k) {
+    return w[d] * (double)(k + 1) - (double)c[d];
+}
+
+/* First step >= from at which dataset d's lag reaches level (its count fixed), INT64_MAX if never. */
+static int64_t due_step(const double *w, const double *inverse_w, const int64_t *c, int32_t d, int64_t from,
+                        double level) {
+    if (!(w[d] > 0.0)) return INT64_MAX;
+    /* an estimate (no division, no libm call); the loops below make it exact */
+    double guess = (level + (double)c[d]) * inverse_w[d];
+    if (guess > 4e18) return INT64_MAX;
+    int64_t k = guess < (double)from ? from : (int64_t)guess;
+    while (k > from && lag(w, c, d, k - 1) >= level) k--;
+    while (lag(w, c, d, k) < level) k++;
+    return k;
+}
+
+/* Datasets below the level wait in a timing wheel (doubly linked lists per slot, slot = due step mod
+   wheel size); the ones at or above it sit in an unordered active array. */
+typedef struct {
+    const double *w;
+    int64_t *counts, *due;
+    double *active_w, *active_c, *scratch, *counts_d, *inverse_w;  /* counts_d: the counts as doubles */
+    int32_t *all_ids;
+    int32_t n, *active, *slot_head, *next, *prev, *where;  /* where: slot, or -1 active, -2 untracked */
+    int64_t wheel, num_active;
+} State;
+
+static void wheel_insert(State *s, int32_t d, int64_t due) {
+    s->due[d] = due;
+    if (due == INT64_MAX) { s->where[d] = -2; return; }
+    int32_t slot = (int32_t)(due & (s->wheel - 1));
+    s->where[d] = slot;
+    s->prev[d] = -1;
+    s->next[d] = s->slot_head[slot];
+    if (s->slot_head[slot] >= 0) s->prev[s->slot_head[slot]] = d;
+    s->slot_head[slot] = d;
+}
+
+static void wheel_remove(State *s, int32_t d) {
+    if (s->prev[d] >= 0) s->next[s->prev[d]] = s->next[d];
+    else s->slot_head[s->where[d]] = s->next[d];
+    if (s->next[d] >= 0) s->prev[s->next[d]] = s->prev[d];
+}
+
+/* Chooses step k's dataset. Every dataset with lag >= level is active, so a non-empty active set
+   holds the maximum; otherwise all datasets are scanned. Returns the chosen lag. The active set is kept
+   as parallel arrays (id, weight, count) because an active dataset's count cannot change until it is
+   chosen, which makes the scan a plain pass over contiguous memory. */
+static double blend_step(State *s, int64_t k, double level, int32_t *out_dataset, int64_t *out_sample) {
+    int32_t slot = (int32_t)(k & (s->wheel - 1));
+    for (int32_t d = s->slot_head[slot], following; d >= 0; d = following) {
+        following = s->next[d];
+        if (s->due[d] <= k) {
+            wheel_remove(s, d);
+            s->where[d] = -1;
+            s->active[s->num_active] = d;
+            s->active_w[s->num_active] = s->w[d];
+            s->active_c[s->num_active++] = (double)s->counts[d];
+        }
+    }
+    int64_t count = s->num_active > 0 ? s->num_active : s->n;
+    const double *weights = s->num_active > 0 ? s->active_w : s->w;
+    const double *counts = s->num_active > 0 ? s->active_c : s->counts_d;
+    const int32_t *ids = s->num_active > 0 ? s->active : s->all_ids;
+    double step = (double)(k + 1), *lags = s->scratch;
+    for (int64_t i = 0; i < count; i++) lags[i] = weights[i] * step - counts[i];
+    /* the maximum over four independent chains (no long dependency), then the lowest id holding it:
+       exact ties are rare, so the last loop's branch is predictable */
+    double m0 = lags[0], m1 = lags[0], m2 = lags[0], m3 = lags[0];
+    int64_t i = 0;
+    for (; i + 4 <= count; i += 4) {
+        m0 = lags[i] > m0 ? lags[i] : m0;
+        m1 = lags[i + 1] > m1 ? lags[i + 1] : m1;
+        m2 = lags[i + 2] > m2 ? lags[i + 2] : m2;
+        m3 = lags[i + 3] > m3 ? lags[i + 3] : m3;
+    }
+    for (; i < count; i++) m0 = lags[i] > m0 ? lags[i] : m0;
+    m0 = m1 > m0 ? m1 : m0;
+    m2 = m3 > m2 ? m3 : m2;
+    double best_lag = m2 > m0 ? m2 : m0;
+    int64_t position = 0;
+    while (lags[position] != best_lag) position++;
+    int32_t best = ids[position];
+    for (int64_t j = position + 1; j < count; j++) {
+        if (lags[j] == best_lag && ids[j] < best) {
+            best = ids[j];
+            position = j;
+        }
+    }
+    out_dataset[k] = best;
+    out_sample[k] = s->counts[best]++;
+    s->counts_d[best] += 1.0;
+    if (s->where[best] == -1) {
+        int64_t last = --s->num_active;
+        s->active[position] = s->active[last];
+        s->active_w[position] = s->active_w[last];
+        s->active_c[position] = s->active_c[last];
+    } else if (s->where[best] >= 0) {
+        wheel_remove(s, best);
+    }
+    wheel_insert(s, best, due_step(s->w, s->inverse_w, s->counts, best, k + 1, level));
+    return best_lag;
+}
+
+/* Refills the wheel for a new level, starting at step k. */
+static void reset(State *s, int64_t k, double level) {
+    s->num_active = 0;
+    for (int64_t i = 0; i < s->wheel; i++) s->slot_head[i] = -1;
+    for (int32_t d = 0; d < s->n; d++) {
+        wheel_insert(s, d, due_step(s->w, s->inverse_w, s->counts, d, k, level));
+    }
+}
+
+/* Returns 0 on success, -1 when out of memory. The level only affects speed, never the result: it is
+   re-tuned every window to the smallest lag chosen in the previous one (chosen lags cluster tightly). */
+int blend_greedy(const double *w, int32_t n, int64_t size, int32_t *out_dataset, int64_t *out_sample) {
+    State s = {w};
+    s.n = n;
+    s.wheel = 1024;
+    while (s.wheel < 4 * (int64_t)n) s.wheel *= 2;
+    s.counts = calloc(n, sizeof(int64_t));
+    s.due = malloc(n * sizeof(int64_t));
+    s.active = malloc(n * sizeof(int32_t));
+    s.active_w = malloc(n * sizeof(double));
+    s.active_c = malloc(n * sizeof(double));
+    s.scratch = malloc(n * sizeof(double));
+    s.counts_d = calloc(n, sizeof(double));
+    s.inverse_w = malloc(n * sizeof(double));
+    for (int32_t d = 0; s.inverse_w && d < n; d++) s.inverse_w[d] = w[d] > 0.0 ? 1.0 / w[d] : 0.0;
+    s.all_ids = malloc(n * sizeof(int32_t));
+    for (int32_t d = 0; s.all_ids && d < n; d++) s.all_ids[d] = d;
+    s.next = malloc(n * sizeof(int32_t));
+    s.prev = malloc(n * sizeof(int32_t));
+    s.where = malloc(n * sizeof(int32_t));
+    s.slot_head = malloc(s.wheel * sizeof(int32_t));
+    int status = (s.counts && s.due && s.active && s.active_w && s.active_c && s.scratch && s.counts_d
+                  && s.inverse_w && s.all_ids && s.next && s.prev && s.where && s.slot_head) ? 0 : -1;
+    int64_t window = 16 * (int64_t)n + 1024;
+    double level = 0.4;
+    for (int64_t k = 0; k < size && status == 0;) {
+        int64_t end = size - k < window ? size : k + window;
+        reset(&s, k, level);
+        double smallest = 2.0;
+        for (; k < end; k++) {
+            double chosen = blend_step(&s, k, level, out_dataset, out_sample);
+            if (chosen < smallest) smallest = chosen;
+        }
+        level = smallest;
+    }
+    free(s.counts); free(s.due); free(s.active); free(s.active_w); free(s.active_c); free(s.scratch);
+    free(s.counts_d); free(s.inverse_w); free(s.all_ids); free(s.next); free(s.prev); free(s.where); free(s.slot_head);
+    return status;
+}
+"""
+_KERNEL_FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off"]  # no FMA: lags must round as NumPy's do
+_kernel = None
+_kernel_loaded = False
+
+
+def _kernel_dir() -> str:
+    base = os.environ.get("MEGATRON_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "megatron-starcoder-kernels")
+
+
+def _compile_kernel(directory: str) -> str:
+    """Compile the blend kernel into ``directory`` (atomically) and return the library path."""
+    digest = hashlib.sha256((_KERNEL_SOURCE + " ".join(_KERNEL_FLAGS) + sys.platform).encode()).hexdigest()
+    library = os.path.join(directory, f"blend_{digest[:16]}.so")
+    if os.path.isfile(library):
+        return library
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as work:
+        source = os.path.join(work, "blend.c")
+        with open(source, "w") as stream:
+            stream.write(_KERNEL_SOURCE)
+        built = os.path.join(work, "blend.so")
+        compiler = os.environ.get("CC", "cc")
+        subprocess.run(
+            [compiler, *_KERNEL_FLAGS, "-o", built, source],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(built, library)
+    return library
+
+
+def _load_kernel():
+    """The compiled ``blend_greedy`` function, or None when no C compiler works here."""
+    global _kernel, _kernel_loaded
+    if _kernel_loaded:
+        return _kernel
+    _kernel_loaded = True
+    for directory in (_kernel_dir(), os.path.join(tempfile.gettempdir(), "megatron-starcoder-kernels")):
+        try:
+            function = ctypes.CDLL(_compile_kernel(directory)).blend_greedy
+        except (OSError, subprocess.SubprocessError) as error:
+            logger.debug("blend kernel unavailable in %s: %s", directory, error)
+            continue
+        function.restype = ctypes.c_int
+        function.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int32,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        _kernel = function
+        return _kernel
+    logger.warning("no working C compiler: blending falls back to a slow pure-Python loop")
+    return None
+
+
+def normalize_weights(weights, *, source: str = "blend weights") -> np.ndarray:
+    """Weights as float64 summing to 1 (``ValueError`` if any is negative/non-finite or all are zero)."""
+    array = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if len(array) == 0:
+        raise ValueError(f"{source}: no weights given")
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ValueError(f"{source}: weights must be finite and non-negative, got {array.tolist()}")
+    total = array.sum()
+    if total <= 0:
+        raise ValueError(f"{source}: weights are all zero ({array.tolist()}); at least one must be positive")
+    return array / total
+
+
+def _blend_python(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy rule as a plain loop (the fallback without a compiler)."""
+    counts = np.zeros(len(weights), dtype=np.int64)
+    dataset_index = np.empty(size, dtype=np.int32)
+    sample_index = np.empty(size, dtype=np.int64)
+    for k in range(size):
+        best = int(np.argmax(weights * float(k + 1) - counts))  # argmax breaks ties to the lowest index
+        dataset_index[k] = best
+        sample_index[k] = counts[best]
+        counts[best] += 1
+    return dataset_index, sample_index
+
+
+def blending_indices(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset_index int32, dataset_sample_index int64) of a blend of ``size`` samples.
+
+    ``weights`` are normalised here. See the module docstring for the rule.
+    """
+    weights = normalize_weights(weights)
+    if size < 0:
+        raise ValueError(f"blend size must be non-negative, got {size}")
+    kernel = _load_kernel()
+    if kernel is None:
+        return _blend_python(weights, size)
+    weights = np.ascontiguousarray(weights)
+    with _small_pages():  # the kernel writes these once, front to back
+        dataset_index = np.empty(size, dtype=np.int32)
+        sample_index = np.empty(size, dtype=np.int64)
+    status = kernel(
+        weights.ctypes.data, len(weights), size, dataset_index.ctypes.data, sample_index.ctypes.data
+    )
+    if status != 0:
+        raise MemoryError("blend kernel ran out of memory")
+    return dataset_index, sample_index
+
+
+class BlendedDataset:
+    """A weighted, deterministic interleave of datasets: ``ds[i]`` is a sample of one of them.
+
+    ``dataset_index[i]`` names the dataset and ``dataset_sample_index[i]`` the sample within it.
+    """
+
+    def __init__(self, datasets: list, weights: list[float], size: int, *, name: str = "blend"):
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError(
+                f"{name}: need one weight per dataset, got {len(datasets)} datasets, {len(weights)} weights"
+            )
+        self.datasets = list(datasets)
+        self.name = name
+        self.weights = normalize_weights(weights, source=f"{name} blend weights")
+        self.size = int(size)
+        self.dataset_index, self.dataset_sample_index = blending_indices(self.weights, self.size)
+        needed = np.bincount(self.dataset_index, minlength=len(datasets))
+        for position, (dataset, count) in enumerate(zip(self.datasets, needed)):
+            if count > len(dataset):
+                raise ValueError(
+                    f"{name}: dataset {position} ({dataset!r}) has {len(dataset)} samples, the blend needs {count}"
+                )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if index < 0:
+            index += self.size
+        if not 0 <= index < self.size:
+            raise IndexError(f"sample {index} out of range for {self.size} samples of {self.name}")
+        dataset = self.datasets[int(self.dataset_index[index])]
+        return dataset[int(self.dataset_sample_index[index])]
+
+    def __repr__(self) -> str:
+        return f"BlendedDataset(name={self.name!r}, datasets={len(self.datasets)}, size={self.size})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flags: --data-path, --split, weighted split files
+
+
+def parse_data_path(data_path) -> list[tuple[float, str]]:
+    """``--data-path`` as (weight, prefix) pairs: ``["P"]``, ``["W1", "P1", "W2", "P2", ...]`` or a string.
+
+    Weights are returned as given (normalise with :func:`normalize_weights`).
+    """
+    if isinstance(data_path, str):
+        data_path = data_path.split()
+    items = [str(item) for item in (data_path or [])]
+    if not items:
+        raise ValueError("--data-path: no data prefix given")
+    if len(items) == 1:
+        return [(1.0, items[0])]
+    if len(items) % 2:
+        raise ValueError(
+            f"--data-path: expected one prefix or WEIGHT PREFIX pairs, got {len(items)} values: {items}"
+        )
+    pairs = []
+    for weight_text, prefix in zip(items[0::2], items[1::2]):
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise ValueError(
+                f"--data-path: '{weight_text}' (before '{prefix}') is not a weight; use W1 P1 W2 P2 ..."
+            ) from None
+        pairs.append((weight, prefix))
+    normalize_weights([w for w, _ in pairs], source="--data-path")
+    return pairs
+
+
+def parse_split(split: str) -> list[float]:
+    """``--split "969, 30, 1"`` (also ``969,30,1`` or ``969/30/1``) as three fractions summing to 1."""
+    parts = [part.strip() for part in re.split(r"[,/]", str(split))]
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"--split '{split}': expected up to three numbers such as '969, 30, 1'") from None
+    if not 1 <= len(values) <= 3 or any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise ValueError(
+            f"--split '{split}': expected one to three non-negative numbers with a positive sum, e.g. '969, 30, 1'"
+        )
+    values += [0.0] * (3 - len(values))
+    total = sum(values)
+    return [v / total for v in values]
+
+
+def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
+    """Document ranges of train, valid and test (Megatron-LM's rounding; the rest goes to the last)."""
+    fractions = parse_split(split)
+    bounds = [0]
+    for fraction in fractions:
+        bounds.append(bounds[-1] + int(round(fraction * num_documents)))
+    excess = bounds[-1] - num_documents
+    bounds = [bounds[0]] + [bound - excess for bound in bounds[1:]]
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+@dataclass(frozen=True)
+class WeightedSplitEntry:
+    """One ``NAME: WEIGHT START:END PREFIX`` entry of a weighted split file."""
+
+    name: str
+    weight: float
+    start: float
+    end: float
+    prefix: str
+
+
+_ENTRY_PATTERN = re.compile(
+    r"^(?:(?P<name>[^:\s]+)\s*:\s*)?(?P<weight>\S+)\s+(?P<start>[^:\s]+):(?P<end>\S+)\s+(?P<prefix>.+)$"
+)
+
+
+def _parse_entry(text: str, path: str, number: int, group: str | None) -> WeightedSplitEntry:
+    where = f"{path}: entry {number} '{text}'"
+    match = _ENTRY_PATTERN.match(text)
+    if match is None:
+        raise ValueError(
+            f"{where}: expected 'NAME: WEIGHT START:END PREFIX', e.g. 'python: 60.4 0:0.969 /data/py'"
+        )
+    name = match["name"] or group
+    if name is None:
+        raise ValueError(f"{where}: the first entry needs a name ('NAME: WEIGHT START:END PREFIX')")
+    try:
+        weight, start, end = float(match["weight"]), float(match["start"]), float(match["end"])
+    except ValueError:
+        raise ValueError(f"{where}: WEIGHT, START and END must be numbers") from None
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"{where}: weight must be a non-negative number, got {match['weight']}")
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"{where}: split range must satisfy 0 <= START < END <= 1, got {start}:{end}")
+    return WeightedSplitEntry(name, weight, start, end, match["prefix"].strip())
+
+
+def parse_weighted_split_file(path: str) -> list[WeightedSplitEntry]:
+    """Entries of a BigCode weighted split file: comma-separated ``NAME: WEIGHT START:END PREFIX``.
+
+    An entry without ``NAME:`` joins the group of the entry before it (BigCode's grouped form).
+    """
+    try:
+        with open(path) as stream:
+            text = stream.read()
+    except OSError as error:
+        raise ValueError(f"weighted split file {path}: cannot read it ({error.strerror})") from None
+    text = " ".join(line for line in text.splitlines() if not line.lstrip().startswith("#")).strip()
+    text = text.strip("\"'")
+    pieces = [piece.strip() for piece in text.split(",")]
+    if not text or any(not piece for piece in pieces):
+        raise ValueError(
+            f"weighted split file {path}: empty file or empty entry (entries are separated by ',')"
+        )
+    entries: list[WeightedSplitEntry] = []
+    for number, piece in enumerate(pieces, start=1):
+        entries.append(_parse_entry(piece, path, number, entries[-1].name if entries else None))
+    normalize_weights([e.weight for e in entries], source=f"weighted split file {path}")
+    return entries
+
+
+def samples_per_dataset(weights: np.ndarray, num_samples: int) -> list[int]:
+    """Samples to build per blended dataset: its share plus a 0.5% margin (Megatron-LM's rule)."""
+    return [int(math.ceil(weight * num_samples * SAMPLES_MARGIN)) for weight in weights]
+
+
+# ---------------------------------------------------------------------------------------------------
+# build_datasets
+
+
+@dataclass
+class DatasetSplits:
+    """The datasets of one run: ``train`` and ``test`` (dataset or None), ``valid`` as (name, dataset)."""
+
+    train: object | None = None
+    valid: list[tuple[str, object]] = field(default_factory=list)
+    test: object | None = None
+
+
+class _Builder:
+    """Opens each indexed dataset once and builds GPT datasets and blends over it."""
+
+    def __init__(self, seq_length: int, seed: int, cache_dir: str | None):
+        self.seq_length, self.seed, self.cache_dir = seq_length, seed, cache_dir
+        self._opened: dict[str, indexed_lib.IndexedDataset] = {}
+
+    def open(self, prefix: str, source: str):
+        if prefix not in self._opened:
+            if not indexed_lib.exists(indexed_lib.strip_suffix(prefix)):
+                raise ValueError(
+                    f"{source}: data prefix '{prefix}' does not exist (need {prefix}.bin and {prefix}.idx)"
+                )
+            self._opened[prefix] = indexed_lib.IndexedDataset(prefix)
+        return self._opened[prefix]
+
+    def gpt(self, indexed, name: str, document_range: tuple[int, int], num_samples: int) -> GPTDataset:
+        return GPTDataset(
+            indexed,
+            name=name,
+            document_range=document_range,
+            num_samples=num_samples,
+            seq_length=self.seq_length,
+            seed=self.seed,
+            cache_dir=self.cache_dir,
+        )
+
+    def blend(self, parts: list[tuple[float, object, tuple[int, int]]], name: str, num_samples: int):
+        """One dataset over ``(weight, indexed, document_range)`` parts: a GPTDataset or a blend of them."""
+        parts = [part for part in parts if part[0] > 0]
+        if len(parts) == 1:
+            _, indexed, document_range = parts[0]
+            return self.gpt(indexed, name, document_range, num_samples)
+        weights = normalize_weights([weight for weight, _, _ in parts], source=f"{name} blend")
+        datasets = [
+            self.gpt(indexed, name, document_range, count)
+            for (_, indexed, document_range), count in zip(parts, samples_per_dataset(weights, num_samples))
+        ]
+        return BlendedDataset(datasets, list(weights), num_samples, name=name)
+
+
+def _document_range(indexed, start: float, end: float, where: str) -> tuple[int, int]:
+    num_documents = len(indexed.sizes)
+    document_range = (int(round(start * num_documents)), int(round(end * num_documents)))
+    if document_range[0] >= document_range[1]:
+        raise ValueError(f"{where}: range {start}:{end} of {num_documents} documents holds no document")
+    return document_range
+
+
+def _from_weighted_file(builder: _Builder, path: str, name: str, num_samples: int, grouped: bool):
+    """A dataset (or, when ``grouped``, a list of (group name, dataset)) from a weighted split file."""
+    entries = parse_weighted_split_file(path)
+    groups: dict[str, list] = {}
+    for number, entry in enumerate(entries, start=1):
+        where = f"{path}: entry {number} ({entry.name})"
+        indexed = builder.open(entry.prefix, where)
+        document_range = _document_range(indexed, entry.start, entry.end, where)
+        groups.setdefault(entry.name if grouped else name, []).append((entry.weight, indexed, document_range))
+    if not grouped:
+        return builder.blend(groups[name], name, num_samples)
+    return [(group, builder.blend(parts, group, num_samples)) for group, parts in groups.items()]
+
+
+def _from_data_path(builder: _Builder, data_path, split: str, num_samples: tuple[int, int, int]) -> list:
+    """Train, valid and test datasets (or None) from ``--data-path`` and ``--split``."""
+    pairs = parse_data_path(data_path)
+    parse_split(split)  # report a malformed split before opening any file
+    opened = [(weight, builder.open(prefix, "--data-path")) for weight, prefix in pairs]
+    result = []
+    for split_number, name in enumerate(("train", "valid", "test")):
+        parts = []
+        for weight, indexed in opened:
+            document_range = split_document_ranges(split, len(indexed.sizes))[split_number]
+            if document_range[1] > document_range[0]:
+                parts.append((weight, indexed, document_range))
+        has_weight = any(weight > 0 for weight, _, _ in parts)
+        result.append(
+            builder.blend(parts, name, num_samples[split_number])
+            if has_weight and num_samples[split_number] > 0
+            else None
+        )
+    return result
+
+
+def build_datasets(
+    *,
+    data_path,
+    split: str,
+    train_weighted_split_paths_path: str | None,
+    valid_weighted_split_paths_path: str | None,
+    test_weighted_split_paths_path: str | None,
+    num_samples: tuple[int, int, int],
+    seq_length: int,
+    seed: int,
+    cache_dir: str | None,
+) -> DatasetSplits:
+    """Train, validation and test datasets from the data flags.
+
+    A weighted split file, where given, defines its split (validation: one group per entry name);
+    otherwise ``--data-path`` with ``--split`` does (validation group named "valid"). A split with no
+    documents or zero requested samples is None (no validation group).
+    """
+    builder = _Builder(seq_length, seed, cache_dir)
+    weighted_files = (
+        train_weighted_split_paths_path,
+        valid_weighted_split_paths_path,
+        test_weighted_split_paths_path,
+    )
+    if not data_path and not train_weighted_split_paths_path:
+        raise ValueError("no training data: give --data-path or --train-weighted-split-paths-path")
+    from_path = [None, None, None]
+    left_to_data_path = tuple(0 if file else count for file, count in zip(weighted_files, num_samples))
+    if data_path and any(left_to_data_path):
+        from_path = _from_data_path(builder, data_path, split or "969, 30, 1", left_to_data_path)
+    splits = DatasetSplits(train=from_path[0], test=from_path[2])
+    if from_path[1] is not None:
+        splits.valid = [("valid", from_path[1])]
+    if train_weighted_split_paths_path:
+        splits.train = _from_weighted_file(
+            builder, train_weighted_split_paths_path, "train", num_samples[0], False
+        )
+    if valid_weighted_split_paths_path and num_samples[1] > 0:
+        splits.valid = _from_weighted_file(
+            builder, valid_weighted_split_paths_path, "valid", num_samples[1], True
+        )
+    if test_weighted_split_paths_path and num_samples[2] > 0:
+        splits.test = _from_weighted_file(
+            builder, test_weighted_split_paths_path, "test", num_samples[2], False
+        )
+    return splits

@@ -1,0 +1,61 @@
+"""Session-wide fixtures shared by every test: a tiny code corpus and a tokenizer trained on it.
+
+Other test files depend on these names; keep them stable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+DEMO_CORPUS_NUM_FILES = 60
+TINY_VOCAB_SIZE = 1024
+
+
+def load_tool(name: str):
+    """Import `tools/<name>.py` as a module (tools/ is a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def demo_corpus_path(tmp_path_factory) -> Path:
+    """JSONL (The Stack's shape, key `content`) of the first 60 .py files of the standard library."""
+    path = tmp_path_factory.mktemp("demo_corpus") / "demo.jsonl"
+    argv = ["--output", str(path), "--max-files", str(DEMO_CORPUS_NUM_FILES)]
+    assert load_tool("make_demo_corpus").main(argv) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory, demo_corpus_path) -> Path:
+    """tokenizer.json (StarCoder recipe, vocabulary 1024) trained on `demo_corpus_path`."""
+    path = tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer.json"
+    argv = [
+        "--input",
+        str(demo_corpus_path),
+        "--output",
+        str(path),
+        "--vocab-size",
+        str(TINY_VOCAB_SIZE),
+        "--quiet",
+    ]
+    assert load_tool("train_tokenizer").main(argv) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_path):
+    """The `Tokenizer` built from `tiny_tokenizer_path` (TokenizerFromFile, padded to a multiple of 128)."""
+    from megatron.data.tokenizer import build_tokenizer
+
+    return build_tokenizer("TokenizerFromFile", tokenizer_file=str(tiny_tokenizer_path))
