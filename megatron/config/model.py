@@ -1,0 +1,118 @@
+"""Model shape and numerics (`cfg.model`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.config._fields import ConfigError, arg, require_choice, require_positive, require_range, show
+
+ATTENTION_HEAD_TYPES = ("multihead", "multiquery")
+ACTIVATIONS = ("gelu_tanh", "gelu")
+
+
+def _divisors_near(n: int, target: int, count: int = 4) -> list[int]:
+    """Divisors of n closest to target, for 'use one of ...' hints."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(sorted(divisors, key=lambda d: (abs(d - target), d))[:count])
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 decoder shape. Derived sizes (ffn_hidden_size, kv_channels, max_position_embeddings)
+    are filled in on construction when left None; `dataclasses.replace` carries them over, so pass
+    them as None again when changing hidden_size, num_attention_heads or seq_length that way."""
+
+    num_layers: int | None = arg(None, "Number of transformer layers.")
+    hidden_size: int | None = arg(None, "Transformer hidden size.")
+    num_attention_heads: int | None = arg(None, "Number of (query) attention heads.")
+    ffn_hidden_size: int | None = arg(None, "MLP hidden size (default 4 * --hidden-size).")
+    kv_channels: int | None = arg(
+        None, "Size of one attention head (default --hidden-size / --num-attention-heads)."
+    )
+    attention_head_type: str = arg(
+        "multihead",
+        "multihead: one key/value head per query head; multiquery: one shared key/value head (MQA).",
+        choices=ATTENTION_HEAD_TYPES,
+    )
+    seq_length: int | None = arg(None, "Sequence length of a training sample (tokens).")
+    max_position_embeddings: int | None = arg(
+        None, "Number of learned position embeddings (default --seq-length); must be >= --seq-length."
+    )
+    make_vocab_size_divisible_by: int = arg(
+        128, "Pad the vocabulary to a multiple of this times --tensor-model-parallel-size (Megatron's rule)."
+    )
+    vocab_size: int | None = arg(
+        None,
+        "Model vocabulary (embedding rows); must hold the tokenizer. Default: the tokenizer's size padded to "
+        "a multiple of --make-vocab-size-divisible-by x --tensor-model-parallel-size.",
+    )
+    init_method_std: float = arg(
+        0.02, "Std of the normal init; output projections use std / sqrt(2 * --num-layers)."
+    )
+    attention_dropout: float = arg(0.1, "Dropout probability on the attention weights.")
+    hidden_dropout: float = arg(0.1, "Dropout probability on the residual branches and embeddings.")
+    layernorm_epsilon: float = arg(1e-5, "LayerNorm epsilon.")
+    untie_embeddings_and_output_weights: bool = arg(
+        False, "Use a separate output layer instead of the (default) tied input embedding."
+    )
+    activation: str = arg(
+        "gelu_tanh",
+        "MLP activation: gelu_tanh (tanh approximation, as StarCoder trained) or gelu (exact erf).",
+        choices=ACTIVATIONS,
+        const_flags={"--openai-gelu": "gelu_tanh"},
+    )
+    use_flash_attn: bool = arg(
+        False, "Use flash-attn kernels when installed on a GPU (no effect on CPU: SDPA is used)."
+    )
+    attention_softmax_in_fp32: bool = arg(
+        True,
+        "Compute the attention softmax in fp32 (default on; --no-attention-softmax-in-fp32 to disable).",
+        negatable=True,
+    )
+
+    def __post_init__(self) -> None:
+        self.resolve()
+
+    def resolve(self) -> None:
+        """Fill in derived sizes left None (idempotent)."""
+        if self.ffn_hidden_size is None and self.hidden_size is not None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        heads_divide = (
+            self.hidden_size and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0
+        )
+        if self.kv_channels is None and heads_divide:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.max_position_embeddings is None and self.seq_length is not None:
+            self.max_position_embeddings = self.seq_length
+
+    @property
+    def num_key_value_heads(self) -> int:
+        """Key/value heads: 1 for multi-query attention, else one per query head."""
+        return 1 if self.attention_head_type == "multiquery" else self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise ConfigError (a ValueError) naming the offending flags and what would be valid."""
+        self.resolve()
+        require_positive(self, "num_layers", "hidden_size", "num_attention_heads", "seq_length")
+        if self.hidden_size % self.num_attention_heads:
+            options = ", ".join(map(str, _divisors_near(self.hidden_size, self.num_attention_heads)))
+            raise ConfigError(
+                f"{show('hidden_size', self.hidden_size)} is not divisible by "
+                f"{show('num_attention_heads', self.num_attention_heads)}; "
+                f"valid head counts near it: {options}"
+            )
+        if self.seq_length > self.max_position_embeddings:
+            raise ConfigError(
+                f"{show('seq_length', self.seq_length)} is larger than "
+                f"{show('max_position_embeddings', self.max_position_embeddings)}; "
+                f"use --seq-length <= {self.max_position_embeddings} or --max-position-embeddings >= {self.seq_length}"
+            )
+        require_positive(
+            self, "ffn_hidden_size", "kv_channels", "max_position_embeddings", "layernorm_epsilon"
+        )
+        require_positive(self, "make_vocab_size_divisible_by", "init_method_std")
+        require_positive(self, "vocab_size", allow_none=True)
+        require_range(self, "attention_dropout", 0.0, 1.0, high_open=True)
+        require_range(self, "hidden_dropout", 0.0, 1.0, high_open=True)
+        require_choice(self, "attention_head_type", ATTENTION_HEAD_TYPES)
+        require_choice(self, "activation", ACTIVATIONS)

@@ -1,0 +1,88 @@
+"""Batch sizes, run length, precision (`cfg.training`), checkpointing and logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.config._fields import ConfigError, arg, require_positive, show
+
+
+@dataclass
+class TrainingConfig:
+    """Batching, run length, evaluation cadence, seed and precision."""
+
+    micro_batch_size: int = arg(1, "Sequences per micro-batch on each data-parallel rank.")
+    global_batch_size: int | None = arg(
+        None, "Sequences per optimizer step over all ranks (default --micro-batch-size x data-parallel size)."
+    )
+    train_iters: int | None = arg(None, "Optimizer steps to train for (or use --train-samples).")
+    train_samples: int | None = arg(None, "Samples to train for (or use --train-iters).")
+    eval_interval: int = arg(1000, "Evaluate on the validation split(s) every this many iterations.")
+    eval_iters: int = arg(100, "Global batches per evaluation, per validation group (0 = no evaluation).")
+    seed: int = arg(1234, "Random seed (initialisation, data order, FIM, dropout).")
+    fp16: bool = arg(False, "Train in fp16 with fp32 master weights and dynamic loss scaling.")
+    bf16: bool = arg(False, "Train in bf16 with fp32 master weights (slow on CPU).")
+    fp32: bool = arg(False, "Train in fp32 (the default when neither --fp16 nor --bf16 is given).")
+    skip_nonfinite: bool = arg(
+        False, "Skip (and count) steps with a non-finite loss or grad norm instead of stopping the run."
+    )
+    exit_interval: int | None = arg(None, "Exit after the iteration that is a multiple of this.")
+
+    @property
+    def precision(self) -> str:
+        """'bf16', 'fp16' or 'fp32'."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending flags and what would be valid."""
+        require_positive(self, "micro_batch_size", "eval_interval")
+        require_positive(
+            self, "global_batch_size", "train_iters", "train_samples", "exit_interval", allow_none=True
+        )
+        if self.eval_iters < 0:
+            raise ConfigError(f"{show('eval_iters', self.eval_iters)} must be >= 0")
+        if (self.train_iters is None) == (self.train_samples is None):
+            given = "both were given" if self.train_iters is not None else "neither was given"
+            raise ConfigError(f"give exactly one of --train-iters and --train-samples ({given})")
+        chosen = [name for name in ("fp16", "bf16", "fp32") if getattr(self, name)]
+        if len(chosen) > 1:
+            flags = " and ".join("--" + name for name in chosen)
+            raise ConfigError(f"{flags} given together; choose one of --fp16, --bf16, --fp32")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints are saved and loaded."""
+
+    save: str | None = arg(None, "Directory to save checkpoints to.")
+    load: str | None = arg(None, "Directory to load a checkpoint from (start from scratch if it holds none).")
+    save_interval: int | None = arg(None, "Save every this many iterations (and at the end, with --save).")
+    finetune: bool = arg(False, "Load only the model weights and restart the iteration count at 0.")
+    no_load_optim: bool = arg(False, "Do not load the optimizer state from the checkpoint.")
+    no_load_rng: bool = arg(False, "Do not load the random-number-generator states from the checkpoint.")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending flags."""
+        require_positive(self, "save_interval", allow_none=True)
+
+
+@dataclass
+class LoggingConfig:
+    """Console, JSONL, TensorBoard and Weights & Biases logging."""
+
+    log_interval: int = arg(100, "Log training metrics every this many iterations.")
+    metrics_jsonl: str | None = arg(
+        None,
+        "Write the logged metrics as one JSON object per line here (default SAVE/metrics.jsonl with --save).",
+    )
+    tensorboard_dir: str | None = arg(None, "Write TensorBoard events here (needs tensorboard installed).")
+    wandb_project_name: str | None = arg(
+        None, "Weights & Biases project (needs wandb; offline without network)."
+    )
+    wandb_entity_name: str | None = arg(None, "Weights & Biases entity (team or user).")
+    wandb_exp_name: str | None = arg(None, "Weights & Biases run name.")
+    wandb_save_dir: str | None = arg(None, "Weights & Biases local directory (default under --save).")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending flags."""
+        require_positive(self, "log_interval")
