@@ -1,0 +1,261 @@
+"""Metric sinks: the readable stdout line, JSON lines, TensorBoard and Weights & Biases.
+
+Every sink receives the same flat dict of numbers (plus a few strings) for a training log interval or a
+validation pass. TensorBoard and W&B are optional: asked for but not installed gives one clear log line
+and the run goes on without them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def log(message: str) -> None:
+    """Print one log line immediately (progress must stay visible when piped)."""
+    print(message, flush=True)
+
+
+def _json_value(value):
+    """JSON has no inf/nan: write them as strings so every line stays parseable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+@dataclass
+class Throughput:
+    """Numbers for tokens/s, TFLOP/s per device and MFU."""
+
+    tokens_per_iteration: int
+    flops_per_token: float
+    world_size: int
+    peak_flops: float
+    peak_name: str
+
+
+class IntervalStats:
+    """Sums over the iterations since the last log line."""
+
+    def __init__(self) -> None:
+        self.lr = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.iterations = 0
+        self.loss_sum = 0.0
+        self.num_losses = 0
+        self.skipped = 0
+        self.seconds = 0.0
+        self.grad_norm = None
+
+    def add(self, output, seconds: float, *, lr: float, skipped: bool) -> None:
+        """Account one iteration (`output` is its `StepOutput`)."""
+        self.iterations += 1
+        self.lr = lr
+        self.seconds += seconds
+        self.skipped += int(skipped)
+        if math.isfinite(output.lm_loss):  # an fp16 overflow skips the update, yet its loss is valid
+            self.loss_sum += output.lm_loss
+            self.num_losses += 1
+        if output.grad_norm is not None and math.isfinite(output.grad_norm):
+            self.grad_norm = output.grad_norm
+
+
+def interval_metrics(
+    stats: IntervalStats,
+    tp: Throughput,
+    *,
+    iteration: int,
+    train_iters: int,
+    consumed_samples: int,
+    total_skipped: int,
+    loss_scale: float | None,
+) -> dict:
+    """The metrics of one log line (also the JSONL/TensorBoard/W&B record)."""
+    seconds_per_iter = stats.seconds / max(stats.iterations, 1)
+    tokens_per_sec = tp.tokens_per_iteration / seconds_per_iter if seconds_per_iter > 0 else 0.0
+    tflops = tokens_per_sec * tp.flops_per_token / tp.world_size / 1e12
+    metrics = {
+        "iteration": iteration,
+        "train_iters": train_iters,
+        "consumed_samples": consumed_samples,
+        "ms_per_iteration": seconds_per_iter * 1000.0,
+        "lr": stats.lr,
+        "lm_loss": stats.loss_sum / stats.num_losses if stats.num_losses else float("nan"),
+        "grad_norm": stats.grad_norm if stats.grad_norm is not None else float("nan"),
+        "skipped_iterations": stats.skipped,
+        "total_skipped_iterations": total_skipped,
+        "tokens_per_sec": tokens_per_sec,
+        "tflops_per_device": tflops,
+        "mfu": tflops * 1e12 / tp.peak_flops if tp.peak_flops > 0 else 0.0,
+        "peak_device": tp.peak_name,
+    }
+    if loss_scale is not None:
+        metrics["loss_scale"] = loss_scale
+    return metrics
+
+
+def format_training_line(metrics: dict) -> str:
+    """The readable log line (Megatron's layout, plus throughput)."""
+    width = len(str(metrics["train_iters"]))
+    parts = [
+        f" iteration {metrics['iteration']:>{width}}/{metrics['train_iters']}",
+        f"consumed samples: {metrics['consumed_samples']}",
+        f"elapsed time per iteration (ms): {metrics['ms_per_iteration']:.1f}",
+        f"learning rate: {metrics['lr']:.3E}",
+        f"lm loss: {metrics['lm_loss']:.6E}",
+        f"grad norm: {metrics['grad_norm']:.3f}",
+    ]
+    if "loss_scale" in metrics:
+        parts.append(f"loss scale: {metrics['loss_scale']:.1f}")
+    parts += [
+        f"skipped iterations: {metrics['skipped_iterations']}",
+        f"tokens/s: {metrics['tokens_per_sec']:.0f}",
+        f"TFLOP/s/device: {metrics['tflops_per_device']:.3f}",
+        f"MFU: {100.0 * metrics['mfu']:.1f}%",
+    ]
+    return " | ".join(parts)
+
+
+class JsonlWriter:
+    """Appends one JSON object per line (appending keeps the history of a resumed run)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def write(self, metrics: dict, step: int) -> None:
+        line = json.dumps({key: _json_value(value) for key, value in metrics.items()})
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    """The numeric entries under the names TensorBoard/W&B show (validation under `valid/GROUP/`)."""
+    prefix = f"valid/{metrics['valid_group']}/" if "valid_group" in metrics else "train/"
+    return {
+        prefix + key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and key != "iteration"
+    }
+
+
+class TensorBoardWriter:
+    def __init__(self, log_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=log_dir, max_queue=1000)
+
+    def write(self, metrics: dict, step: int) -> None:
+        for name, value in _scalars(metrics).items():
+            self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE when set; otherwise "online" only if the W&B server is reachable within 2 seconds."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    try:
+        with socket.create_connection(("api.wandb.ai", 443), timeout=2.0):
+            return "online"
+    except OSError:
+        return "offline"
+
+
+class WandbWriter:
+    def __init__(self, logging_config, config_dict: dict, default_dir: str | None) -> None:
+        import wandb
+
+        cfg = logging_config
+        self._wandb = wandb
+        self.mode = wandb_mode()
+        self._run = wandb.init(
+            project=cfg.wandb_project_name,
+            entity=cfg.wandb_entity_name,
+            name=cfg.wandb_exp_name,
+            dir=cfg.wandb_save_dir or default_dir,
+            config=config_dict,
+            mode=self.mode,
+        )
+
+    def write(self, metrics: dict, step: int) -> None:
+        self._run.log(_scalars(metrics), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def _optional_writer(label: str, module: str, factory):
+    """Build an optional sink; one log line (and no sink) when its package is missing."""
+    try:
+        __import__(module)
+    except ImportError:
+        log(
+            f"WARNING: {label} logging was asked for but `{module}` is not installed; "
+            f"install the `logging` extra (pip install -e .[logging]) to enable it. Continuing without it."
+        )
+        return None
+    return factory()
+
+
+class MetricsLogger:
+    """Fans one metrics dict out to every configured sink."""
+
+    def __init__(self, writers: list) -> None:
+        self.writers = writers
+
+    def write(self, metrics: dict, step: int) -> None:
+        for writer in self.writers:
+            writer.write(metrics, step)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def metrics_jsonl_path(logging_config, save_dir: str | None) -> str | None:
+    """`--metrics-jsonl`, else SAVE/metrics.jsonl when `--save` is given, else None."""
+    if logging_config.metrics_jsonl:
+        return logging_config.metrics_jsonl
+    if save_dir:
+        return os.path.join(save_dir, "metrics.jsonl")
+    return None
+
+
+def build_metrics_logger(
+    logging_config, *, save_dir: str | None, config_dict: dict, is_main_rank: bool = True
+) -> MetricsLogger:
+    """The sinks asked for by `logging_config` (none on ranks other than the main one)."""
+    if not is_main_rank:
+        return MetricsLogger([])
+    writers: list = []
+    jsonl = metrics_jsonl_path(logging_config, save_dir)
+    if jsonl:
+        writers.append(JsonlWriter(jsonl))
+        log(f"> writing metrics to {jsonl}")
+    if logging_config.tensorboard_dir:
+        writers.append(
+            _optional_writer(
+                "TensorBoard", "tensorboard", lambda: TensorBoardWriter(logging_config.tensorboard_dir)
+            )
+        )
+    if logging_config.wandb_project_name:
+        writers.append(
+            _optional_writer(
+                "Weights & Biases", "wandb", lambda: WandbWriter(logging_config, config_dict, save_dir)
+            )
+        )
+    return MetricsLogger([writer for writer in writers if writer is not None])

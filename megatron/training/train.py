@@ -1,0 +1,377 @@
+"""The training loop: steps, periodic logging, evaluation and checkpointing.
+
+`pretrain(cfg)` is the whole run from a validated `Config`; `build_run(cfg)` and `train(run)` are its two
+halves, used by tests to drive the loop with a prepared model or data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron.checkpoint import basic as checkpoint
+from megatron.parallel.state import ParallelState
+from megatron.training import builders
+from megatron.training.evaluate import evaluate, perplexity
+from megatron.training.metrics import (
+    IntervalStats,
+    MetricsLogger,
+    Throughput,
+    build_metrics_logger,
+    format_training_line,
+    interval_metrics,
+    log,
+)
+from megatron.training.optimizer import PRECISION_DTYPES
+from megatron.training.step import StepOutput, next_micro_batches, train_step
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm stopped the run (without --skip-nonfinite)."""
+
+
+@dataclass
+class TrainState:
+    """Progress of the run; what a checkpoint restores."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0  # fp16 overflows plus non-finite steps skipped by --skip-nonfinite
+    nonfinite_iterations: int = 0
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `build_run`."""
+
+    cfg: object
+    parallel_state: ParallelState
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    scaler: object
+    tokenizer: object
+    data: builders.DataSplits
+    train_iters: int
+    num_micro_batches: int
+    global_batch_size: int
+    throughput: Throughput
+    metrics: MetricsLogger
+    state: TrainState = field(default_factory=TrainState)
+    losses: list[float] = field(default_factory=list)  # lm loss of every iteration (for tests)
+    valid_history: list[dict] = field(default_factory=list)
+    eval_loaders: dict = field(default_factory=dict)
+
+
+def _throughput(cfg, vocab_size: int, parallel_state: ParallelState, global_batch: int) -> Throughput:
+    from megatron.model import flops
+
+    peak, name = flops.device_peak_flops(parallel_state.device, PRECISION_DTYPES[cfg.training.precision])
+    return Throughput(
+        tokens_per_iteration=global_batch * cfg.model.seq_length,
+        flops_per_token=flops.flops_per_token(cfg.model, vocab_size),
+        world_size=parallel_state.world_size,
+        peak_flops=peak,
+        peak_name=name,
+    )
+
+
+def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=None) -> Run:
+    """Seed, tokenizer (unless given), data, model, optimizer, scheduler, metrics sinks, and the
+    checkpoint to resume."""
+    parallel_state = parallel_state or ParallelState.single()
+    builders.set_seed(cfg.training.seed, deterministic=parallel_state.device.type == "cpu")
+    builders.log_config_notes(cfg)
+    if tokenizer is None:
+        tokenizer, vocab_size = builders.checked_tokenizer(cfg)
+    else:
+        from megatron.config import check_vocab_size
+
+        vocab_size = check_vocab_size(cfg, tokenizer.vocab_size)
+    log(f"> tokenizer {tokenizer.name}: {tokenizer.vocab_size} tokens, model vocabulary {vocab_size}")
+    data = builders.build_data(cfg, tokenizer, parallel_state)
+    model = builders.build_model(cfg, vocab_size, parallel_state)
+    optimizer, scheduler, scaler = builders.build_optimization(cfg, model, parallel_state)
+    global_batch = builders.global_batch_size(cfg.training, parallel_state)
+    run = Run(
+        cfg=cfg,
+        parallel_state=parallel_state,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        tokenizer=tokenizer,
+        data=data,
+        train_iters=builders.train_iters(cfg.training, parallel_state),
+        num_micro_batches=builders.num_micro_batches(cfg.training, parallel_state),
+        global_batch_size=global_batch,
+        throughput=_throughput(cfg, vocab_size, parallel_state, global_batch),
+        metrics=build_metrics_logger(
+            cfg.logging,
+            save_dir=cfg.checkpoint.save,
+            config_dict=_config_dict(cfg),
+            is_main_rank=parallel_state.is_main_rank,
+        ),
+    )
+    # The training random stream (dropout) starts from the seed whatever building consumed (e.g. the
+    # CPU peak measurement runs only once per process); a resumed run then restores it from the checkpoint.
+    builders.set_seed(cfg.training.seed, deterministic=parallel_state.device.type == "cpu")
+    _maybe_load(run)
+    return run
+
+
+def _config_dict(cfg) -> dict:
+    to_dict = getattr(cfg, "to_dict", None)
+    return to_dict() if callable(to_dict) else {}
+
+
+def _maybe_load(run: Run) -> None:
+    ckpt = run.cfg.checkpoint
+    if not ckpt.load:
+        return
+    loaded = checkpoint.load_checkpoint(
+        ckpt.load,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        finetune=ckpt.finetune,
+        load_optim=not ckpt.no_load_optim,
+        load_rng=not ckpt.no_load_rng,
+    )
+    if loaded is None:
+        log(
+            f"WARNING: --load {ckpt.load} holds no checkpoint ({checkpoint.TRACKER_FILENAME}); starting from scratch"
+        )
+        return
+    run.state.iteration = loaded.iteration
+    run.state.consumed_samples = loaded.consumed_samples
+    run.state.skipped_iterations = int(loaded.extra.get("skipped_iterations", 0)) if not ckpt.finetune else 0
+    what = (
+        "weights only (--finetune), iteration reset to 0"
+        if ckpt.finetune
+        else f"iteration {loaded.iteration}"
+    )
+    log(f"> loaded checkpoint {loaded.directory}: {what}")
+
+
+def save(run: Run) -> None:
+    """Checkpoint the run under --save (rank 0 writes at world size 1)."""
+    save_dir = run.cfg.checkpoint.save
+    start = time.perf_counter()
+    directory = checkpoint.save_checkpoint(
+        save_dir,
+        run.state.iteration,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        run.state.consumed_samples,
+        _config_dict(run.cfg),
+        extra={"skipped_iterations": run.state.skipped_iterations},
+    )
+    log(f"> saved checkpoint {directory} in {time.perf_counter() - start:.2f} s")
+
+
+def _interval_metrics(run: Run, stats: IntervalStats) -> dict:
+    return interval_metrics(
+        stats,
+        run.throughput,
+        iteration=run.state.iteration,
+        train_iters=run.train_iters,
+        consumed_samples=run.state.consumed_samples,
+        total_skipped=run.state.skipped_iterations,
+        loss_scale=run.optimizer.loss_scale,
+    )
+
+
+def run_evaluation(run: Run, *, split: str = "valid") -> list[dict]:
+    """Evaluate every validation group (or the test set); log and record one metrics dict per group."""
+    cfg = run.cfg
+    if cfg.training.eval_iters <= 0:
+        return []
+    groups = run.data.valid if split == "valid" else [("test", run.data.test)] if run.data.test else []
+    results = []
+    for name, dataset in groups:
+        if dataset is None:
+            continue
+        key = (split, name)
+        if key not in run.eval_loaders:  # built once: persistent workers are reused by each evaluation
+            run.eval_loaders[key] = builders.build_loader(
+                cfg, dataset, run.tokenizer, run.parallel_state, consumed_samples=0, cyclic=True
+            )
+        loss, tokens = evaluate(
+            run.model,
+            run.eval_loaders[key],
+            eval_iters=cfg.training.eval_iters,
+            num_micro_batches=run.num_micro_batches,
+            parallel_state=run.parallel_state,
+        )
+        metrics = {
+            "iteration": run.state.iteration,
+            "consumed_samples": run.state.consumed_samples,
+            f"{split}_group": name,
+            f"{split}_lm_loss": loss,
+            f"{split}_ppl": perplexity(loss),
+            f"{split}_loss_tokens": tokens,
+        }
+        log(
+            f" {split} loss at iteration {run.state.iteration} [{name}] | lm loss: {loss:.6E} | "
+            f"lm loss PPL: {perplexity(loss):.3f}"
+        )
+        run.metrics.write(metrics, run.state.iteration)
+        results.append(metrics)
+    if split == "valid":
+        run.valid_history.extend(results)
+    return results
+
+
+def _handle_nonfinite(run: Run, output: StepOutput) -> None:
+    """Stop the run, or count the skipped step under --skip-nonfinite."""
+    iteration = run.state.iteration + 1
+    value = output.lm_loss if output.nonfinite == "loss" else output.grad_norm
+    if not run.cfg.training.skip_nonfinite:
+        raise NonFiniteError(
+            f"iteration {iteration}: non-finite {output.nonfinite} ({value}); stopping. "
+            "Lower --lr, check the data, or pass --skip-nonfinite to skip such steps"
+        )
+    run.state.nonfinite_iterations += 1
+    log(
+        f"WARNING: iteration {iteration}: non-finite {output.nonfinite} ({value}); step skipped "
+        f"(--skip-nonfinite), {run.state.nonfinite_iterations} so far"
+    )
+
+
+def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
+    start = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    batches = next_micro_batches(data_iterator, run.num_micro_batches, run.parallel_state.device)
+    output = train_step(run.model, run.optimizer, batches, run.parallel_state)
+    if output.nonfinite:
+        _handle_nonfinite(run, output)
+    if output.update_successful:
+        run.scheduler.step(run.global_batch_size)
+    else:
+        run.state.skipped_iterations += 1
+    run.state.iteration += 1
+    run.state.consumed_samples += run.global_batch_size
+    run.losses.append(output.lm_loss)
+    stats.add(output, time.perf_counter() - start, lr=lr, skipped=not output.update_successful)
+    return output
+
+
+def _log_interval(run: Run, stats: IntervalStats) -> None:
+    metrics = _interval_metrics(run, stats)
+    log(format_training_line(metrics))
+    run.metrics.write(metrics, run.state.iteration)
+    stats.reset()
+
+
+def _periodic(run: Run, stats: IntervalStats) -> bool:
+    """Log / evaluate / save after an iteration; True when --exit-interval says stop."""
+    cfg, it = run.cfg, run.state.iteration
+    if it % cfg.logging.log_interval == 0:
+        _log_interval(run, stats)
+    if cfg.training.eval_iters > 0 and it % cfg.training.eval_interval == 0:
+        run_evaluation(run)
+    if cfg.checkpoint.save and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
+        save(run)
+    exit_interval = cfg.training.exit_interval
+    return bool(exit_interval and it % exit_interval == 0)
+
+
+@dataclass
+class TrainSummary:
+    """What `train` reports at the end."""
+
+    iterations: int
+    consumed_samples: int
+    skipped_iterations: int
+    final_lm_loss: float
+    first_valid_lm_loss: float | None
+    last_valid_lm_loss: float | None
+    seconds: float
+    exited_early: bool = False
+
+
+def train(run: Run) -> TrainSummary:
+    """Train from `run.state` to `run.train_iters` (or --exit-interval); evaluate and save at the end."""
+    cfg, start = run.cfg, time.perf_counter()
+    _log_start(run)
+    loader = builders.build_loader(
+        cfg,
+        run.data.train,
+        run.tokenizer,
+        run.parallel_state,
+        consumed_samples=run.state.consumed_samples,
+        cyclic=False,
+    )
+    with torch.random.fork_rng(devices=[]):  # creating the iterator draws from the global RNG
+        data_iterator = iter(loader)
+    if run.state.iteration == 0:
+        run_evaluation(run)
+    stats, exited = IntervalStats(), False
+    while run.state.iteration < run.train_iters and not exited:
+        _one_iteration(run, data_iterator, stats)
+        exited = _periodic(run, stats)
+    if stats.iterations:  # the last, partial log interval
+        _log_interval(run, stats)
+    _finish(run, exited)
+    return _summary(run, time.perf_counter() - start, exited)
+
+
+def _log_start(run: Run) -> None:
+    cfg, tp = run.cfg, run.throughput
+    num_params = sum(p.numel() for p in run.model.parameters())
+    log(
+        f"> model: {num_params:,} parameters, {tp.flops_per_token / 1e9:.3f} GFLOP per token (fwd+bwd); "
+        f"{cfg.training.precision} on {run.parallel_state.device}"
+    )
+    log(f"> MFU reference: {tp.peak_name}, peak {tp.peak_flops / 1e12:.3f} TFLOP/s")
+    log(
+        f"> training {run.train_iters} iterations from iteration {run.state.iteration}: global batch "
+        f"{run.global_batch_size} = micro batch {cfg.training.micro_batch_size} x {run.num_micro_batches} "
+        f"accumulation steps x data-parallel {run.parallel_state.data_parallel_size}, seq length "
+        f"{cfg.model.seq_length}"
+    )
+
+
+def _finish(run: Run, exited: bool) -> None:
+    cfg, it = run.cfg, run.state.iteration
+    evaluated = cfg.training.eval_iters > 0 and it % cfg.training.eval_interval == 0
+    if not evaluated and not exited:
+        run_evaluation(run)
+    if not exited:
+        run_evaluation(run, split="test")
+    saved = cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0
+    if cfg.checkpoint.save and not saved:
+        save(run)
+    if exited:
+        log(f"> exiting at iteration {it} (--exit-interval {cfg.training.exit_interval})")
+
+
+def _summary(run: Run, seconds: float, exited: bool) -> TrainSummary:
+    valid = [m["valid_lm_loss"] for m in run.valid_history]
+    finite = [loss for loss in run.losses if math.isfinite(loss)]
+    return TrainSummary(
+        iterations=run.state.iteration,
+        consumed_samples=run.state.consumed_samples,
+        skipped_iterations=run.state.skipped_iterations,
+        final_lm_loss=finite[-1] if finite else float("nan"),
+        first_valid_lm_loss=valid[0] if valid else None,
+        last_valid_lm_loss=valid[-1] if valid else None,
+        seconds=seconds,
+        exited_early=exited,
+    )
+
+
+def pretrain(cfg, parallel_state: ParallelState | None = None) -> TrainSummary:
+    """The whole run for a validated config; closes the metrics sinks however it ends."""
+    run = build_run(cfg, parallel_state)
+    try:
+        return train(run)
+    finally:
+        run.metrics.close()

@@ -1,0 +1,136 @@
+"""End to end: `python -m megatron.pretrain` in a subprocess on a tiny preprocessed corpus, FIM on."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_tool(name: str):
+    """Import `tools/<name>.py` (a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the tool look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN_ITERS = 20
+
+
+@pytest.fixture(scope="module")
+def cli_dataset(tmp_path_factory, demo_corpus_path, tiny_tokenizer_path) -> str:
+    prefix = str(tmp_path_factory.mktemp("cli_data") / "demo")
+    argv = f"--input {demo_corpus_path} --output-prefix {prefix} --tokenizer-type TokenizerFromFile".split()
+    argv += (
+        f"--tokenizer-file {tiny_tokenizer_path} --append-eod --workers 1 --json-keys content --quiet".split()
+    )
+    assert load_tool("preprocess_data").main(argv) == 0
+    return prefix + "_content_document"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _pretrain(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron.pretrain", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _args(tmp_path, dataset: str, tokenizer_path) -> list[str]:
+    shape = (
+        "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --attention-head-type multiquery "
+        "--seq-length 64 --max-position-embeddings 64 --use-flash-attn"
+    )
+    optimization = (
+        f"--micro-batch-size 2 --global-batch-size 4 --train-iters {TRAIN_ITERS} --lr 2e-3 --min-lr 2e-4 "
+        "--lr-warmup-iters 4 --lr-decay-style cosine --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 "
+        "--fp32 --seed 1234"
+    )
+    cadence = "--log-interval 5 --eval-interval 10 --eval-iters 2 --save-interval 10"
+    data = (
+        "--split 95,5,0 --tokenizer-type TokenizerFromFile --fim-rate 0.5 --fim-spm-rate 0.5 --num-workers 1"
+    )
+    paths = [
+        "--save",
+        str(tmp_path / "ckpt"),
+        "--data-path",
+        dataset,
+        "--tokenizer-file",
+        str(tokenizer_path),
+    ]
+    paths += ["--data-cache-path", str(tmp_path / "cache")]
+    return f"{shape} {optimization} {cadence} {data}".split() + paths
+
+
+def test_pretrain_cli_end_to_end(tmp_path, cli_dataset, tiny_tokenizer_path):
+    result = _pretrain(_args(tmp_path, cli_dataset, tiny_tokenizer_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "training done: 20 iterations" in out
+    if not _cuda_available():
+        assert out.count("NOTE: --use-flash-attn has no effect on CPU") == 1  # the config note, once
+    assert out.count("MFU:") == TRAIN_ITERS // 5
+
+    records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if "lm_loss" in r]
+    valid_lines = [r for r in records if "valid_lm_loss" in r]
+    assert [r["iteration"] for r in train_lines] == [5, 10, 15, 20]
+    for key in ("iteration", "consumed_samples", "lm_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
+        assert all(key in r for r in train_lines), key
+    assert train_lines[-1]["consumed_samples"] == TRAIN_ITERS * 4
+    assert [r["iteration"] for r in valid_lines] == [0, 10, 20]
+    assert valid_lines[-1]["valid_lm_loss"] < valid_lines[0]["valid_lm_loss"]
+
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "20"
+    assert (ckpt / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    assert (ckpt / "iter_0000020" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+
+
+def test_pretrain_cli_bad_flag_exits_2_fast(tmp_path, cli_dataset, tiny_tokenizer_path):
+    args = _args(tmp_path, cli_dataset, tiny_tokenizer_path)
+    start = time.perf_counter()
+    result = _pretrain([*args, "--hiden-size", "64"], timeout=60)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr
+    assert "--hidden-size" in result.stderr  # the closest valid flag is suggested
+    assert elapsed < 5.0  # parsed before torch is imported (about 0.3 s unloaded; slack for a busy CI box)
+
+
+def test_pretrain_cli_tokenizer_larger_than_model_exits_2_fast(tmp_path, cli_dataset, tiny_tokenizer_path):
+    args = _args(tmp_path, cli_dataset, tiny_tokenizer_path)
+    start = time.perf_counter()
+    result = _pretrain([*args, "--vocab-size", "512"], timeout=60)  # the tokenizer has 1024 tokens
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr
+    assert "--vocab-size" in result.stderr and "1024" in result.stderr
+    assert elapsed < 5.0  # checked before torch is imported
+    assert not (tmp_path / "ckpt").exists()  # nothing was started
+
+
+def test_pretrain_help_lists_flags():
+    result = _pretrain(["--help"], timeout=60)
+    assert result.returncode == 0
+    for flag in ("--train-iters", "--metrics-jsonl", "--fim-rate", "--save-interval"):
+        assert flag in result.stdout
