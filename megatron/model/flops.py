@@ -1,0 +1,102 @@
+"""Parameter count, training FLOPs per token and device peak FLOP/s (for TFLOP/s and MFU logging).
+
+FLOPs per token (forward + backward = 3x forward, one multiply-add = 2 FLOPs), `flops_per_token`:
+
+    6 * N_matmul + 6 * L * s * h_attn        (h_attn = num_attention_heads * kv_channels)
+
+- N_matmul: the weights used in matrix multiplies per token: per layer the query/key/value, dense and
+  both MLP projections (biases, LayerNorms and position embeddings excluded, their work is elementwise),
+  plus the logits matmul V * h (the tied embedding lookup itself is free).
+- attention scores QK^T and the weighted sum PV: 2 * 2 * s * h_attn FLOPs per token per layer forward,
+  x3 for training -> 12 * L * s * h_attn. This is the usual Megatron/PaLM convention that counts the full
+  s x s product (causal masking is ignored), the same "6N + 12*L*h*s" the StarCoder efficiency figure
+  (specs/starcoder.md) uses. Activation recomputation is not counted (model FLOPs, not hardware FLOPs).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+# Dense peak FLOP/s per device name fragment (first match wins; checked in order), by dtype class.
+_GPU_PEAKS = (
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12, "tf32": 378e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "tf32": 156e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12, "tf32": 35e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12, "tf32": 183e12}),
+    ("V100", {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12, "tf32": 15.7e12}),
+)
+
+
+def _non_embedding_matmul_params(config) -> int:
+    h = config.hidden_size
+    d = config.kv_channels or h // config.num_attention_heads
+    attn = config.num_attention_heads * d
+    kv = d if config.attention_head_type == "multiquery" else attn
+    ffn = config.ffn_hidden_size or 4 * h
+    per_layer = h * (attn + 2 * kv) + attn * h + 2 * h * ffn
+    return config.num_layers * per_layer
+
+
+def num_parameters(config, vocab_size: int) -> int:
+    """Exact number of parameters of `GPTModel(config, vocab_size)` (tied weights counted once), from a
+    model built on the meta device (no memory is allocated)."""
+    from megatron.model.gpt import GPTModel  # flops is imported by megatron.model before gpt
+
+    model = GPTModel(config, vocab_size, device="meta")
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(config, vocab_size: int) -> float:
+    """Training (forward + backward) FLOPs per token; formula in the module docstring."""
+    h = config.hidden_size
+    attn = config.num_attention_heads * (config.kv_channels or h // config.num_attention_heads)
+    n_matmul = _non_embedding_matmul_params(config) + vocab_size * h
+    return float(6 * n_matmul + 6 * config.num_layers * config.seq_length * attn * 2)
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16:
+        return "fp16"
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "fp32"
+
+
+def device_peak_flops(device, dtype=torch.float32) -> tuple[float, str]:
+    """(peak FLOP/s, description) for `device` computing in `dtype`.
+
+    CUDA devices: the dense (non-sparse) datasheet peak looked up by `torch.cuda.get_device_name`; 0.0 with
+    a description saying so when the device is unknown. CPU: the fp32 matmul rate measured now with the
+    current thread count (a few 2048-square matmuls; cached per process and thread count).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        kind = _dtype_class(dtype)
+        for fragment, peaks in _GPU_PEAKS:
+            if fragment in name:
+                return peaks[kind], f"{name} {kind} dense peak"
+        return 0.0, f"{name}: not in the peak table (MFU not reported)"
+    threads = torch.get_num_threads()
+    return _measured_cpu_peak(threads), f"CPU fp32 matmul peak measured with {threads} threads"
+
+
+@functools.cache
+def _measured_cpu_peak(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)  # warm-up (thread pool, page faults)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
