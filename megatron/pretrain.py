@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from megatron.config import parse_config
+from megatron.config import exit_with_error, parse_config
 from megatron.training.vocab import checked_tokenizer
 
 
@@ -28,9 +28,27 @@ def _summary_line(summary) -> str:
     return text
 
 
+def _check_single_process(cfg) -> None:
+    """This release trains in one process: refuse a parallel layout instead of silently ignoring it."""
+    parallel = cfg.parallel
+    sizes = {
+        "WORLD_SIZE": cfg.world_size,
+        "--tensor-model-parallel-size": parallel.tensor_model_parallel_size,
+        "--pipeline-model-parallel-size": parallel.pipeline_model_parallel_size,
+    }
+    asked = [f"{name} {value}" for name, value in sizes.items() if value and value > 1]
+    if asked:
+        exit_with_error(
+            f"{', '.join(asked)}: this release trains in one process (world size 1, TP 1, PP 1); "
+            "tensor, pipeline and data parallelism arrive with the parallelism milestone",
+            prog="pretrain",
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, build the run, train, print a summary. Returns the process exit status."""
     cfg = parse_config(argv)
+    _check_single_process(cfg)
     try:
         tokenizer, _ = checked_tokenizer(cfg)  # before torch is imported: fails fast
         from megatron.training.train import NonFiniteError, build_run, train

@@ -134,3 +134,21 @@ def test_pretrain_help_lists_flags():
     assert result.returncode == 0
     for flag in ("--train-iters", "--metrics-jsonl", "--fim-rate", "--save-interval"):
         assert flag in result.stdout
+
+
+def test_pretrain_cli_refuses_a_parallel_layout(tmp_path, cli_dataset, tiny_tokenizer_path):
+    # One process only in this release: a parallel layout must fail clearly, never train as TP 1.
+    args = _args(tmp_path, cli_dataset, tiny_tokenizer_path)
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, WORLD_SIZE="2", PYTHONPATH=pythonpath)
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron.pretrain", *args, "--tensor-model-parallel-size", "2"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "--tensor-model-parallel-size 2" in result.stderr and "one process" in result.stderr
+    assert not (tmp_path / "ckpt").exists()
