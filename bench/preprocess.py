@@ -28,29 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron.data.indexed import IndexedDatasetWriter, best_dtype  # noqa: E402
+from megatron.data.tokenizer import STARCODER_SPECIAL_TOKENS  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STARCODER_SPECIALS = [
-    "<|endoftext|>",
-    "<fim_prefix>",
-    "<fim_middle>",
-    "<fim_suffix>",
-    "<fim_pad>",
-    "<filename>",
-    "<gh_stars>",
-    "<issue_start>",
-    "<issue_comment>",
-    "<issue_closed>",
-    "<jupyter_start>",
-    "<jupyter_text>",
-    "<jupyter_code>",
-    "<jupyter_output>",
-    "<empty_output>",
-    "<commit_before>",
-    "<commit_msg>",
-    "<commit_after>",
-    "<reponame>",
-]
 
 
 def load_tool(name: str):
@@ -121,7 +101,7 @@ def _train_directly(sample: Path, output: Path, vocab_size: int) -> None:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=STARCODER_SPECIALS,
+        special_tokens=list(STARCODER_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

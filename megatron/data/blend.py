@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron.config.data import weights_and_prefixes
 from megatron.data import indexed as indexed_lib
 from megatron.data.gpt_dataset import GPTDataset, _small_pages
 
@@ -361,21 +362,7 @@ def parse_data_path(data_path) -> list[tuple[float, str]]:
     items = [str(item) for item in (data_path or [])]
     if not items:
         raise ValueError("--data-path: no data prefix given")
-    if len(items) == 1:
-        return [(1.0, items[0])]
-    if len(items) % 2:
-        raise ValueError(
-            f"--data-path: expected one prefix or WEIGHT PREFIX pairs, got {len(items)} values: {items}"
-        )
-    pairs = []
-    for weight_text, prefix in zip(items[0::2], items[1::2]):
-        try:
-            weight = float(weight_text)
-        except ValueError:
-            raise ValueError(
-                f"--data-path: '{weight_text}' (before '{prefix}') is not a weight; use W1 P1 W2 P2 ..."
-            ) from None
-        pairs.append((weight, prefix))
+    pairs = weights_and_prefixes(items)  # the same parser the config validation uses
     normalize_weights([w for w, _ in pairs], source="--data-path")
     return pairs
 

@@ -143,9 +143,9 @@ def test_parse_data_path():
     assert parse_data_path(["/d/a"]) == [(1.0, "/d/a")]
     assert parse_data_path(["0.3", "/d/a", "0.7", "/d/b"]) == [(0.3, "/d/a"), (0.7, "/d/b")]
     assert parse_data_path("2 /d/a 1 /d/b") == [(2.0, "/d/a"), (1.0, "/d/b")]
-    with pytest.raises(ValueError, match="WEIGHT PREFIX pairs"):
+    with pytest.raises(ValueError, match="pairs 'WEIGHT PREFIX"):
         parse_data_path(["0.3", "/d/a", "/d/b"])
-    with pytest.raises(ValueError, match="is not a weight"):
+    with pytest.raises(ValueError, match="is not a non-negative number"):
         parse_data_path(["/d/a", "/d/b"])
     with pytest.raises(ValueError, match="non-negative"):
         parse_data_path(["-1", "/d/a", "2", "/d/b"])
