@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from megatron.model import layers
+
 # Dense peak FLOP/s per device name fragment (first match wins; checked in order), by dtype class.
 _GPU_PEAKS = (
     ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12}),
@@ -74,7 +76,8 @@ def device_peak_flops(device, dtype=torch.float32) -> tuple[float, str]:
 
     CUDA devices: the dense (non-sparse) datasheet peak looked up by `torch.cuda.get_device_name`; 0.0 with
     a description saying so when the device is unknown. CPU: the fp32 matmul rate measured now with the
-    current thread count (a few 2048-square matmuls; cached per process and thread count).
+    current thread count (the best of a few 2048-square matmuls through torch.mm and through the model's
+    `layers.matmul_nt`; cached per process and thread count).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -93,10 +96,13 @@ def _measured_cpu_peak(threads: int, size: int = 2048, repeats: int = 5) -> floa
     a = torch.randn(size, size)
     b = torch.randn(size, size)
     out = torch.empty(size, size)
-    torch.mm(a, b, out=out)  # warm-up (thread pool, page faults)
+    # the best of torch.mm (MKL) and the model's own GEMM (oneDNN where available, see layers.matmul_nt)
+    kernels = (lambda: torch.mm(a, b, out=out), lambda: layers.matmul_nt(a, b))
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
+    for kernel in kernels:
+        kernel()  # warm-up (thread pool, page faults)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            kernel()
+            best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best

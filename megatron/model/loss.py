@@ -6,6 +6,7 @@ buffer: the logits are turned into exp(logit - max) in place, kept for backward 
 logit gradient in place there: four passes over [N, V] in place of log_softmax + nll_loss and their
 backwards (which also allocate and zero-fill two more [N, V] tensors). (Passes over row blocks that fit
 in L2 were slower with 2 threads under CPU contention: many small ops, each a thread rendezvous.)
+The logits and hidden-gradient GEMMs go through `layers.matmul_nt` (oneDNN for fp32 on the CPU).
 The vocabulary-parallel version (logits split over TP ranks) comes with the tensor-parallel issue.
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from megatron.model import layers
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels):
-        logits = hidden @ weight.t()  # [N, V] in the model (or autocast) dtype
+        logits = layers.matmul_nt(hidden, weight)  # [N, V] in the model (or autocast) dtype
         ctx.compute_dtype = logits.dtype
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the softmax and the saved buffer are fp32
@@ -47,7 +50,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_logits = grad_logits.to(dtype)
         grad_hidden = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
+            grad_hidden = layers.matmul_nt(grad_logits, weight.to(dtype).t()).to(hidden.dtype)  # grad @ W
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_logits.t() @ hidden.to(dtype)).to(weight.dtype)
         return grad_hidden, grad_weight, None

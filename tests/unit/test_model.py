@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.config import ModelConfig
-from megatron.model import GPTModel, device_peak_flops, flops_per_token, num_parameters
+from megatron.model import GPTModel, device_peak_flops, flops_per_token, layers, num_parameters
 from megatron.model import attention as attention_module
 from megatron.model.loss import linear_cross_entropy
 
@@ -195,6 +195,50 @@ def test_fused_linear_cross_entropy_gradients():
     expected = torch.autograd.grad(reference, (hidden, weight), grad_loss)
     for got, want in zip(ours, expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_matmul_nt_is_full_fp32(monkeypatch, onednn):
+    # oneDNN's GEMM must be ieee fp32 (only the summation order may differ from MKL): errors against a
+    # float64 reference stay near fp32 rounding, far below what bf16/tf32 inputs (~1e-3) would give
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", onednn and layers._ONEDNN_LINEAR)
+    generator = torch.Generator().manual_seed(0)
+    a, w, bias = (torch.randn(*shape, generator=generator) for shape in ((64, 256), (48, 256), (48,)))
+    grad = torch.randn(64, 48, generator=generator)
+    cases = [
+        (layers.matmul_nt(a, w), a.double() @ w.double().t()),
+        (layers.matmul_nt(a, w, bias), a.double() @ w.double().t() + bias.double()),
+        (layers.matmul_nt(grad, w.t()), grad.double() @ w.double()),  # the input-gradient form
+    ]
+    for got, want in cases:
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+def test_fp32_linear_and_loss_gradients_match_float64():
+    generator = torch.Generator().manual_seed(0)
+    linear = layers.column_linear(32, 24, init_std=0.5)
+    with torch.no_grad():
+        linear.bias.normal_(generator=generator)
+    x = torch.randn(3, 5, 32, generator=generator, requires_grad=True)
+    vocab = torch.randn(40, 24, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 40, (15,), generator=generator)
+    leaves = (x, linear.weight, linear.bias, vocab)
+
+    def ours():  # fp32: layers.linear and the fused loss
+        loss = linear_cross_entropy(linear(x).flatten(0, 1), vocab, labels)
+        return loss, torch.autograd.grad(loss.sum(), leaves)
+
+    def reference():  # float64 autograd
+        x64, w64, b64, vocab64 = (t.double() for t in leaves)
+        logits = F.linear(x64, w64, b64).flatten(0, 1) @ vocab64.t()
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        return loss, torch.autograd.grad(loss.sum(), leaves)
+
+    (loss, grads), (loss_ref, grads_ref) = ours(), reference()
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-5)  # fp32 rounding
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # both fp32: float64 grads cast back
 
 
 def test_loss_under_bf16_autocast_is_fp32_and_close():
