@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from megatron.checkpoint.gpt_bigcode import gpt_bigcode_config_kwargs, to_gpt_bigcode_state_dict  # noqa: E402
 from megatron.config import ModelConfig  # noqa: E402
 from megatron.model import GPTModel, device_peak_flops, flops_per_token  # noqa: E402
 from megatron.model.flops import _measured_cpu_peak  # noqa: E402
@@ -109,55 +110,11 @@ def cpu_peak() -> float:
 def build_hf(config: ModelConfig, vocab_size: int, ours: GPTModel, device):
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-    hf_config = GPTBigCodeConfig(
-        vocab_size=vocab_size,
-        n_positions=config.max_position_embeddings,
-        n_embd=config.hidden_size,
-        n_layer=config.num_layers,
-        n_head=config.num_attention_heads,
-        n_inner=config.ffn_hidden_size,
-        multi_query=True,
-        activation_function="gelu_pytorch_tanh",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=config.layernorm_epsilon,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="sdpa",
-    )
-    hf = GPTBigCodeForCausalLM(hf_config)
-    hf.load_state_dict(hf_state_dict(ours), strict=False)
+    kwargs = gpt_bigcode_config_kwargs(config, vocab_size, attn_implementation="sdpa")
+    hf = GPTBigCodeForCausalLM(GPTBigCodeConfig(**kwargs))
+    state = {name: tensor.detach().clone() for name, tensor in ours.state_dict().items()}
+    hf.load_state_dict(to_gpt_bigcode_state_dict(state, config), strict=False)
     return hf.to(device).train()
-
-
-def hf_state_dict(ours: GPTModel) -> dict:
-    """Our parameters under GPTBigCode names (the mapping documented in megatron/model/gpt.py)."""
-    sd = {k: v.detach().clone() for k, v in ours.state_dict().items()}
-    out = {
-        "transformer.wte.weight": sd["embedding.word_embeddings.weight"],
-        "transformer.wpe.weight": sd["embedding.position_embeddings.weight"],
-        "transformer.ln_f.weight": sd["final_layernorm.weight"],
-        "transformer.ln_f.bias": sd["final_layernorm.bias"],
-        "lm_head.weight": sd["embedding.word_embeddings.weight"],
-    }
-    names = {
-        "input_layernorm": "ln_1",
-        "post_attention_layernorm": "ln_2",
-        "attention.dense": "attn.c_proj",
-        "mlp.dense_h_to_4h": "mlp.c_fc",
-        "mlp.dense_4h_to_h": "mlp.c_proj",
-    }
-    for i in range(len(ours.layers)):
-        for kind in ("weight", "bias"):
-            for ours_name, hf_name in names.items():
-                out[f"transformer.h.{i}.{hf_name}.{kind}"] = sd[f"layers.{i}.{ours_name}.{kind}"]
-            query, key_value = (
-                sd[f"layers.{i}.attention.query.{kind}"],
-                sd[f"layers.{i}.attention.key_value.{kind}"],
-            )
-            out[f"transformer.h.{i}.attn.c_attn.{kind}"] = torch.cat([query, key_value])
-    return out
 
 
 def make_optimizer(params_and_flags, device) -> torch.optim.Optimizer:

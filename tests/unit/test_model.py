@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.checkpoint.gpt_bigcode import gpt_bigcode_config_kwargs, to_gpt_bigcode_state_dict
 from megatron.config import ModelConfig
 from megatron.model import GPTModel, device_peak_flops, flops_per_token, layers, num_parameters
 from megatron.model import attention as attention_module
@@ -404,55 +405,11 @@ def test_cpu_peak_flops_is_measured_and_cached():
 
 def _to_hf(model: GPTModel, config: ModelConfig):
     transformers = pytest.importorskip("transformers")
-    multi_query = config.attention_head_type == "multiquery"
-    hf = transformers.GPTBigCodeForCausalLM(
-        transformers.GPTBigCodeConfig(
-            vocab_size=VOCAB,
-            n_positions=config.max_position_embeddings,
-            n_embd=config.hidden_size,
-            n_layer=config.num_layers,
-            n_head=config.num_attention_heads,
-            n_inner=config.ffn_hidden_size,
-            multi_query=multi_query,
-            activation_function="gelu_pytorch_tanh",
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            layer_norm_epsilon=config.layernorm_epsilon,
-            bos_token_id=0,
-            eos_token_id=0,
-            attn_implementation="eager",
-        )
-    ).eval()
-    sd = model.state_dict()
-    names = {
-        "input_layernorm": "ln_1",
-        "post_attention_layernorm": "ln_2",
-        "attention.dense": "attn.c_proj",
-        "mlp.dense_h_to_4h": "mlp.c_fc",
-        "mlp.dense_4h_to_h": "mlp.c_proj",
-    }
-    mapped = {
-        "transformer.wte.weight": sd["embedding.word_embeddings.weight"],
-        "transformer.wpe.weight": sd["embedding.position_embeddings.weight"],
-        "transformer.ln_f.weight": sd["final_layernorm.weight"],
-        "transformer.ln_f.bias": sd["final_layernorm.bias"],
-    }
-    for i in range(config.num_layers):
-        for kind in ("weight", "bias"):
-            for ours, theirs in names.items():
-                mapped[f"transformer.h.{i}.{theirs}.{kind}"] = sd[f"layers.{i}.{ours}.{kind}"]
-            if multi_query:
-                parts = [
-                    sd[f"layers.{i}.attention.query.{kind}"],
-                    sd[f"layers.{i}.attention.key_value.{kind}"],
-                ]
-                mapped[f"transformer.h.{i}.attn.c_attn.{kind}"] = torch.cat(parts)
-            else:
-                mapped[f"transformer.h.{i}.attn.c_attn.{kind}"] = sd[
-                    f"layers.{i}.attention.query_key_value.{kind}"
-                ]
-    missing, unexpected = hf.load_state_dict(mapped, strict=False)
+    kwargs = gpt_bigcode_config_kwargs(config, VOCAB, attn_implementation="eager")
+    hf = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(**kwargs)).eval()
+    missing, unexpected = hf.load_state_dict(
+        to_gpt_bigcode_state_dict(model.state_dict(), config), strict=False
+    )
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     return hf
 
