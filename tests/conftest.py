@@ -23,6 +23,7 @@ def load_tool(name: str):
     """Import `tools/<name>.py` as a module (tools/ is a script folder, not a package)."""
     spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in a tool look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -59,3 +60,14 @@ def tiny_tokenizer(tiny_tokenizer_path):
     from megatron.data.tokenizer import build_tokenizer
 
     return build_tokenizer("TokenizerFromFile", tokenizer_file=str(tiny_tokenizer_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_prefix(tmp_path_factory, demo_corpus_path, tiny_tokenizer_path) -> str:
+    """`demo_corpus_path` preprocessed with the tiny tokenizer (EOD appended); the dataset prefix."""
+    prefix = str(tmp_path_factory.mktemp("tiny_dataset") / "demo")
+    argv = ["--input", str(demo_corpus_path), "--output-prefix", prefix, "--json-keys", "content"]
+    argv += ["--tokenizer-type", "TokenizerFromFile", "--tokenizer-file", str(tiny_tokenizer_path)]
+    argv += ["--append-eod", "--workers", "1", "--quiet"]
+    assert load_tool("preprocess_data").main(argv) == 0
+    return prefix + "_content_document"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,27 +14,12 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_tool(name: str):
-    """Import `tools/<name>.py` (a script folder, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the tool look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 TRAIN_ITERS = 20
 
 
 @pytest.fixture(scope="module")
-def cli_dataset(tmp_path_factory, demo_corpus_path, tiny_tokenizer_path) -> str:
-    prefix = str(tmp_path_factory.mktemp("cli_data") / "demo")
-    argv = f"--input {demo_corpus_path} --output-prefix {prefix} --tokenizer-type TokenizerFromFile".split()
-    argv += (
-        f"--tokenizer-file {tiny_tokenizer_path} --append-eod --workers 1 --json-keys content --quiet".split()
-    )
-    assert load_tool("preprocess_data").main(argv) == 0
-    return prefix + "_content_document"
+def cli_dataset(tiny_dataset_prefix) -> str:
+    return tiny_dataset_prefix
 
 
 def _cuda_available() -> bool:

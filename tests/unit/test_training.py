@@ -3,10 +3,8 @@ reproducibility, non-finite handling and basic checkpoint resume. Tiny fp32 mode
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -384,21 +382,9 @@ def test_jsonl_writer_and_missing_optional_sinks(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- the real train loop
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory, demo_corpus_path, tiny_tokenizer_path) -> str:
-    """The demo corpus preprocessed with the tiny tokenizer; returns the dataset prefix."""
-    prefix = str(tmp_path_factory.mktemp("train_data") / "demo")
-    argv = f"--input {demo_corpus_path} --output-prefix {prefix} --tokenizer-type TokenizerFromFile".split()
-    argv += (
-        f"--tokenizer-file {tiny_tokenizer_path} --append-eod --workers 1 --json-keys content --quiet".split()
-    )
-    spec = importlib.util.spec_from_file_location(
-        "tools_preprocess_data", REPO_ROOT / "tools" / "preprocess_data.py"
-    )
-    preprocess = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = preprocess  # dataclasses in the tool look their module up
-    spec.loader.exec_module(preprocess)
-    assert preprocess.main(argv) == 0
-    return prefix + "_content_document"
+def tiny_dataset(tiny_dataset_prefix) -> str:
+    """The demo corpus preprocessed with the tiny tokenizer (session fixture in conftest.py)."""
+    return tiny_dataset_prefix
 
 
 def _loop_config(tmp_path, data_prefix, tokenizer_path, *extra: str):
