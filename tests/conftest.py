@@ -28,6 +28,17 @@ def load_tool(name: str):
     return module
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests run torch on one thread: two cores are shared by the suite, and timings stay comparable."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_corpus_path(tmp_path_factory) -> Path:
     """JSONL (The Stack's shape, key `content`) of the first 60 .py files of the standard library."""

@@ -18,7 +18,6 @@ from megatron.training.grad_scaler import build_grad_scaler
 from megatron.training.metrics import log
 from megatron.training.optimizer import PRECISION_DTYPES, MixedPrecisionOptimizer, build_optimizer
 from megatron.training.schedule import LRScheduler, build_scheduler
-from megatron.training.vocab import build_tokenizer_for, checked_tokenizer  # noqa: F401 (re-exported)
 
 
 def set_seed(seed: int, *, deterministic: bool) -> None:

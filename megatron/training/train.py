@@ -27,6 +27,7 @@ from megatron.training.metrics import (
 )
 from megatron.training.optimizer import PRECISION_DTYPES
 from megatron.training.step import StepOutput, next_micro_batches, train_step
+from megatron.training.vocab import checked_tokenizer
 
 
 class NonFiniteError(RuntimeError):
@@ -86,7 +87,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     builders.set_seed(cfg.training.seed, deterministic=parallel_state.device.type == "cpu")
     builders.log_config_notes(cfg)
     if tokenizer is None:
-        tokenizer, vocab_size = builders.checked_tokenizer(cfg)
+        tokenizer, vocab_size = checked_tokenizer(cfg)
     else:
         from megatron.config import check_vocab_size
 
@@ -112,7 +113,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
         metrics=build_metrics_logger(
             cfg.logging,
             save_dir=cfg.checkpoint.save,
-            config_dict=_config_dict(cfg),
+            config_dict=cfg.to_dict(),
             is_main_rank=parallel_state.is_main_rank,
         ),
     )
@@ -121,11 +122,6 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     builders.set_seed(cfg.training.seed, deterministic=parallel_state.device.type == "cpu")
     _maybe_load(run)
     return run
-
-
-def _config_dict(cfg) -> dict:
-    to_dict = getattr(cfg, "to_dict", None)
-    return to_dict() if callable(to_dict) else {}
 
 
 def _maybe_load(run: Run) -> None:
@@ -170,7 +166,7 @@ def save(run: Run) -> None:
         run.scheduler,
         run.scaler,
         run.state.consumed_samples,
-        _config_dict(run.cfg),
+        run.cfg.to_dict(),
         extra={"skipped_iterations": run.state.skipped_iterations},
     )
     log(f"> saved checkpoint {directory} in {time.perf_counter() - start:.2f} s")

@@ -21,14 +21,6 @@ VOCAB = 96
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides) -> ModelConfig:
     fields = dict(
         num_layers=2,

@@ -23,14 +23,6 @@ SEQ = 16
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- lr schedule
 def _lr_at(style: str, iteration: int, *, global_batch: int = 4) -> float:
     """lr after `iteration` optimizer steps with lr 1.0 -> 0.1 over 110 iterations, 10 warmup."""
