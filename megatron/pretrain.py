@@ -1,8 +1,11 @@
-"""Entry point: `python -m megatron.pretrain --config configs/tiny-cpu.yaml --data-path PREFIX ...`.
+"""Entry point: `python -m megatron.pretrain --config configs/tiny-cpu.yaml --data-path PREFIX ...`, or
+`torchrun --nproc-per-node N -m megatron.pretrain ... --tensor-model-parallel-size T [--sequence-parallel]`
+for tensor and data parallelism (data-parallel size = N / T).
 
 The config is parsed and validated before torch is imported, so a bad flag fails (exit status 2) in a
-fraction of a second. Errors found while building the run (for example a tokenizer larger than the
-model's vocabulary) also exit with status 2; a non-finite loss or gradient norm exits with status 1.
+fraction of a second; the tokenizer is checked against the vocabulary next, and only then are the process
+groups created (a user error never leaves ranks waiting on each other). Errors found while building the
+run also exit with status 2; a non-finite loss or gradient norm exits with status 1.
 """
 
 from __future__ import annotations
@@ -28,32 +31,74 @@ def _summary_line(summary) -> str:
     return text
 
 
-def _check_single_process(cfg) -> None:
-    """This release trains in one process: refuse a parallel layout instead of silently ignoring it."""
-    parallel = cfg.parallel
-    sizes = {
-        "WORLD_SIZE": cfg.world_size,
-        "--tensor-model-parallel-size": parallel.tensor_model_parallel_size,
-        "--pipeline-model-parallel-size": parallel.pipeline_model_parallel_size,
-    }
-    asked = [f"{name} {value}" for name, value in sizes.items() if value and value > 1]
-    if asked:
+def _check_supported_layout(cfg) -> None:
+    """Refuse what this release cannot do yet, before any process group exists."""
+    parallel, ckpt = cfg.parallel, cfg.checkpoint
+    if parallel.pipeline_model_parallel_size > 1:
         exit_with_error(
-            f"{', '.join(asked)}: this release trains in one process (world size 1, TP 1, PP 1); "
-            "tensor, pipeline and data parallelism arrive with the parallelism milestone",
+            f"--pipeline-model-parallel-size {parallel.pipeline_model_parallel_size}: pipeline parallelism "
+            "is not implemented yet; use tensor and data parallelism (--pipeline-model-parallel-size 1)",
             prog="pretrain",
         )
+    if parallel.use_distributed_optimizer and (ckpt.save or ckpt.load):
+        flags = " and ".join(name for name, value in (("--save", ckpt.save), ("--load", ckpt.load)) if value)
+        exit_with_error(
+            f"--use-distributed-optimizer with {flags}: checkpoints of the sharded optimizer state are not "
+            f"implemented yet; drop {flags} or --use-distributed-optimizer",
+            prog="pretrain",
+        )
+    if cfg.world_size > 1 and (ckpt.save or ckpt.load):
+        flags = " and ".join(name for name, value in (("--save", ckpt.save), ("--load", ckpt.load)) if value)
+        exit_with_error(
+            f"{flags} with WORLD_SIZE {cfg.world_size}: this release writes and reads checkpoints from one "
+            "process only (sharded checkpoints for parallel runs are not implemented yet); drop "
+            f"{flags} or train in one process",
+            prog="pretrain",
+        )
+
+
+def _initialize(cfg):
+    """Join the process group and build the tensor/data-parallel groups (after every input check)."""
+    from megatron.parallel.state import ParallelState
+    from megatron.training.metrics import set_logging
+
+    parallel = cfg.parallel
+    state = ParallelState.initialize(
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        backend=parallel.distributed_backend,
+        timeout_minutes=parallel.distributed_timeout_minutes,
+    )
+    set_logging(state.is_main_rank)
+    return state
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, build the run, train, print a summary. Returns the process exit status."""
     cfg = parse_config(argv)
-    _check_single_process(cfg)
+    _check_supported_layout(cfg)
     try:
         tokenizer, _ = checked_tokenizer(cfg)  # before torch is imported: fails fast
-        from megatron.training.train import NonFiniteError, build_run, train
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        state = _initialize(cfg)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return _train(cfg, tokenizer, state)
+    finally:
+        state.destroy()
 
-        run = build_run(cfg, tokenizer=tokenizer)
+
+def _train(cfg, tokenizer, state) -> int:
+    from megatron.training.train import NonFiniteError, build_run, train
+
+    try:
+        run = build_run(cfg, state, tokenizer=tokenizer)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
@@ -64,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         run.metrics.close()
-    print(_summary_line(summary), flush=True)
+    if state.is_main_rank:
+        print(_summary_line(summary), flush=True)
     return 0
 
 

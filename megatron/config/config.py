@@ -84,11 +84,19 @@ class Config:
     def _check_model_parallel(self) -> None:
         model, par = self.model, self.parallel
         tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+        # hidden_size is a multiple of the head count (model validation), so heads % TP == 0 also makes
+        # --hidden-size divisible by TP
         if model.num_attention_heads % tp:
             raise ConfigError(
                 f"{show('num_attention_heads', model.num_attention_heads)} is not divisible by "
                 f"{show('tensor_model_parallel_size', tp)}; use a tensor-parallel size dividing "
                 f"{model.num_attention_heads}: {_divisors(model.num_attention_heads)}"
+            )
+        if par.sequence_parallel and tp > 1 and model.seq_length % tp:
+            raise ConfigError(
+                f"{show('seq_length', model.seq_length)} is not divisible by "
+                f"{show('tensor_model_parallel_size', tp)}, which --sequence-parallel needs (each "
+                f"tensor-parallel rank holds seq-length / TP positions)"
             )
         if model.ffn_hidden_size % tp:
             raise ConfigError(

@@ -26,6 +26,17 @@ class ParallelConfig:
     overlap_grad_reduce: bool = arg(
         False, "Overlap the data-parallel gradient reduction with the backward pass."
     )
+    ddp_bucket_size: int | None = arg(
+        None,
+        "Elements per data-parallel gradient bucket (default max(40M, 1M x data-parallel size)); smaller "
+        "buckets start their reduction earlier under --overlap-grad-reduce.",
+    )
+    check_replicas_interval: int = arg(
+        0,
+        "Debug: every N iterations check that tensor-parallel replicated parameters (multi-query K/V, "
+        "LayerNorms, row-parallel biases) and data-parallel replicas are bit-identical, naming the first "
+        "that is not (0 = off).",
+    )
     distributed_timeout_minutes: int = arg(10, "Timeout of collective operations, in minutes.")
     distributed_backend: str | None = arg(
         None, "torch.distributed backend (default: nccl on GPUs, gloo on CPUs).", choices=DISTRIBUTED_BACKENDS
@@ -43,7 +54,11 @@ class ParallelConfig:
         """Raise ConfigError naming the offending flags and what would be valid."""
         require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size")
         require_positive(self, "distributed_timeout_minutes")
-        require_positive(self, "num_layers_per_virtual_pipeline_stage", allow_none=True)
+        require_positive(self, "num_layers_per_virtual_pipeline_stage", "ddp_bucket_size", allow_none=True)
+        if self.check_replicas_interval < 0:
+            raise ConfigError(
+                f"--check-replicas-interval {self.check_replicas_interval} must be >= 0 (0 turns it off)"
+            )
         if self.distributed_backend is not None:
             require_choice(self, "distributed_backend", DISTRIBUTED_BACKENDS)
         if self.num_layers_per_virtual_pipeline_stage is not None and self.pipeline_model_parallel_size < 2:

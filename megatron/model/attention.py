@@ -22,12 +22,14 @@ fp16/bf16), which is what `attention_softmax_in_fp32` asks for.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron.model import layers
+from megatron.parallel.layers import ColumnParallelLinear
 
 try:  # optional accelerator
     from flash_attn import flash_attn_func
@@ -169,18 +171,31 @@ class SelfAttention(nn.Module):
     """Causal self-attention. Multi-query: `query` [h, h] (split over TP by heads) and `key_value`
     [2*kv_channels, h] (K rows then V rows; replicated over TP). Multi-head: one `query_key_value`
     [3*h, h] laid out head-major ([heads, (q, k, v), kv_channels] rows, as Megatron and HF GPTBigCode),
-    so a TP slice of rows is whole heads. Then `dense` [h, h] (row-parallel)."""
+    so a TP slice of rows is whole heads. Then `dense` [h, h] (row-parallel).
+
+    Under tensor parallelism each rank runs num_attention_heads / TP heads; under sequence parallelism
+    it takes and returns this rank's sequence chunk [b, s / TP, h] (the projections gather the sequence,
+    the row-parallel `dense` reduce-scatters it back)."""
 
     def __init__(self, config, layer_number: int, parallel_state=None, device=None, dtype=None) -> None:
         super().__init__()
         h, std = config.hidden_size, config.init_method_std
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.kv_channels or h // self.num_heads
+        tp = 1 if parallel_state is None else parallel_state.tensor_model_parallel_size
+        if config.num_attention_heads % tp:
+            raise ValueError(
+                f"num_attention_heads={config.num_attention_heads} is not divisible by "
+                f"tensor_model_parallel_size={tp}: tensor parallelism splits the attention heads"
+            )
+        self.num_heads = config.num_attention_heads // tp  # this rank's query heads
+        self.head_dim = config.kv_channels or h // config.num_attention_heads
         self.multi_query = config.attention_head_type == "multiquery"
         self.num_kv_heads = 1 if self.multi_query else self.num_heads
         self.dropout_p = config.attention_dropout
         self.use_flash_attn = getattr(config, "use_flash_attn", False)
-        proj = self.num_heads * self.head_dim
+        # the attention probabilities of this rank's heads are split across TP: their dropout masks
+        # must differ per rank, so they come from the per-rank stream
+        self.rng = parallel_state.rng if tp > 1 else None
+        proj = config.num_attention_heads * self.head_dim
         kw = dict(parallel_state=parallel_state, device=device, dtype=dtype)
         if self.multi_query:
             self.query = layers.column_linear(h, proj, init_std=std, **kw)
@@ -192,28 +207,47 @@ class SelfAttention(nn.Module):
         self.mqa_matmul = MultiQueryMatmulAttention()
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [b, s, h] -> [b, s, h]. attention_mask: None (causal) or bool [b, 1, s, s], True = masked."""
-        b, s, _ = x.shape
-        q, k, v = self._project(x)  # q [b, s, nh, d], k/v [b, s, nkv, d]
+        """x [b, s, h] -> [b, s, h] ([b, s/tp, h] under sequence parallelism). attention_mask: None
+        (causal) or bool [b, 1, s, s] over the whole sequence, True = masked."""
+        q, k, v = self._project(x)  # q [b, s, nh, d], k/v [b, s, nkv, d] (whole sequence, local heads)
+        b, s = q.shape[:2]
         dropout_p = self.dropout_p if self.training else 0.0
         backend = select_backend(q, self.num_kv_heads, attention_mask, self.use_flash_attn)
-        if backend == "flash":
-            out = flash_attention(q, k, v, dropout_p)
-        elif backend == "mqa_matmul":
-            out = self.mqa_matmul(q, k, v, attention_mask, dropout_p)
-        else:
-            out = sdpa_attention(q, k, v, attention_mask, dropout_p)
+        with self.rng.fork(q.device) if self.rng is not None and dropout_p > 0 else nullcontext():
+            if backend == "flash":
+                out = flash_attention(q, k, v, dropout_p)
+            elif backend == "mqa_matmul":
+                out = self.mqa_matmul(q, k, v, attention_mask, dropout_p)
+            else:
+                out = sdpa_attention(q, k, v, attention_mask, dropout_p)
         return self.dense(out.reshape(b, s, -1))  # [b, s, nh*d] -> [b, s, h]
 
     def _project(self, x: torch.Tensor):
-        b, s, _ = x.shape
-        d = self.head_dim
         if self.multi_query:
-            # one GEMM for query and key/value: the [h -> 2d] projection alone is a thin, slow GEMM, and
-            # one output gradient saves a GEMM and an add in backward (the weight concat is small)
-            weight = torch.cat([self.query.weight, self.key_value.weight])  # [nh*d + 2d, h]
-            bias = torch.cat([self.query.bias, self.key_value.bias])
-            q, k, v = layers.linear(x, weight, bias).split([self.num_heads * d, d, d], dim=-1)
-            return q.view(b, s, self.num_heads, d), k.view(b, s, 1, d), v.view(b, s, 1, d)
-        qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * d)
-        return qkv.split(d, dim=-1)
+            return self._project_multi_query(x)
+        qkv = self.query_key_value(x)  # [b, s, nh * 3d]: head-major, this rank's heads
+        b, s = qkv.shape[:2]
+        return qkv.view(b, s, self.num_heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
+
+    def _project_multi_query(self, x: torch.Tensor):
+        # One GEMM for query and key/value: the [h -> 2d] projection alone is a thin, slow GEMM, and one
+        # output gradient saves a GEMM and an add in backward (the weight concat is small).
+        #
+        # Under TP the fused GEMM runs on the TP region's input (`gather_input`: a copy with a backward
+        # all-reduce, or the sequence-parallel all-gather with a backward reduce-scatter). Each rank's K/V
+        # output gradient then holds only its own query heads' contribution. The input gradient of the
+        # fused GEMM is summed over TP by that input mapping anyway, which adds the K/V contributions of
+        # all ranks exactly once; what is left is the K/V weight and bias gradient, a partial sum on each
+        # rank: those parameters carry `tp_grad_reduce` and are all-reduced over TP after backward (with
+        # and without sequence parallelism). Equivalent to summing the K/V output gradient over TP before
+        # the GEMM's backward, without a second collective and while keeping the one fused GEMM.
+        d = self.head_dim
+        if isinstance(self.query, ColumnParallelLinear):
+            x_region = self.query.gather_input(x)  # [b, s, h]
+        else:  # TP 1: the plain layer
+            x_region = x
+        b, s = x_region.shape[:2]
+        weight = torch.cat([self.query.weight, self.key_value.weight])  # [nh*d + 2d, h]
+        bias = torch.cat([self.query.bias, self.key_value.bias])
+        q, k, v = layers.linear(x_region, weight, bias).split([self.num_heads * d, d, d], dim=-1)
+        return q.view(b, s, self.num_heads, d), k.view(b, s, 1, d), v.view(b, s, 1, d)

@@ -1,20 +1,68 @@
-"""Minimal single-process `ParallelState`: the seam that the tensor/data/pipeline parallel issue replaces.
+"""`ParallelState`: this process's place in the (tensor, data, pipeline) layout and its process groups.
 
-Everything that later needs a process group (gradient-norm reduction, data-parallel loss averaging, the
-data loader's rank slice) takes a `ParallelState` argument today, so the parallel version can be dropped in
-without changing the callers. At world size 1 every reduction is the identity.
+Rank order is Megatron's: tensor-parallel ranks are adjacent (fastest varying, so a TP group sits on one
+node's fast links), then data-parallel, then pipeline stages:
+
+    global rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank
+
+Groups (each a `collectives.Group`; size-1 groups hold no process group and make every collective the
+identity):
+- tp: the ranks that split one layer's weights (same dp, pp).
+- dp: the ranks that hold the same weights and see different data (same tp, pp).
+- pp: the stages of one model replica (same dp, tp).
+- model_parallel: all tp x pp ranks of one replica (same dp): gradient norms and overflow checks.
+- embedding: the first and last pipeline stage of one pp group (they hold the tied word embedding).
+- world: every rank.
+
+Built once, by `ParallelState.initialize` (which creates the process groups; every rank must call it) or
+`ParallelState.single` (one process, no torch.distributed), and passed explicitly to everything that
+communicates. Nothing reads a global.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
+
+from megatron.parallel.collectives import TRIVIAL, Group, all_reduce
+from megatron.parallel.random import RNGTracker
+
+
+def rank_layout(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> dict[str, list[list[int]]]:
+    """Every group of each kind as lists of global ranks (a pure function of the sizes).
+
+    Returns {"tp": [...], "dp": [...], "pp": [...], "model_parallel": [...], "embedding": [...]}.
+    Raises ValueError when the world size is not a multiple of tensor x pipeline parallel sizes.
+    """
+    tp, pp = tensor_parallel, pipeline_parallel
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor ({tp}) and pipeline ({pp}) parallel sizes must be at least 1")
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} = {tp * pp}"
+        )
+    dp = world_size // (tp * pp)
+
+    def rank(p: int, d: int, t: int) -> int:
+        return p * dp * tp + d * tp + t
+
+    pp_groups = [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    return {
+        "tp": [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": pp_groups,
+        "model_parallel": [[rank(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)],
+        "embedding": [sorted({group[0], group[-1]}) for group in pp_groups],
+    }
 
 
 @dataclass(frozen=True)
 class ParallelState:
-    """Ranks and sizes of this process in the (tensor, pipeline, data) parallel layout."""
+    """Ranks and sizes of this process in the (tensor, pipeline, data) parallel layout, and its groups."""
 
     device: torch.device
     world_size: int = 1
@@ -25,6 +73,16 @@ class ParallelState:
     pipeline_model_parallel_rank: int = 0
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
+    sequence_parallel: bool = False  # activations outside TP regions split along the sequence over tp
+    tp_group: Group = TRIVIAL
+    dp_group: Group = TRIVIAL
+    pp_group: Group = TRIVIAL
+    model_parallel_group: Group = TRIVIAL
+    embedding_group: Group = TRIVIAL
+    world_group: Group = TRIVIAL
+    backend: str | None = None
+    rng: RNGTracker = field(default_factory=RNGTracker, repr=False, compare=False)  # per-rank stream
+    _owns_process_group: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def single(cls, device: torch.device | str | None = None) -> ParallelState:
@@ -33,24 +91,169 @@ class ParallelState:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(device=torch.device(device))
 
+    @classmethod
+    def initialize(
+        cls,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        *,
+        sequence_parallel: bool = False,
+        backend: str | None = None,
+        timeout_minutes: float = 10,
+        device: torch.device | str | None = None,
+    ) -> ParallelState:
+        """Join (or create) the default process group from torchrun's environment and build every group.
+
+        Every rank must call this, with the same sizes. backend: None picks nccl when CUDA is available,
+        else gloo. The device is cuda:LOCAL_RANK under nccl, else the CPU (unless given). At WORLD_SIZE 1
+        without an initialised process group, returns `single(device)` with no torch.distributed at all.
+        """
+        import torch.distributed as dist
+
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1 and not dist.is_initialized():
+            rank_layout(1, tensor_model_parallel_size, pipeline_model_parallel_size)  # sizes must be 1
+            return cls.single(device)  # sequence parallelism needs TP > 1: nothing to split
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if device is None:
+            device = torch.device("cpu")
+            if backend == "nccl":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        owns = False
+        if not dist.is_initialized():
+            _check_rendezvous_env()
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+            owns = True
+        return cls._build(
+            dist.get_world_size(),
+            dist.get_rank(),
+            tensor_model_parallel_size,
+            pipeline_model_parallel_size,
+            sequence_parallel=sequence_parallel,
+            device=device,
+            backend=dist.get_backend(),
+            timeout=timedelta(minutes=timeout_minutes),
+            owns=owns,
+        )
+
+    @classmethod
+    def _build(cls, world_size, rank, tp, pp, *, sequence_parallel, device, backend, timeout, owns):
+        import torch.distributed as dist
+
+        layout = rank_layout(world_size, tp, pp)
+        groups: dict[str, Group] = {}
+        for kind in ("tp", "dp", "pp", "model_parallel", "embedding"):
+            for ranks in layout[kind]:
+                # new_group is collective over the world: every rank creates every group, in one order
+                pg = dist.new_group(ranks, timeout=timeout) if 1 < len(ranks) < world_size else None
+                if len(ranks) == world_size and world_size > 1:
+                    pg = dist.group.WORLD
+                if rank in ranks:
+                    groups[kind] = Group(tuple(ranks), ranks.index(rank), pg)
+        groups.setdefault("embedding", TRIVIAL)  # a middle pipeline stage is in no embedding group
+        world = Group(tuple(range(world_size)), rank, dist.group.WORLD if world_size > 1 else None)
+        dp = world_size // (tp * pp)
+        return cls(
+            device=device,
+            world_size=world_size,
+            rank=rank,
+            tensor_model_parallel_size=tp,
+            tensor_model_parallel_rank=groups["tp"].rank,
+            pipeline_model_parallel_size=pp,
+            pipeline_model_parallel_rank=groups["pp"].rank,
+            data_parallel_size=dp,
+            data_parallel_rank=groups["dp"].rank,
+            sequence_parallel=bool(sequence_parallel and tp > 1),
+            tp_group=groups["tp"],
+            dp_group=groups["dp"],
+            pp_group=groups["pp"],
+            model_parallel_group=groups["model_parallel"],
+            embedding_group=groups["embedding"],
+            world_group=world,
+            backend=backend,
+            _owns_process_group=owns,
+        )
+
     @property
     def is_main_rank(self) -> bool:
         """True on the rank that prints logs and writes metrics (global rank 0)."""
         return self.rank == 0
 
     @property
+    def is_first_pipeline_stage(self) -> bool:
+        return self.pipeline_model_parallel_rank == 0
+
+    @property
     def is_last_pipeline_stage(self) -> bool:
         return self.pipeline_model_parallel_rank == self.pipeline_model_parallel_size - 1
 
+    def seed(self, seed: int) -> None:
+        """Seed python, numpy and torch's default stream (seed + 100 * pipeline rank, the same on every
+        tensor- and data-parallel rank) and this rank's model-parallel stream `rng`."""
+        import random
+
+        import numpy as np
+
+        base = seed + 100 * self.pipeline_model_parallel_rank
+        random.seed(base)
+        np.random.seed(base % 2**32)
+        torch.manual_seed(base)
+        self.rng.seed(
+            seed,
+            tensor_parallel_rank=self.tensor_model_parallel_rank,
+            pipeline_parallel_rank=self.pipeline_model_parallel_rank,
+        )
+
     def all_reduce_model_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the tensor- and pipeline-parallel ranks (identity in one process)."""
-        self._check_single()
-        return tensor
+        """Sum `tensor` in place over the tensor- and pipeline-parallel ranks of this replica."""
+        return all_reduce(tensor, self.model_parallel_group)
 
     def all_reduce_data_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the data-parallel ranks (identity in one process)."""
-        self._check_single()
-        return tensor
+        """Sum `tensor` in place over the data-parallel ranks."""
+        return all_reduce(tensor, self.dp_group)
 
-    def _check_single(self) -> None:
-        assert self.world_size == 1, "this ParallelState only implements one process"
+    def all_reduce_tensor_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` in place over the tensor-parallel ranks."""
+        return all_reduce(tensor, self.tp_group)
+
+    def all_reduce_world(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` in place over every rank."""
+        return all_reduce(tensor, self.world_group)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def destroy(self) -> None:
+        """Tear down the default process group if `initialize` created it."""
+        if self._owns_process_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def describe(self) -> str:
+        """One line for the start-of-run log."""
+        return (
+            f"world {self.world_size} = TP {self.tensor_model_parallel_size} x PP "
+            f"{self.pipeline_model_parallel_size} x DP {self.data_parallel_size}"
+            f"{' with sequence parallelism' if self.sequence_parallel else ''}; backend {self.backend or 'none'}, "
+            f"device {self.device}"
+        )
+
+
+_RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
+def _check_rendezvous_env() -> None:
+    missing = [name for name in _RENDEZVOUS_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise ValueError(
+            f"cannot join the process group: environment variable(s) {', '.join(missing)} not set; "
+            "launch with torchrun (or set MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE)"
+        )

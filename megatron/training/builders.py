@@ -7,10 +7,8 @@ same run.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from megatron.parallel.state import ParallelState
@@ -20,12 +18,11 @@ from megatron.training.optimizer import PRECISION_DTYPES, MixedPrecisionOptimize
 from megatron.training.schedule import LRScheduler, build_scheduler
 
 
-def set_seed(seed: int, *, deterministic: bool) -> None:
-    """Seed python, numpy and torch; on CPU also ask torch for deterministic kernels (free there)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
+def set_seed(seed: int, parallel_state: ParallelState) -> None:
+    """Seed python, numpy, torch and the per-rank tensor-parallel stream (`ParallelState.seed`); on CPU
+    also ask torch for deterministic kernels (free there)."""
+    parallel_state.seed(seed)
+    if parallel_state.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
@@ -161,7 +158,9 @@ def build_optimization(
 ) -> tuple[MixedPrecisionOptimizer, LRScheduler, object]:
     """Optimizer (with the fp16 grad scaler, or None) and lr scheduler."""
     scaler = build_grad_scaler(cfg.optimizer, fp16=cfg.training.precision == "fp16")
-    optimizer = build_optimizer(model, cfg.optimizer, grad_scaler=scaler, parallel_state=parallel_state)
+    optimizer = build_optimizer(
+        model, cfg.optimizer, grad_scaler=scaler, parallel_state=parallel_state, parallel_config=cfg.parallel
+    )
     scheduler = build_scheduler(
         optimizer,
         cfg.optimizer,

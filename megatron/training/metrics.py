@@ -14,10 +14,19 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+_LOGGING = {"enabled": True}
+
+
+def set_logging(enabled: bool) -> None:
+    """Turn `log` on or off for this process (on only on the main rank of a multi-process run)."""
+    _LOGGING["enabled"] = enabled
+
 
 def log(message: str) -> None:
-    """Print one log line immediately (progress must stay visible when piped)."""
-    print(message, flush=True)
+    """Print one log line immediately (progress must stay visible when piped); silent on ranks other
+    than the main one (see `set_logging`)."""
+    if _LOGGING["enabled"]:
+        print(message, flush=True)
 
 
 def _json_value(value):

@@ -1,13 +1,24 @@
-"""AdamW with fp32 master weights, fp32 gradient accumulation, clipping by global norm and loss scaling.
+"""AdamW with fp32 master weights, fp32 gradient accumulation, clipping by global norm and loss scaling,
+over data-parallel gradient buckets and optionally the distributed optimizer (ZeRO-1).
+
+Gradients live in one contiguous fp32 buffer (`parallel/data_parallel.GradBuffer`): `param.main_grad` is
+each parameter's view into it, reduced over tensor-parallel (`tp_grad_reduce` parameters) and
+data-parallel ranks in buckets, during the last micro-batch's backward with --overlap-grad-reduce, else
+at the start of `step()`.
 
 Precision modes:
-- fp32: the model parameters are the optimizer's parameters; gradients accumulate in `param.grad`.
-- bf16/fp16: the model computes in half precision; each parameter gets an fp32 `main_grad` buffer into
-  which its half-precision gradient is added right after it is produced (a post-accumulate-grad hook), so
-  accumulation over micro-batches happens in fp32. AdamW updates fp32 copies ("main params") of the
-  weights, which are copied back (rounded) into the model after every successful step.
+- fp32: the model parameters are the optimizer's parameters; autograd accumulates into `param.grad`, which
+  is the `main_grad` view itself (one process computes exactly what it did without the buffer).
+- bf16/fp16: the model computes in half precision; each half-precision gradient is added into the fp32
+  `main_grad` right after it is produced (a post-accumulate-grad hook), so accumulation over micro-batches
+  happens in fp32. AdamW updates fp32 copies ("main params") of the weights, which are copied back
+  (rounded) into the model after every successful step.
 - fp16 additionally multiplies the loss by the grad scaler's scale before backward, unscales the fp32
   gradients before clipping, and skips the whole step when any gradient is inf/nan.
+
+With --use-distributed-optimizer the fp32 masters and Adam moments exist only for the 1/DP slice of each
+bucket this rank owns (`ShardedMainParams`, per-parameter fragments); the norm, unscaling and AdamW run
+over those fragments, and the updated parameters are all-gathered over DP after the step.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron.parallel.data_parallel import GradBuffer, ShardedMainParams, copy_sharding_attributes
 from megatron.parallel.state import ParallelState
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,13 +49,17 @@ def clip_grad_norm(
     grads: list[torch.Tensor],
     max_norm: float,
     parallel_state: ParallelState,
+    *,
+    sharded_over_data_parallel: bool = False,
 ) -> float:
     """Clip `grads` in place to global L2 norm `max_norm` (no clipping when `max_norm <= 0`) and return
     the norm before clipping, computed in fp32.
 
     `params[i]` owns `grads[i]` and is only read for its sharding attributes: a parameter replicated
     across tensor-parallel ranks (`tensor_model_parallel` False) counts on TP rank 0 only, so that the
-    sum over model-parallel ranks counts each weight once.
+    sum over model-parallel ranks counts each weight once. `sharded_over_data_parallel`: each DP rank holds
+    a disjoint piece of the gradients (distributed optimizer), so the squares are summed over every rank.
+    Every rank must call this (it communicates), with or without gradients.
     """
     counted = [
         grad
@@ -55,7 +71,7 @@ def clip_grad_norm(
     if counted:
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in counted])
         total_sq = norms.square().sum()
-    total_norm = math.sqrt(parallel_state.all_reduce_model_parallel(total_sq).item())
+    total_norm = math.sqrt(_sum_over_gradient_holders(total_sq, parallel_state, sharded_over_data_parallel))
     if max_norm > 0 and math.isfinite(total_norm):
         clip_coeff = max_norm / (total_norm + 1.0e-6)
         if clip_coeff < 1.0:
@@ -63,34 +79,41 @@ def clip_grad_norm(
     return total_norm
 
 
-def _param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """Two groups: weight decay on matrices, none on parameters marked `no_weight_decay`."""
+def _sum_over_gradient_holders(value: torch.Tensor, parallel_state: ParallelState, sharded: bool) -> float:
+    """Sum a per-rank scalar over the ranks holding distinct gradients: the model-parallel ranks of this
+    replica, or every rank when the gradients are sharded over data-parallel ranks too."""
+    if sharded:
+        return parallel_state.all_reduce_world(value).item()
+    return parallel_state.all_reduce_model_parallel(value).item()
+
+
+def _param_groups(params: list[torch.nn.Parameter], weight_decay: float, *, keep_empty: bool) -> list[dict]:
+    """Two groups: weight decay on matrices, none on parameters marked `no_weight_decay`. Empty groups are
+    dropped unless `keep_empty` (sharded optimizers keep the same groups on every rank)."""
     decay = [p for p in params if not getattr(p, "no_weight_decay", False)]
     no_decay = [p for p in params if getattr(p, "no_weight_decay", False)]
     groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    return [group for group in groups if group["params"]]
+    return [group for group in groups if group["params"] or keep_empty]
 
 
 def _main_copy(param: torch.nn.Parameter) -> torch.nn.Parameter:
-    """An fp32 copy of `param` carrying the same sharding/decay attributes."""
+    """An fp32 copy of `param` carrying the same sharding/decay attributes; its grad is `main_grad`."""
     main = torch.nn.Parameter(param.detach().to(torch.float32).clone())
-    for name in ("no_weight_decay", "tensor_model_parallel", "partition_dim", "shared"):
-        if hasattr(param, name):
-            setattr(main, name, getattr(param, name))
+    copy_sharding_attributes(param, main)
+    main.grad = param.main_grad
     return main
 
 
-def _accumulate_main_grad(param: torch.nn.Parameter) -> None:
-    """Move a fresh half-precision gradient into the fp32 accumulator (post-accumulate-grad hook)."""
-    param.main_grad.add_(param.grad)
-    param.grad = None
-
-
 class MixedPrecisionOptimizer:
-    """AdamW over the model's parameters (fp32) or over fp32 master copies of them (bf16/fp16)."""
+    """AdamW over the model's parameters (fp32), over fp32 master copies of them (bf16/fp16), or over
+    fp32 master fragments of this rank's shard (distributed optimizer), with bucketed gradient reduction.
+
+    `parallel_config` (`cfg.parallel`, or None) supplies `use_distributed_optimizer`,
+    `overlap_grad_reduce` and `ddp_bucket_size` (None: all off, Megatron's default bucket size).
+    """
 
     def __init__(
         self,
@@ -99,6 +122,7 @@ class MixedPrecisionOptimizer:
         *,
         grad_scaler=None,
         parallel_state: ParallelState | None = None,
+        parallel_config=None,
     ) -> None:
         opt = optimizer_config
         if opt.optimizer != "adam":
@@ -106,31 +130,36 @@ class MixedPrecisionOptimizer:
         self.parallel_state = parallel_state or ParallelState.single()
         self.grad_scaler = grad_scaler
         self.clip_grad = opt.clip_grad
-        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.model_params = [p for _, p in named_params]
         self.mixed = any(p.dtype != torch.float32 for p in self.model_params)
-        self.main_params = [_main_copy(p) for p in self.model_params] if self.mixed else self.model_params
-        if self.mixed:
-            self._attach_main_grads()
+        self.grad_buffer = GradBuffer(
+            named_params,
+            self.parallel_state,
+            bucket_size=getattr(parallel_config, "ddp_bucket_size", None),
+            overlap_grad_reduce=bool(getattr(parallel_config, "overlap_grad_reduce", False)),
+        )
+        self.sharded: ShardedMainParams | None = None
+        if getattr(parallel_config, "use_distributed_optimizer", False):
+            self.sharded = ShardedMainParams(self.grad_buffer)
+            self.main_params = self.sharded.main_params
+        elif self.mixed:
+            self.main_params = [_main_copy(p) for p in self.model_params]
+        else:
+            self.main_params = self.model_params
         device_type = self.model_params[0].device.type if self.model_params else "cpu"
         impl = {"fused": True} if device_type == "cuda" else {"foreach": True}
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.main_params, opt.weight_decay),
+            _param_groups(self.main_params, opt.weight_decay, keep_empty=self.sharded is not None),
             lr=opt.lr,
             betas=(opt.adam_beta1, opt.adam_beta2),
             eps=opt.adam_eps,
             **impl,
         )
 
-    def _attach_main_grads(self) -> None:
-        for param, main in zip(self.model_params, self.main_params, strict=True):
-            param.main_grad = torch.zeros_like(main)
-            main.grad = param.main_grad
-            if not getattr(param, "_main_grad_hooked", False):  # a second optimizer reuses the hook
-                param.register_post_accumulate_grad_hook(_accumulate_main_grad)
-                param._main_grad_hooked = True
-
     @property
     def param_groups(self) -> list[dict]:
+        """AdamW's parameter groups (the lr scheduler sets `lr` on them)."""
         return self.optimizer.param_groups
 
     @property
@@ -139,45 +168,53 @@ class MixedPrecisionOptimizer:
 
     def zero_grad(self) -> None:
         """Clear gradients before the first micro-batch of an iteration."""
-        for param in self.model_params:
-            param.grad = None
-            if self.mixed:
-                param.main_grad.zero_()
+        self.grad_buffer.zero_grad()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate `loss`, multiplied by the loss scale under fp16."""
+    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool = True) -> None:
+        """Backpropagate `loss` (multiplied by the loss scale under fp16). With --overlap-grad-reduce the
+        gradient reductions start during the backward of the micro-batch passed `last_micro_batch=True`."""
+        self.grad_buffer.start_backward(last_micro_batch=last_micro_batch)
         if self.grad_scaler is not None:
             loss = loss * self.grad_scaler.scale
         loss.backward()
 
     def _grads(self) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
-        """The model parameters that have gradients, and their fp32 gradients."""
-        if self.mixed:
-            return self.model_params, [p.main_grad for p in self.model_params]
-        pairs = [(p, p.grad) for p in self.model_params if p.grad is not None]
-        return [p for p, _ in pairs], [g for _, g in pairs]
+        """The parameters (for their sharding attributes) whose fp32 gradients this rank steps on."""
+        if self.sharded is not None:
+            return self.main_params, [main.grad for main in self.main_params]
+        return self.model_params, [p.main_grad for p in self.model_params]
 
     def _unscale_and_check(self, grads: list[torch.Tensor]) -> bool:
-        """Divide the fp32 gradients by the loss scale; True when any of them is inf/nan."""
-        if not grads:
-            return False
-        torch._foreach_mul_(grads, 1.0 / self.grad_scaler.scale)
-        nonfinite = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float()
-        return bool(self.parallel_state.all_reduce_model_parallel(nonfinite).item() > 0)
+        """Divide the fp32 gradients by the loss scale; True when any of them (on any rank) is inf/nan."""
+        nonfinite = torch.zeros((), dtype=torch.float32, device=self.grad_buffer.data.device)
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / self.grad_scaler.scale)
+            nonfinite = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float()
+        return _sum_over_gradient_holders(nonfinite, self.parallel_state, self.sharded is not None) > 0
 
     def step(self) -> StepResult:
-        """Unscale (fp16), clip, and apply AdamW unless the gradients overflowed or are non-finite."""
+        """Finish the gradient reduction, unscale (fp16), clip, and apply AdamW unless the gradients
+        overflowed or are non-finite; then refresh the model (all-gather under the distributed optimizer)."""
+        self.grad_buffer.finish_grad_sync()
         params, grads = self._grads()
         if self.grad_scaler is not None:
             found_inf = self._unscale_and_check(grads)
             self.grad_scaler.update(found_inf)
             if found_inf:
                 return StepResult(update_successful=False, grad_norm=None, found_inf=True)
-        grad_norm = clip_grad_norm(params, grads, self.clip_grad, self.parallel_state)
+        grad_norm = clip_grad_norm(
+            params,
+            grads,
+            self.clip_grad,
+            self.parallel_state,
+            sharded_over_data_parallel=self.sharded is not None,
+        )
         if not math.isfinite(grad_norm):
             return StepResult(update_successful=False, grad_norm=grad_norm, found_inf=False)
         self.optimizer.step()
-        if self.mixed:
+        if self.sharded is not None:
+            self.sharded.copy_to_model()
+        elif self.mixed:
             self._copy_main_to_model()
         return StepResult(update_successful=True, grad_norm=grad_norm, found_inf=False)
 
@@ -189,11 +226,34 @@ class MixedPrecisionOptimizer:
     @torch.no_grad()
     def reload_model_params(self) -> None:
         """Refresh the fp32 master copies from the model (after loading model weights only)."""
-        if self.mixed:
+        if self.sharded is not None:
+            self.sharded.load_from_model()
+        elif self.mixed:
             for param, main in zip(self.model_params, self.main_params, strict=True):
                 main.copy_(param)
 
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: the fp32 master weights AdamW updates (in fp32
+        training without the distributed optimizer, the model's own parameters) and the Adam moments
+        (created by the first step). Under the distributed optimizer, about 1/DP of the whole."""
+        masters = sum(p.numel() * p.element_size() for p in self.main_params)
+        moments = sum(
+            value.numel() * value.element_size()
+            for state in self.optimizer.state.values()
+            for key, value in state.items()
+            if key != "step" and torch.is_tensor(value)
+        )
+        return masters + moments
+
+    def _refuse_sharded_checkpoint(self) -> None:
+        if self.sharded is not None:
+            raise NotImplementedError(
+                "saving or loading the distributed optimizer's sharded state is not implemented yet "
+                "(sharded checkpoints: issue 6); train without --use-distributed-optimizer to checkpoint"
+            )
+
     def state_dict(self) -> dict:
+        self._refuse_sharded_checkpoint()
         return {
             "optimizer": self.optimizer.state_dict(),
             "main_params": [p.detach() for p in self.main_params] if self.mixed else None,
@@ -203,6 +263,7 @@ class MixedPrecisionOptimizer:
     def load_state_dict(self, state: dict) -> None:
         """Restore AdamW moments and fp32 master weights (copied into the model). The grad scaler is
         saved and restored separately by the checkpoint code."""
+        self._refuse_sharded_checkpoint()
         self.optimizer.load_state_dict(state["optimizer"])
         if self.mixed:
             if state.get("main_params") is None:
@@ -214,9 +275,19 @@ class MixedPrecisionOptimizer:
 
 
 def build_optimizer(
-    model: torch.nn.Module, optimizer_config, *, grad_scaler=None, parallel_state: ParallelState | None = None
+    model: torch.nn.Module,
+    optimizer_config,
+    *,
+    grad_scaler=None,
+    parallel_state: ParallelState | None = None,
+    parallel_config=None,
 ) -> MixedPrecisionOptimizer:
-    """AdamW for `model` (already cast to its compute dtype) following `optimizer_config`."""
+    """AdamW for `model` (already cast to its compute dtype) following `optimizer_config`, with data
+    parallelism per `parallel_config` (`cfg.parallel`; None: no distributed optimizer, no overlap)."""
     return MixedPrecisionOptimizer(
-        model, optimizer_config, grad_scaler=grad_scaler, parallel_state=parallel_state
+        model,
+        optimizer_config,
+        grad_scaler=grad_scaler,
+        parallel_state=parallel_state,
+        parallel_config=parallel_config,
     )

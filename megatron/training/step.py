@@ -72,9 +72,10 @@ def forward_backward(
     """Accumulate the gradient of the global-batch token mean; returns (loss sum, loss tokens)."""
     total_tokens = count_loss_tokens(micro_batches, parallel_state)
     loss_sum = torch.zeros((), dtype=torch.float32, device=total_tokens.device)
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
         micro_sum = micro_batch_loss_sum(model, batch)
-        optimizer.backward(micro_sum / total_tokens)
+        # the last backward may start the gradient reductions (--overlap-grad-reduce)
+        optimizer.backward(micro_sum / total_tokens, last_micro_batch=index == len(micro_batches) - 1)
         loss_sum += micro_sum.detach()
     return parallel_state.all_reduce_data_parallel(loss_sum), total_tokens
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.checkpoint import basic as checkpoint
+from megatron.parallel.debug import check_replicas
 from megatron.parallel.state import ParallelState
 from megatron.training import builders
 from megatron.training.evaluate import evaluate, perplexity
@@ -84,7 +85,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     """Seed, tokenizer (unless given), data, model, optimizer, scheduler, metrics sinks, and the
     checkpoint to resume."""
     parallel_state = parallel_state or ParallelState.single()
-    builders.set_seed(cfg.training.seed, deterministic=parallel_state.device.type == "cpu")
+    builders.set_seed(cfg.training.seed, parallel_state)
     builders.log_config_notes(cfg)
     if tokenizer is None:
         tokenizer, vocab_size = checked_tokenizer(cfg)
@@ -119,7 +120,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     )
     # The training random stream (dropout) starts from the seed whatever building consumed (e.g. the
     # CPU peak measurement runs only once per process); a resumed run then restores it from the checkpoint.
-    builders.set_seed(cfg.training.seed, deterministic=parallel_state.device.type == "cpu")
+    builders.set_seed(cfg.training.seed, parallel_state)
     _maybe_load(run)
     return run
 
@@ -275,6 +276,10 @@ def _periodic(run: Run, stats: IntervalStats) -> bool:
         run_evaluation(run)
     if cfg.checkpoint.save and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
         save(run)
+    check = cfg.parallel.check_replicas_interval
+    if check and it % check == 0:
+        compared = check_replicas(run.model, run.parallel_state, iteration=it)
+        log(f"> replica check at iteration {it}: {compared} parameter replicas bit-identical")
     exit_interval = cfg.training.exit_interval
     return bool(exit_interval and it % exit_interval == 0)
 
@@ -321,7 +326,8 @@ def train(run: Run) -> TrainSummary:
 
 def _log_start(run: Run) -> None:
     cfg, tp = run.cfg, run.throughput
-    num_params = sum(p.numel() for p in run.model.parameters())
+    num_params = logical_num_parameters(run.model)
+    log(f"> parallel layout: {run.parallel_state.describe()}")
     log(
         f"> model: {num_params:,} parameters, {tp.flops_per_token / 1e9:.3f} GFLOP per token (fwd+bwd); "
         f"{cfg.training.precision} on {run.parallel_state.device}"
@@ -333,6 +339,11 @@ def _log_start(run: Run) -> None:
         f"accumulation steps x data-parallel {run.parallel_state.data_parallel_size}, seq length "
         f"{cfg.model.seq_length}"
     )
+
+
+def logical_num_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the whole (unsplit) model: each tensor-parallel shard counted at its full shape."""
+    return sum(math.prod(getattr(p, "full_shape", p.shape)) for p in model.parameters())
 
 
 def _finish(run: Run, exited: bool) -> None:

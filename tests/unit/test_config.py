@@ -127,6 +127,8 @@ def test_contract_defaults(inputs):
             sequence_parallel=False,
             use_distributed_optimizer=False,
             overlap_grad_reduce=False,
+            ddp_bucket_size=None,
+            check_replicas_interval=0,
             distributed_timeout_minutes=10,
             distributed_backend=None,
             num_layers_per_virtual_pipeline_stage=None,
@@ -401,6 +403,12 @@ BAD_INPUTS = [
         dict(tensor_model_parallel_size=3),
         ["--num-attention-heads 4", "--tensor-model-parallel-size 3", "1, 2, 4"],
     ),
+    (
+        dict(seq_length=33, tensor_model_parallel_size=2, sequence_parallel=True),
+        ["--seq-length 33", "--tensor-model-parallel-size 2", "--sequence-parallel"],
+    ),
+    (dict(ddp_bucket_size=0), ["--ddp-bucket-size 0", "> 0"]),
+    (dict(check_replicas_interval=-1), ["--check-replicas-interval -1", ">= 0"]),
     (
         dict(lr_warmup_fraction=0.1, lr_warmup_iters=5),
         ["--lr-warmup-fraction", "--lr-warmup-iters", "only one"],

@@ -1,0 +1,87 @@
+"""Vocabulary-parallel output layer fused with the per-token cross-entropy; never gathers [N, V].
+
+Each TP rank holds rows [r * V / tp, (r + 1) * V / tp) of the output weight and computes its logits
+shard [N, V / tp]. The softmax statistics are combined over the group with two all-reduces of [N]
+vectors: the max logit (max), then the target logit (held by one rank, zeros elsewhere) together with
+the sum of exp(logit - max) (sum) in one call. The per-token loss, log(sum_exp) + max - target, is
+then the same bits on every TP rank.
+
+Backward needs no communication here: the logit gradient softmax - onehot is local to each shard, each
+rank's weight gradient is complete for its rows, and the hidden gradient is this shard's partial sum,
+which the caller's input mapping (`copy_to_tensor_parallel_region` or the sequence-parallel gather)
+sums over TP. Semantics and the one-buffer scheme are those of `megatron.model.loss`, whose CPU GEMM
+kernel (`matmul_nt`) the shards use as well.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.parallel import collectives
+from megatron.parallel.collectives import Group
+
+
+def _matmul_nt(a, b):
+    from megatron.model.layers import matmul_nt  # late: megatron.model imports the parallel package
+
+    return matmul_nt(a, b)
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, group):
+        vocab_start = group.rank * weight.shape[0]
+        logits = _matmul_nt(hidden, weight)  # [N, V/tp] in the model (or autocast) dtype
+        ctx.compute_dtype = logits.dtype
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the softmax and the saved buffer are fp32
+        local_labels = labels - vocab_start
+        here = (local_labels >= 0) & (local_labels < weight.shape[0])  # [N]: this rank holds the label
+        local_labels = local_labels.masked_fill(~here, 0)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        target = logits[rows, local_labels].masked_fill_(~here, 0.0)  # [N]
+        max_logit = collectives.all_reduce(logits.amax(dim=1), group, op="max")  # [N]
+        sum_exp = logits.sub_(max_logit[:, None]).exp_().sum(dim=1)  # exp(logit - max) in place; [N]
+        totals = collectives.all_reduce(torch.stack([target, sum_exp]), group)  # [2, N]
+        target, sum_exp = totals[0], totals[1]
+        loss = sum_exp.log().add_(max_logit).sub_(target)
+        ctx.save_for_backward(hidden, weight, local_labels, here, logits, sum_exp)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "vocab_parallel_linear_cross_entropy supports one backward pass (retain_graph=True is not "
+                "supported)"
+            )
+        ctx.consumed = True
+        hidden, weight, local_labels, here, exp_logits, sum_exp = ctx.saved_tensors
+        # d loss_i / d logit_ij = softmax_ij - [j == label_i]; the saved buffer becomes the gradient
+        grad_logits = exp_logits
+        grad_loss = grad_loss.to(sum_exp.dtype)
+        grad_logits.mul_((grad_loss / sum_exp)[:, None])  # softmax * grad_loss
+        rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
+        onehot = torch.where(here, -grad_loss, torch.zeros_like(grad_loss))  # labels other ranks hold: 0
+        grad_logits.index_put_((rows, local_labels), onehot, accumulate=True)
+        dtype = ctx.compute_dtype
+        grad_logits = grad_logits.to(dtype)
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:  # this shard's share; the caller's input mapping sums it over TP
+            grad_hidden = _matmul_nt(grad_logits, weight.to(dtype).t()).to(hidden.dtype)  # grad @ W
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.t() @ hidden.to(dtype)).to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, group: Group
+) -> torch.Tensor:
+    """Per-token cross-entropy (fp32) of the logits `hidden @ full_weight.T` against `labels`, where
+    `weight` is this rank's vocabulary shard of `full_weight` (rows [rank * V/tp, (rank+1) * V/tp)).
+
+    hidden [N, h] (the whole hidden states, identical on every rank of `group`), weight [V / tp, h],
+    labels int64 [N] in [0, V) -> loss float32 [N], identical on every rank. The hidden gradient is this
+    rank's partial sum (see the module docstring). Backward may run once.
+    """
+    return _VocabParallelLinearCrossEntropy.apply(hidden, weight, labels, group)

@@ -1,0 +1,244 @@
+"""Tensor-parallel leaf layers: column-, row- and vocabulary-parallel, each holding this rank's shard.
+
+- `ColumnParallelLinear(in, out)`: weight [out / tp, in] and bias [out / tp] (output features split).
+  Its input enters the TP region through `gather_input`: a copy (backward all-reduce) of the replicated
+  activations, or under sequence parallelism an all-gather of the sequence (backward reduce-scatter).
+  The output stays split: [b, s, out / tp].
+- `RowParallelLinear(in, out)`: weight [out, in / tp] (input features split) and a whole bias [out].
+  The partial products are summed over TP by an all-reduce, or under sequence parallelism by a
+  reduce-scatter to this rank's sequence chunk, and the bias is added after the sum (once, not tp times).
+- `VocabParallelEmbedding(V, h)`: rows [V / tp, h] of the vocabulary; ids outside this rank's range
+  look up zeros and the all-reduce fills them in from the rank that holds them.
+
+Every parameter carries the sharding facts the optimizer, gradient norm, checkpoint and debug code read
+(see `set_sharding_attributes`); `megatron.model.layers` adds the init and weight-decay facts.
+
+The local GEMMs use the model's CPU kernels (`megatron.model.layers.linear`: oneDNN forward, GEMV bias
+gradient), so a shard computes with the same kernels as the whole layer at TP 1. They are imported when
+first used: `megatron.model` imports this module to build its layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.parallel import collectives, mappings
+from megatron.parallel.collectives import TRIVIAL, Group
+
+
+def _kernels():
+    from megatron.model import layers  # late: megatron.model.layers imports this module
+
+    return layers
+
+
+def set_sharding_attributes(
+    param: nn.Parameter,
+    *,
+    partition_dim: int,
+    full_shape: tuple[int, ...],
+    tensor_model_parallel: bool,
+    tp_grad_reduce: bool = False,
+) -> None:
+    """The sharding facts of one parameter.
+
+    - `tensor_model_parallel`: split across the TP ranks along `partition_dim` (-1: held whole).
+    - `full_shape`: the logical (TP 1) shape; `param.shape` for tensors held whole.
+    - `tp_grad_reduce`: this rank's gradient is a partial sum that must be summed over the TP group after
+      backward (the multi-query K/V projection at TP > 1; LayerNorms and row-parallel biases under
+      sequence parallelism).
+    """
+    param.tensor_model_parallel = tensor_model_parallel
+    param.partition_dim = partition_dim
+    param.full_shape = tuple(full_shape)
+    param.tp_grad_reduce = tp_grad_reduce
+
+
+def _tensor_parallel_size(parallel_state) -> int:
+    return 1 if parallel_state is None else parallel_state.tensor_model_parallel_size
+
+
+def _shard(size: int, parallel_state, what: str) -> int:
+    tp = _tensor_parallel_size(parallel_state)
+    if size % tp:
+        raise ValueError(f"{what}={size} is not divisible by tensor_model_parallel_size={tp}")
+    return size // tp
+
+
+def _uniform_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
+    # PyTorch's default nn.Linear init (kaiming-uniform with a=sqrt(5) = U(+-1/sqrt(fan_in))) over the
+    # full fan-in; GPTModel.init_weights replaces it with the layout-invariant init.
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+        if bias is not None:
+            bias.uniform_(-bound, bound)
+
+
+class _AddBias(torch.autograd.Function):
+    """x + bias whose bias gradient is a GEMV (ones @ grad); see `megatron.model.layers._CPULinear`."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        return x + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_2d = grad.reshape(-1, grad.shape[-1])
+            ones = torch.ones(grad_2d.shape[0], dtype=grad_2d.dtype, device=grad_2d.device)
+            grad_bias = torch.mv(grad_2d.t(), ones)
+        return grad, grad_bias
+
+
+def add_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`x + bias` (bias in x's dtype, as `F.linear` under autocast), with the GEMV bias gradient on the
+    CPU outside autocast."""
+    if x.device.type == "cpu" and x.dtype == bias.dtype and not torch.is_autocast_enabled("cpu"):
+        return _AddBias.apply(x, bias)
+    return x + bias.to(x.dtype)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Linear with its output features split across TP ranks: [b, s(/tp), in] -> [b, s, out / tp]."""
+
+    def __init__(self, in_features: int, out_features: int, parallel_state, *, device=None, dtype=None):
+        super().__init__()
+        local = _shard(out_features, parallel_state, "output features")
+        self.in_features, self.out_features = in_features, out_features
+        self.group: Group = parallel_state.tp_group
+        self.sequence_parallel = parallel_state.sequence_parallel
+        self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
+        split = parallel_state.tensor_model_parallel_size > 1
+        set_sharding_attributes(
+            self.weight, partition_dim=0, full_shape=(out_features, in_features), tensor_model_parallel=split
+        )
+        set_sharding_attributes(
+            self.bias, partition_dim=0, full_shape=(out_features,), tensor_model_parallel=split
+        )
+        _uniform_(self.weight, self.bias, in_features)
+
+    def gather_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input mapping: [b, s / tp, in] -> [b, s, in] (all-gather, backward reduce-scatter)
+        under sequence parallelism, else identity with a backward all-reduce. Callers that fuse this
+        layer's GEMM with another (the multi-query projection) apply it themselves."""
+        if self.sequence_parallel:
+            return mappings.gather_from_sequence_parallel_region(x, self.group)
+        return mappings.copy_to_tensor_parallel_region(x, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _kernels().linear(self.gather_input(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tp={self.group.size}"
+
+
+class RowParallelLinear(nn.Module):
+    """Linear with its input features split across TP ranks: [b, s, in / tp] -> [b, s(/tp), out]."""
+
+    def __init__(self, in_features: int, out_features: int, parallel_state, *, device=None, dtype=None):
+        super().__init__()
+        local = _shard(in_features, parallel_state, "input features")
+        self.in_features, self.out_features = in_features, out_features
+        self.group: Group = parallel_state.tp_group
+        self.sequence_parallel = parallel_state.sequence_parallel
+        self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        split = parallel_state.tensor_model_parallel_size > 1
+        set_sharding_attributes(
+            self.weight, partition_dim=1, full_shape=(out_features, in_features), tensor_model_parallel=split
+        )
+        # under sequence parallelism the bias is added to this rank's sequence chunk only: its gradient
+        # is this chunk's share of the sum over tokens
+        set_sharding_attributes(
+            self.bias,
+            partition_dim=-1,
+            full_shape=(out_features,),
+            tensor_model_parallel=False,
+            tp_grad_reduce=self.sequence_parallel,
+        )
+        _uniform_(self.weight, self.bias, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = _kernels().linear(x, self.weight, None)  # [b, s, out], this rank's share of the sum
+        if self.sequence_parallel:
+            total = mappings.reduce_scatter_to_sequence_parallel_region(partial, self.group)  # [b, s/tp, out]
+        else:
+            total = mappings.reduce_from_tensor_parallel_region(partial, self.group)  # [b, s, out]
+        return add_bias(total, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tp={self.group.size}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose vocabulary rows are split across TP ranks: tokens [b, s] -> [b, s, h] (whole,
+    identical on every TP rank). Rank r holds rows [r * V / tp, (r + 1) * V / tp)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, parallel_state, *, device=None, dtype=None):
+        super().__init__()
+        tp = _tensor_parallel_size(parallel_state)
+        if num_embeddings % tp:
+            raise ValueError(
+                f"vocabulary size {num_embeddings} is not divisible by tensor_model_parallel_size={tp}; "
+                "pad it with --make-vocab-size-divisible-by (the padded size is a multiple of that times the "
+                "tensor-parallel size) or pass a --vocab-size divisible by it"
+            )
+        local = num_embeddings // tp
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.group: Group = parallel_state.tp_group
+        self.vocab_start = parallel_state.tensor_model_parallel_rank * local
+        self.vocab_end = self.vocab_start + local
+        self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
+        set_sharding_attributes(
+            self.weight,
+            partition_dim=0,
+            full_shape=(num_embeddings, embedding_dim),
+            tensor_model_parallel=tp > 1,
+        )
+        with torch.no_grad():
+            self.weight.normal_()  # nn.Embedding's default; init_weights replaces it
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.group.is_trivial:
+            return F.embedding(tokens, self.weight)
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)  # [b, s]
+        local_ids = (tokens - self.vocab_start).masked_fill(outside, 0)
+        words = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h]
+        return mappings.reduce_from_tensor_parallel_region(words, self.group)  # one rank holds each row
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, {self.vocab_end})"
+
+
+def gather_tensor(tensor: torch.Tensor, like: nn.Parameter, group: Group) -> torch.Tensor:
+    """The full (logical) tensor of which `tensor` is this rank's shard laid out as parameter `like`
+    (a parameter or its gradient): all-gathered over `group` along `like.partition_dim` when `like` is
+    split, else `tensor` itself. Collective over `group` for split parameters."""
+    if getattr(like, "tensor_model_parallel", False) and not group.is_trivial:
+        tensor = collectives.all_gather(tensor, group, dim=like.partition_dim)
+    return tensor
+
+
+def full_state_dict(model: nn.Module, parallel_state=None) -> dict[str, torch.Tensor]:
+    """Logical parameter name -> the full (TP-gathered) tensor, on the CPU, identical on every rank.
+
+    Collective over the tensor-parallel group: every TP rank must call it. (Pipeline stages hold
+    different parameters; gathering them over PP comes with the pipeline issue.)
+    """
+    group = TRIVIAL if parallel_state is None else parallel_state.tp_group
+    result = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        full = gather_tensor(tensor.detach(), tensor, group)
+        expected = getattr(tensor, "full_shape", tuple(full.shape))
+        assert tuple(full.shape) == tuple(expected), (
+            f"{name}: gathered {tuple(full.shape)}, expected {expected}"
+        )
+        result[name] = full.to("cpu", copy=True)
+    return result

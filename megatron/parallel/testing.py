@@ -1,0 +1,127 @@
+"""Run a function on N local processes joined in a gloo process group: the multi-rank test harness.
+
+`run_distributed(fn, world_size, *args)` spawns `world_size` fresh Python processes, gives each the
+torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, a free MASTER_PORT), calls
+`fn(*args)` in each, and returns the per-rank results in rank order. `fn` must be importable by the child
+(a module-level function) and is responsible for `ParallelState.initialize`; the harness destroys any
+process group it left behind.
+
+Failure handling: the first rank to raise fails the call with that rank's traceback, and every other rank
+is killed at once (they would otherwise wait in a collective until the distributed timeout). A rank that
+dies without reporting (segfault, os._exit) or a run past `timeout` likewise kills the rest and raises,
+naming the ranks. Nothing is left running.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import socket
+import time
+import traceback
+
+
+class DistributedTestError(RuntimeError):
+    """A rank of `run_distributed` failed, died or timed out."""
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args, env: dict, queue) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    try:
+        import torch
+
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+        result = fn(*args)
+        payload = ("ok", pickle.dumps(result))  # plain pickle: tensors by value, not shared memory
+    except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt/SystemExit
+        payload = ("error", traceback.format_exc())
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - teardown must not mask the result
+            pass
+    queue.put((rank, *payload))
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
+    """`[fn(*args) on rank 0, ..., on rank world_size-1]`, each in its own spawned process (see module)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    processes = [
+        context.Process(target=_worker, args=(rank, world_size, port, fn, args, env, queue), daemon=True)
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    results: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            message = _next_message(queue, processes, results, deadline)
+            rank, status, payload = message
+            if status == "error":
+                raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{payload}")
+            results[rank] = pickle.loads(payload)
+        for process in processes:
+            process.join(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        _kill(processes)
+        queue.close()
+    return [results[rank] for rank in range(world_size)]
+
+
+def _next_message(queue, processes, results, deadline):
+    import queue as queue_module
+
+    while True:
+        try:
+            return queue.get(timeout=0.2)
+        except queue_module.Empty:
+            pass
+        dead = [
+            rank
+            for rank, process in enumerate(processes)
+            if rank not in results and not process.is_alive() and process.exitcode != 0
+        ]
+        if dead:
+            try:  # a rank may have reported just before exiting
+                return queue.get(timeout=1.0)
+            except queue_module.Empty:
+                codes = {rank: processes[rank].exitcode for rank in dead}
+                raise DistributedTestError(
+                    f"rank(s) {dead} died without reporting (exit codes {codes})"
+                ) from None
+        if time.monotonic() > deadline:
+            pending = [rank for rank in range(len(processes)) if rank not in results]
+            raise DistributedTestError(f"timed out; rank(s) {pending} had not finished")
+
+
+def _kill(processes) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
+        process.join(timeout=5)

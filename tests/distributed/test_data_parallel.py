@@ -1,0 +1,346 @@
+"""Data parallelism (parallel/data_parallel.py, training/optimizer.py) on spawned gloo ranks, against one
+process training on the same global batch.
+
+One spawn of 2 ranks runs everything (each spawned rank costs seconds of start-up): DP 2 with one bucket,
+with several buckets with and without overlapped reduction, the distributed optimizer with and without
+overlap, bf16/fp16 short runs, the overlap mechanism itself, and (on a second ParallelState over the same
+2 ranks, TP 2) the tensor-parallel gradient reduction and the grad norm's counting of replicated
+parameters. The single-process references run in the test process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron.parallel.state import ParallelState
+from megatron.parallel.testing import run_distributed
+from megatron.training.grad_scaler import ConstantGradScaler
+from megatron.training.optimizer import build_optimizer
+from megatron.training.schedule import build_scheduler
+from megatron.training.step import train_step
+
+SEQ = 16
+VOCAB = 128
+SEED = 1234
+ITERS = 10
+MICRO_BATCH = 2
+NUM_MICRO_BATCHES = 4  # per global batch: one process runs all 4, each of 2 DP ranks its 2
+GLOBAL_BATCH = MICRO_BATCH * NUM_MICRO_BATCHES
+SMALL_BUCKET = 20_000  # elements: the tiny model (~96k parameters) splits into several buckets
+
+# name -> (use_distributed_optimizer, overlap_grad_reduce, ddp_bucket_size)
+DP_RUNS = {
+    "one_bucket": (False, False, None),
+    "buckets": (False, False, SMALL_BUCKET),
+    "buckets_overlap": (False, True, SMALL_BUCKET),
+    "distributed": (True, False, SMALL_BUCKET),
+    "distributed_overlap": (True, True, SMALL_BUCKET),
+}
+# precision runs (2 iterations; CPU half precision is slow): name -> (dtype, loss scale, distributed, overlap)
+HALF_RUNS = {
+    "bf16_distributed_overlap": (torch.bfloat16, None, True, True),
+    "fp16_distributed": (torch.float16, 128.0, True, False),
+}
+HALF_ITERS = 2
+
+
+def _model_config() -> ModelConfig:
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        attention_head_type="multiquery",
+        seq_length=SEQ,
+        max_position_embeddings=SEQ,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
+
+
+def _optimizer_config() -> OptimizerConfig:
+    # warmup then cosine decay: the scheduler must reach AdamW through `param_groups` in every mode
+    return OptimizerConfig(
+        lr=1e-3, min_lr=1e-4, lr_warmup_iters=3, lr_decay_style="cosine", weight_decay=0.1, clip_grad=1.0
+    )
+
+
+def _parallel_config(distributed: bool, overlap: bool, bucket_size: int | None) -> ParallelConfig:
+    config = ParallelConfig(use_distributed_optimizer=distributed, overlap_grad_reduce=overlap)
+    config.ddp_bucket_size = bucket_size  # works before and after the lead adds the field
+    return config
+
+
+def _micro_batch(iteration: int, index: int) -> dict:
+    """Micro-batch `index` of the global batch of `iteration`, the same in every process."""
+    generator = torch.Generator().manual_seed(1000 * iteration + index)
+    data = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=generator)
+    loss_mask = (torch.rand(MICRO_BATCH, SEQ, generator=generator) > 0.3).float()  # unequal counts
+    return {"tokens": data[:, :-1], "labels": data[:, 1:], "loss_mask": loss_mask}
+
+
+def _my_micro_batches(parallel_state: ParallelState) -> list[int]:
+    """The contiguous share of the global batch's micro-batches that this DP rank trains on."""
+    per_rank = NUM_MICRO_BATCHES // parallel_state.data_parallel_size
+    first = parallel_state.data_parallel_rank * per_rank
+    return list(range(first, first + per_rank))
+
+
+def _model(parallel_state, dtype=torch.float32) -> torch.nn.Module:
+    from megatron.model import GPTModel
+
+    model = GPTModel(_model_config(), VOCAB, parallel_state)
+    model.init_weights(SEED)
+    return model.to(dtype)
+
+
+def _build(parallel_state, parallel_config, dtype=torch.float32, loss_scale=None):
+    model = _model(parallel_state, dtype)
+    scaler = ConstantGradScaler(loss_scale) if loss_scale else None
+    optimizer = build_optimizer(
+        model,
+        _optimizer_config(),
+        grad_scaler=scaler,
+        parallel_state=parallel_state,
+        parallel_config=parallel_config,
+    )
+    return model, optimizer
+
+
+def _train(parallel_state, parallel_config, *, iters=ITERS, dtype=torch.float32, loss_scale=None) -> dict:
+    """Train the tiny model for `iters` iterations; losses, grad norms, final weights, state bytes."""
+    model, optimizer = _build(parallel_state, parallel_config, dtype, loss_scale)
+    scheduler = build_scheduler(
+        optimizer, _optimizer_config(), train_iters=ITERS, train_samples=None, global_batch_size=GLOBAL_BATCH
+    )
+    losses, grad_norms = [], []
+    for iteration in range(iters):
+        batches = [_micro_batch(iteration, index) for index in _my_micro_batches(parallel_state)]
+        output = train_step(model, optimizer, batches, parallel_state)
+        assert output.update_successful, output
+        scheduler.step(GLOBAL_BATCH)
+        losses.append(output.lm_loss)
+        grad_norms.append(output.grad_norm)
+    buckets = optimizer.grad_buffer.buckets
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "weights": {name: value.detach().float().clone() for name, value in model.state_dict().items()},
+        "state_bytes": optimizer.state_bytes(),
+        "num_buckets": len(buckets),
+        "buckets_even": all((b.end - b.start) % parallel_state.data_parallel_size == 0 for b in buckets),
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+
+
+def _started_buckets_after_each_backward(parallel_state, overlap: bool) -> list[int]:
+    """Buckets whose reduction had started after each micro-batch's backward (before `step`)."""
+    model, optimizer = _build(parallel_state, _parallel_config(False, overlap, SMALL_BUCKET))
+    batches = [_micro_batch(0, index) for index in _my_micro_batches(parallel_state)]
+    optimizer.zero_grad()
+    started = []
+    for index, batch in enumerate(batches):
+        token_losses = model(batch["tokens"], labels=batch["labels"])
+        loss = (token_losses * batch["loss_mask"]).sum() / 100.0
+        optimizer.backward(loss, last_micro_batch=index == len(batches) - 1)
+        started.append(sum(bucket.started for bucket in optimizer.grad_buffer.buckets))
+    optimizer.step()
+    return started + [len(optimizer.grad_buffer.buckets)]
+
+
+class _ToyTensorParallel(torch.nn.Module):
+    """Three kinds of parameter at TP 2: a TP-split one, a replicated one whose per-rank gradient is a
+    partial sum (`tp_grad_reduce`), and a replicated one whose gradient is already whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.split = torch.nn.Parameter(torch.zeros(4))
+        self.split.tensor_model_parallel = True
+        self.partial = torch.nn.Parameter(torch.zeros(3))
+        self.partial.tensor_model_parallel = False
+        self.partial.tp_grad_reduce = True
+        self.whole = torch.nn.Parameter(torch.zeros(2))
+        self.whole.tensor_model_parallel = False
+
+    def loss(self, tp_rank: int) -> torch.Tensor:
+        shard_grad = torch.arange(4.0) + 10.0 * tp_rank
+        return (
+            (self.split * shard_grad).sum() + (self.partial * (tp_rank + 1.0)).sum() + 5.0 * self.whole.sum()
+        )
+
+
+def _tensor_parallel_grad_reduce(parallel_state, distributed: bool, overlap: bool) -> dict:
+    model = _ToyTensorParallel()
+    optimizer = build_optimizer(
+        model,
+        OptimizerConfig(lr=0.1, weight_decay=0.0, clip_grad=0.0),
+        parallel_state=parallel_state,
+        parallel_config=_parallel_config(distributed, overlap, None),
+    )
+    optimizer.zero_grad()
+    optimizer.backward(model.loss(parallel_state.tensor_model_parallel_rank))
+    result = optimizer.step()
+    return {
+        "grad_norm": result.grad_norm,
+        "partial_grad": model.partial.main_grad.tolist(),
+        "replicated": torch.cat([model.partial.detach(), model.whole.detach()]).tolist(),
+    }
+
+
+def _all_runs() -> dict:
+    """Everything the 2-rank spawn checks (see the module docstring); runs on each rank."""
+    data_parallel = ParallelState.initialize(1, 1)  # DP 2
+    results = {}
+    for name, (distributed, overlap, bucket_size) in DP_RUNS.items():
+        results[name] = _train(data_parallel, _parallel_config(distributed, overlap, bucket_size))
+    for name, (dtype, loss_scale, distributed, overlap) in HALF_RUNS.items():
+        config = _parallel_config(distributed, overlap, SMALL_BUCKET)
+        results[name] = _train(data_parallel, config, iters=HALF_ITERS, dtype=dtype, loss_scale=loss_scale)
+    results["started"] = {
+        overlap: _started_buckets_after_each_backward(data_parallel, overlap) for overlap in (False, True)
+    }
+    tensor_parallel = ParallelState.initialize(2, 1)  # the same 2 ranks as TP 2
+    results["tp"] = {
+        (distributed, overlap): _tensor_parallel_grad_reduce(tensor_parallel, distributed, overlap)
+        for distributed in (False, True)
+        for overlap in (False, True)
+    }
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_distributed(_all_runs, 2, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    """One process, all 4 micro-batches of each global batch, the plain optimizer."""
+    cpu = ParallelState.single("cpu")
+    reference = {"fp32": _train(cpu, None)}
+    for name, (dtype, loss_scale, _, _) in HALF_RUNS.items():
+        reference[name] = _train(cpu, None, iters=HALF_ITERS, dtype=dtype, loss_scale=loss_scale)
+    return reference
+
+
+# DP sums each rank's fp32 gradient (2 micro-batches) over ranks instead of accumulating 4 micro-batches
+# in one process: only the summation order differs (~1e-7 relative per gradient). Losses and grad norms
+# agree to 1e-5 relative; each weight tensor to 1e-5 of its largest magnitude (element-wise relative
+# error is meaningless for elements AdamW moved from 0 to ~1e-6; observed <= 7e-7).
+PARITY_RTOL = 1e-5
+# The key bias of multi-query attention has a zero gradient in exact arithmetic (adding q . b_k to every
+# score of a row leaves the softmax unchanged), so AdamW turns round-off into a random walk whose path
+# depends on the summation order: its values are noise (~2e-6 after 10 steps) in every layout. They are
+# checked to stay noise-sized; a real gradient would move them by ~lr = 1e-3 per step.
+KEY_BIAS_NOISE = 1e-4
+
+
+def _assert_weights_close(actual: dict, expected: dict) -> None:
+    for name, reference in expected.items():
+        value = actual[name]
+        if name.endswith("attention.key_value.bias"):  # multi-query: [K bias (d), V bias (d)]
+            d = reference.numel() // 2
+            assert max(value[:d].abs().max(), reference[:d].abs().max()) < KEY_BIAS_NOISE, name
+            value, reference = value[d:], reference[d:]
+        error = (value - reference).abs().max().item()
+        scale = reference.abs().max().item()
+        assert error <= PARITY_RTOL * scale, f"{name}: max abs error {error:.3g} vs max |weight| {scale:.3g}"
+
+
+@pytest.mark.parametrize("name", ["one_bucket", "buckets", "distributed"])
+def test_data_parallel_matches_one_process(ranks, single, name):
+    reference = single["fp32"]
+    for rank in ranks:
+        run = rank[name]
+        assert run["losses"] == pytest.approx(reference["losses"], rel=PARITY_RTOL)
+        assert run["grad_norms"] == pytest.approx(reference["grad_norms"], rel=PARITY_RTOL)
+        assert run["lr"] == reference["lr"]
+        _assert_weights_close(run["weights"], reference["weights"])
+    # replicas stay bit-identical
+    for key, value in ranks[0][name]["weights"].items():
+        assert torch.equal(ranks[1][name]["weights"][key], value), key
+
+
+@pytest.mark.parametrize(
+    ("plain", "overlapped"), [("buckets", "buckets_overlap"), ("distributed", "distributed_overlap")]
+)
+def test_overlapped_reduction_is_bit_identical(ranks, plain, overlapped):
+    for rank in ranks:
+        assert rank[plain]["num_buckets"] >= 4 and rank[plain]["buckets_even"]
+        assert rank[overlapped]["losses"] == rank[plain]["losses"]
+        assert rank[overlapped]["grad_norms"] == rank[plain]["grad_norms"]
+        for key, value in rank[plain]["weights"].items():
+            assert torch.equal(rank[overlapped]["weights"][key], value), key
+
+
+def test_overlap_starts_reductions_during_the_last_backward_only(ranks):
+    for rank in ranks:
+        first, last, num_buckets = rank["started"][True]
+        assert (first, last) == (0, num_buckets) and num_buckets >= 4
+        assert rank["started"][False] == [0, 0, num_buckets]
+
+
+def test_distributed_optimizer_state_is_one_over_dp(ranks, single):
+    whole = single["fp32"]["state_bytes"]  # fp32 weights (the masters) + 2 Adam moments: 12 B/param
+    num_params = sum(p.numel() for p in _model(ParallelState.single("cpu")).parameters())  # tied: once
+    assert whole == 12 * num_params
+    per_rank = [rank["distributed"]["state_bytes"] for rank in ranks]
+    assert sum(per_rank) == whole  # the shards partition the parameters; padding holds no state
+    # each rank's shard is half of every bucket, padding included: < 2 elements of padding per bucket
+    padding_bytes = 12 * 2 * ranks[0]["distributed"]["num_buckets"]
+    for held in per_rank:
+        assert abs(held - whole / 2) <= padding_bytes
+    assert all(rank["one_bucket"]["state_bytes"] == whole for rank in ranks)
+
+
+@pytest.mark.parametrize("name", list(HALF_RUNS))
+def test_half_precision_with_distributed_optimizer(ranks, single, name):
+    reference = single[name]
+    for rank in ranks:
+        run = rank[name]
+        assert all(math.isfinite(loss) for loss in run["losses"])
+        # half-precision gradients summed in another order: agreement at bf16/fp16 resolution
+        assert run["losses"] == pytest.approx(reference["losses"], rel=1e-2)
+        assert run["grad_norms"] == pytest.approx(reference["grad_norms"], rel=2e-2)
+    for key, value in ranks[0][name]["weights"].items():
+        assert torch.equal(ranks[1][name]["weights"][key], value), key  # all-gathered replicas
+    assert 0 < ranks[0][name]["state_bytes"] < single[name]["state_bytes"]
+
+
+def test_tensor_parallel_grad_reduce_and_norm_counts_replicas_once(ranks):
+    shard_norm_sq = sum(sum((i + 10.0 * tp) ** 2 for i in range(4)) for tp in range(2))
+    # split: both shards; partial: summed over TP (1 + 2 = 3), counted once; whole: 5, counted once
+    expected = math.sqrt(shard_norm_sq + 3 * 3.0**2 + 2 * 5.0**2)
+    for config in ranks[0]["tp"]:
+        for rank in ranks:
+            result = rank["tp"][config]
+            assert result["grad_norm"] == pytest.approx(expected, rel=1e-12), config
+            assert result["partial_grad"] == [3.0, 3.0, 3.0], config
+        assert ranks[0]["tp"][config]["replicated"] == ranks[1]["tp"][config]["replicated"], config
+
+
+def test_single_process_buffer_grads_equal_autograd_bit_for_bit():
+    """The buffer must not change one process's numerics: accumulating into views of zeros is exact."""
+    cpu = ParallelState.single("cpu")
+    plain = _model(cpu)  # no optimizer: autograd's own accumulation into .grad
+    buffered, optimizer = _build(cpu, _parallel_config(False, True, SMALL_BUCKET))
+    optimizer.zero_grad()
+    for index in range(2):
+        batch = _micro_batch(0, index)
+        for model in (plain, buffered):
+            loss = (model(batch["tokens"], labels=batch["labels"]) * batch["loss_mask"]).sum() / 50.0
+            if model is plain:
+                loss.backward()
+            else:
+                optimizer.backward(loss, last_micro_batch=index == 1)
+    for (name, a), b in zip(plain.named_parameters(), buffered.parameters(), strict=True):
+        assert b.grad is b.main_grad or b.grad.data_ptr() == b.main_grad.data_ptr(), name
+        assert torch.equal(a.grad, b.main_grad), name
+
+
+def test_bad_bucket_size_is_rejected():
+    with pytest.raises(ValueError, match="--ddp-bucket-size must be a positive"):
+        _build(ParallelState.single("cpu"), _parallel_config(False, False, -5))

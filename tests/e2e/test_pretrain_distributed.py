@@ -1,0 +1,89 @@
+"""End to end through torchrun: the tiny preset at TP 2 x DP 2 with sequence parallelism and the
+distributed optimizer gives the one-process loss sequence (4 gloo ranks on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron.parallel.testing import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ITERS = 6
+# The tiny preset's model and data, cut to a few short iterations so the test stays fast.
+OVERRIDES = (
+    f"--train-iters {ITERS} --micro-batch-size 2 --global-batch-size 8 --seq-length 128 "
+    "--eval-interval 3 --eval-iters 1 --log-interval 1 --lr-warmup-iters 2 --num-workers 0"
+)
+# Same fp32 arithmetic in a different order across 4 ranks (see tests/distributed/test_parity.py); the
+# metrics file carries the loss as a full-precision float.
+LOSS_RTOL = 1e-5
+
+
+def _env() -> dict:
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _args(tmp_path: Path, name: str, dataset: str, tokenizer: Path) -> list[str]:
+    args = ["--config", "tiny-cpu", "--data-path", dataset, "--tokenizer-file", str(tokenizer)]
+    args += ["--data-cache-path", str(tmp_path / "cache"), "--metrics-jsonl", str(tmp_path / f"{name}.jsonl")]
+    return args + OVERRIDES.split()
+
+
+def _losses(path: Path) -> tuple[list[float], list[float]]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    train = [r["lm_loss"] for r in records if "lm_loss" in r]
+    valid = [r["valid_lm_loss"] for r in records if "valid_lm_loss" in r]
+    return train, valid
+
+
+def test_torchrun_tp2_dp2_sequence_parallel_matches_one_process(
+    tmp_path, tiny_dataset_prefix, tiny_tokenizer_path
+):
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron.pretrain",
+            *_args(tmp_path, "single", tiny_dataset_prefix, tiny_tokenizer_path),
+        ],
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4"]
+    torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron.pretrain"]
+    parallel_args = _args(tmp_path, "parallel", tiny_dataset_prefix, tiny_tokenizer_path)
+    parallel_args += [
+        "--tensor-model-parallel-size",
+        "2",
+        "--sequence-parallel",
+        "--use-distributed-optimizer",
+    ]
+    parallel_args += ["--check-replicas-interval", "3"]
+    parallel = subprocess.run(
+        [*torchrun, *parallel_args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
+    out = parallel.stdout
+    assert "world 4 = TP 2 x PP 1 x DP 2 with sequence parallelism" in out
+    assert out.count("training done") == 1  # only the main rank prints
+    assert out.count("parameter replicas bit-identical") == 2  # iterations 3 and 6
+
+    single_train, single_valid = _losses(tmp_path / "single.jsonl")
+    parallel_train, parallel_valid = _losses(tmp_path / "parallel.jsonl")
+    assert len(single_train) == len(parallel_train) == ITERS
+    assert len(single_valid) == len(parallel_valid) == 3  # iterations 0, 3, 6
+    for got, expected in zip(parallel_train + parallel_valid, single_train + single_valid, strict=True):
+        assert abs(got - expected) <= LOSS_RTOL * abs(expected), (parallel_train, single_train)
+    assert single_train[-1] < single_train[0]
