@@ -41,7 +41,7 @@ def _worker(tp: int, flags: dict, shape: dict, warmup: int, iters: int) -> dict:
     from megatron.training.step import train_step
 
     sequence_parallel = flags.get("sequence_parallel", False)
-    state = ParallelState.initialize(tp, 1, sequence_parallel=sequence_parallel)
+    state = ParallelState.initialize(tp, 1, sequence_parallel=sequence_parallel, backend="gloo")
     state.seed(1234)
     config = ModelConfig(
         num_layers=4,

@@ -192,7 +192,7 @@ def _tensor_parallel_grad_reduce(parallel_state, distributed: bool, overlap: boo
 
 def _all_runs() -> dict:
     """Everything the 2-rank spawn checks (see the module docstring); runs on each rank."""
-    data_parallel = ParallelState.initialize(1, 1)  # DP 2
+    data_parallel = ParallelState.initialize(1, 1, backend="gloo")  # DP 2
     results = {}
     for name, (distributed, overlap, bucket_size) in DP_RUNS.items():
         results[name] = _train(data_parallel, _parallel_config(distributed, overlap, bucket_size))
@@ -202,7 +202,7 @@ def _all_runs() -> dict:
     results["started"] = {
         overlap: _started_buckets_after_each_backward(data_parallel, overlap) for overlap in (False, True)
     }
-    tensor_parallel = ParallelState.initialize(2, 1)  # the same 2 ranks as TP 2
+    tensor_parallel = ParallelState.initialize(2, 1, backend="gloo")  # the same 2 ranks as TP 2
     results["tp"] = {
         (distributed, overlap): _tensor_parallel_grad_reduce(tensor_parallel, distributed, overlap)
         for distributed in (False, True)

@@ -26,7 +26,7 @@ def test_rank_layout_follows_megatron_order():
 
 
 def _groups_and_collectives(tp: int, pp: int):
-    state = ParallelState.initialize(tp, pp, sequence_parallel=True)
+    state = ParallelState.initialize(tp, pp, sequence_parallel=True, backend="gloo")
     value = torch.tensor([float(state.rank)])
     sums = {
         name: collectives.all_reduce(value.clone(), getattr(state, f"{name}_group")).item()
@@ -62,7 +62,7 @@ def test_groups_and_collectives_on_four_ranks():
 
 
 def _fail_on_rank_one():
-    state = ParallelState.initialize()
+    state = ParallelState.initialize(backend="gloo")
     if state.rank == 1:
         raise ValueError("deliberate failure on rank 1")
     collectives.all_reduce(torch.ones(1), state.world_group)  # rank 0 would wait here forever

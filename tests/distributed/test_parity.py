@@ -172,7 +172,9 @@ def train(state: ParallelState, head_type: str, layout: Layout | None) -> dict:
 def _train_layouts(world: int) -> dict:
     results = {}
     for layout in (layout for layout in LAYOUTS if layout.world == world):
-        state = ParallelState.initialize(layout.tp, 1, sequence_parallel=layout.sequence_parallel)
+        state = ParallelState.initialize(
+            layout.tp, 1, sequence_parallel=layout.sequence_parallel, backend="gloo"
+        )
         for head_type in HEAD_TYPES:
             results[(layout.name, head_type)] = train(state, head_type, layout)
     return results
@@ -257,7 +259,7 @@ def _missing_kv_reduction(head_type: str) -> None:
     from megatron.training.optimizer import build_optimizer
     from megatron.training.step import train_step
 
-    state = ParallelState.initialize(2, 1)
+    state = ParallelState.initialize(2, 1, backend="gloo")
     state.seed(SEED)
     model = GPTModel(model_config(head_type), VOCAB, state)
     model.init_weights(SEED)

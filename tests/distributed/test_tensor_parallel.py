@@ -246,7 +246,7 @@ def _dropout_checks(state: ParallelState) -> dict:
 
 
 def _run_rank(tensor_parallel: int) -> dict:
-    state = ParallelState.initialize(tensor_parallel, 1)
+    state = ParallelState.initialize(tensor_parallel, 1, backend="gloo")
     references = {head_type: _reference(head_type) for head_type in HEAD_TYPES}
     result = {"parity": {}}
     for head_type in HEAD_TYPES:

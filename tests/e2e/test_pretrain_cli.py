@@ -125,6 +125,7 @@ def test_pretrain_help_lists_flags():
     [
         (["--pipeline-model-parallel-size", "2"], ["--pipeline-model-parallel-size 2", "not implemented"]),
         (["--tensor-model-parallel-size", "2"], ["--save", "WORLD_SIZE 2", "one process"]),
+        (["--use-distributed-optimizer"], ["--use-distributed-optimizer with --save", "not implemented"]),
     ],
 )
 def test_pretrain_cli_refuses_what_this_release_cannot_do(

@@ -70,7 +70,7 @@ def test_torchrun_tp2_dp2_sequence_parallel_matches_one_process(
         "--sequence-parallel",
         "--use-distributed-optimizer",
     ]
-    parallel_args += ["--check-replicas-interval", "3"]
+    parallel_args += ["--check-replicas-interval", "3", "--distributed-backend", "gloo"]
     parallel = subprocess.run(
         [*torchrun, *parallel_args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600
     )
