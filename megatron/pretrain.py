@@ -1,6 +1,7 @@
 """Entry point: `python -m megatron.pretrain --config configs/tiny-cpu.yaml --data-path PREFIX ...`, or
-`torchrun --nproc-per-node N -m megatron.pretrain ... --tensor-model-parallel-size T [--sequence-parallel]`
-for tensor and data parallelism (data-parallel size = N / T).
+`torchrun --nproc-per-node N -m megatron.pretrain ... --tensor-model-parallel-size T
+--pipeline-model-parallel-size P [--sequence-parallel]` for tensor, pipeline and data parallelism
+(data-parallel size = N / (T x P)).
 
 The config is parsed and validated before torch is imported, so a bad flag fails (exit status 2) in a
 fraction of a second; the tokenizer is checked against the vocabulary next, and only then are the process
@@ -34,12 +35,6 @@ def _summary_line(summary) -> str:
 def _check_supported_layout(cfg) -> None:
     """Refuse what this release cannot do yet, before any process group exists."""
     parallel, ckpt = cfg.parallel, cfg.checkpoint
-    if parallel.pipeline_model_parallel_size > 1:
-        exit_with_error(
-            f"--pipeline-model-parallel-size {parallel.pipeline_model_parallel_size}: pipeline parallelism "
-            "is not implemented yet; use tensor and data parallelism (--pipeline-model-parallel-size 1)",
-            prog="pretrain",
-        )
     if parallel.use_distributed_optimizer and (ckpt.save or ckpt.load):
         flags = " and ".join(name for name, value in (("--save", ckpt.save), ("--load", ckpt.load)) if value)
         exit_with_error(

@@ -7,7 +7,6 @@ this table or in the config dataclasses is rejected.
 from __future__ import annotations
 
 _FUSION = "Megatron's fused CUDA kernels are not used here"
-_RECOMPUTE = "activation recomputation is not implemented yet"
 _LOGGING = "not implemented; the standard metrics are logged every --log-interval"
 
 # flag name (without dashes) -> (takes a value, why it has no effect)
@@ -37,12 +36,11 @@ NO_EFFECT_FLAGS: dict[str, tuple[bool, str]] = {
     "log-batch-size-to-tensorboard": (False, _LOGGING),
     "timing-log-level": (True, _LOGGING),
     "empty-unused-memory-level": (True, "the CUDA cache is left to PyTorch's allocator"),
-    "checkpoint-activations": (False, _RECOMPUTE),
-    "recompute-activations": (False, _RECOMPUTE),
-    "recompute-granularity": (True, _RECOMPUTE),
-    "recompute-method": (True, _RECOMPUTE),
-    "recompute-num-layers": (True, _RECOMPUTE),
-    "distribute-saved-activations": (False, _RECOMPUTE),
+    "distribute-saved-activations": (
+        False,
+        "checkpointed inputs are kept whole on every tensor-parallel rank (sequence parallelism already "
+        "splits them)",
+    ),
     "valid-num-workers": (True, "validation loaders use --num-workers"),
     "override-opt_param-scheduler": (False, "the lr schedule always follows the flags"),
     "use-checkpoint-opt_param-scheduler": (False, "the lr schedule always follows the flags"),

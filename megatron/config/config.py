@@ -14,7 +14,7 @@ from megatron.config.compat import NO_EFFECT_FLAGS
 from megatron.config.data import DataConfig
 from megatron.config.model import ModelConfig
 from megatron.config.optimizer import OptimizerConfig
-from megatron.config.parallel import ParallelConfig
+from megatron.config.parallel import ParallelConfig, all_pipeline_layer_ranges
 from megatron.config.training import CheckpointConfig, LoggingConfig, TrainingConfig
 
 SECTIONS: dict[str, type] = {
@@ -103,18 +103,8 @@ class Config:
                 f"{show('ffn_hidden_size', model.ffn_hidden_size)} is not divisible by "
                 f"{show('tensor_model_parallel_size', tp)}"
             )
-        if model.num_layers % pp:
-            raise ConfigError(
-                f"{show('num_layers', model.num_layers)} is not divisible by "
-                f"{show('pipeline_model_parallel_size', pp)}; use a pipeline size dividing "
-                f"{model.num_layers}: {_divisors(model.num_layers)}"
-            )
-        virtual = par.num_layers_per_virtual_pipeline_stage
-        if virtual is not None and (model.num_layers // pp) % virtual:
-            raise ConfigError(
-                f"{show('num_layers_per_virtual_pipeline_stage', virtual)} does not divide the "
-                f"{model.num_layers // pp} layers of each pipeline stage"
-            )
+        # every rank's layer ranges, with the model's own function: a split that does not work fails here
+        all_pipeline_layer_ranges(model.num_layers, pp, **par.pipeline_layout)
 
     def _resolve_batch(self) -> None:
         train, par = self.training, self.parallel

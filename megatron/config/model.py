@@ -8,6 +8,8 @@ from megatron.config._fields import ConfigError, arg, require_choice, require_po
 
 ATTENTION_HEAD_TYPES = ("multihead", "multiquery")
 ACTIVATIONS = ("gelu_tanh", "gelu")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 def _divisors_near(n: int, target: int, count: int = 4) -> list[int]:
@@ -69,6 +71,30 @@ class ModelConfig:
         "Compute the attention softmax in fp32 (default on; --no-attention-softmax-in-fp32 to disable).",
         negatable=True,
     )
+    recompute_granularity: str | None = arg(
+        None,
+        "Activation recomputation: full (a checkpointed group of layers keeps only its input and reruns its "
+        "forward in backward; needs --recompute-method and --recompute-num-layers) or selective (only the "
+        "attention core: scores, softmax, dropout, weighted sum). Dropout draws are replayed, so the "
+        "gradients are bit-identical. Default: off.",
+        choices=RECOMPUTE_GRANULARITIES,
+        const_flags={"--recompute-activations": "selective"},
+    )
+    recompute_method: str | None = arg(
+        None,
+        "With --recompute-granularity full: uniform (each model chunk's layers in consecutive groups of "
+        "--recompute-num-layers, each group checkpointed) or block (only the first --recompute-num-layers "
+        "layers of each model chunk, one by one).",
+        choices=RECOMPUTE_METHODS,
+    )
+    recompute_num_layers: int | None = arg(
+        None, "Layers per checkpointed group (uniform) or checkpointed layers per model chunk (block)."
+    )
+    checkpoint_activations: bool = arg(
+        False,
+        "Megatron's older flag: same as --recompute-granularity full --recompute-method uniform "
+        "--recompute-num-layers 1 (the last two unless given).",
+    )
 
     def __post_init__(self) -> None:
         self.resolve()
@@ -84,6 +110,13 @@ class ModelConfig:
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.max_position_embeddings is None and self.seq_length is not None:
             self.max_position_embeddings = self.seq_length
+        if self.checkpoint_activations and self.recompute_granularity is None:
+            self.recompute_granularity = "full"
+        if self.checkpoint_activations and self.recompute_granularity == "full":
+            if self.recompute_method is None:
+                self.recompute_method = "uniform"
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
 
     @property
     def num_key_value_heads(self) -> int:
@@ -116,3 +149,38 @@ class ModelConfig:
         require_range(self, "hidden_dropout", 0.0, 1.0, high_open=True)
         require_choice(self, "attention_head_type", ATTENTION_HEAD_TYPES)
         require_choice(self, "activation", ACTIVATIONS)
+        self._validate_recompute()
+
+    def _validate_recompute(self) -> None:
+        """Megatron's rules: full needs a method and a layer count, selective takes neither."""
+        granularity, method, count = (
+            self.recompute_granularity,
+            self.recompute_method,
+            self.recompute_num_layers,
+        )
+        if granularity is not None:
+            require_choice(self, "recompute_granularity", RECOMPUTE_GRANULARITIES)
+        if method is not None:
+            require_choice(self, "recompute_method", RECOMPUTE_METHODS)
+        if self.checkpoint_activations and granularity != "full":
+            raise ConfigError(
+                f"--checkpoint-activations means --recompute-granularity full, but "
+                f"{show('recompute_granularity', granularity)} was given; drop one of them"
+            )
+        if granularity == "full":
+            if method is None:
+                raise ConfigError(
+                    "--recompute-granularity full needs --recompute-method uniform or block (and "
+                    "--recompute-num-layers)"
+                )
+            if count is None or not 1 <= count <= self.num_layers:
+                got = "it is missing" if count is None else f"got {count}"
+                raise ConfigError(
+                    f"--recompute-granularity full --recompute-method {method} needs --recompute-num-layers "
+                    f"between 1 and {show('num_layers', self.num_layers)}; {got}"
+                )
+            return
+        for name, value in (("recompute_method", method), ("recompute_num_layers", count)):
+            if value is not None:
+                needs = "" if granularity is None else f", not {show('recompute_granularity', granularity)}"
+                raise ConfigError(f"{show(name, value)} needs --recompute-granularity full{needs}")

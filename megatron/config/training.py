@@ -82,6 +82,11 @@ class LoggingConfig:
     wandb_entity_name: str | None = arg(None, "Weights & Biases entity (team or user).")
     wandb_exp_name: str | None = arg(None, "Weights & Biases run name.")
     wandb_save_dir: str | None = arg(None, "Weights & Biases local directory (default under --save).")
+    log_pipeline_schedule: bool = arg(
+        False,
+        "Debug: every rank prints the order in which it ran forward (F) and backward (B) passes of each "
+        "micro-batch (and model chunk) in the first training iteration.",
+    )
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending flags."""

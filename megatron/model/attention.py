@@ -17,6 +17,10 @@ Cores, chosen per call by `select_backend`:
   `_MQA_MATMUL_MAX_SCORES` per layer; longer sequences use SDPA.
 Every core computes the softmax in fp32 (SDPA's and flash-attn's kernels accumulate it in fp32 for
 fp16/bf16), which is what `attention_softmax_in_fp32` asks for.
+
+Selective recomputation (`recompute_granularity="selective"`) runs the core (`SelfAttention.core`) under
+`recompute.checkpoint`: only q, k, v are kept and the scores, probabilities and dropout mask are rebuilt
+in backward, with the dropout draws replayed (the per-rank stream under TP included).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model import layers
+from megatron.model import layers, recompute
 from megatron.parallel.layers import ColumnParallelLinear
 
 try:  # optional accelerator
@@ -102,21 +106,25 @@ class _MultiQueryMatmul(torch.autograd.Function):
             else:
                 dropped = probs
             torch.bmm(dropped, v[:, :end], out=out[:, start:end].view(b, -1, d))  # [b, c*nh, d]
-            saved.append((probs, keep))
-        ctx.save_for_backward(q, k, v)
-        ctx.saved, ctx.blocks, ctx.dropout_p = saved, blocks, dropout_p
+            saved += [probs] if keep is None else [probs, keep]
+        # save_for_backward (not ctx attributes), so saved-tensor hooks see the probabilities: activation
+        # recomputation drops them and the activation counter counts them
+        ctx.save_for_backward(q, k, v, *saved)
+        ctx.blocks, ctx.dropout_p = blocks, dropout_p
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
+        q, k, v, *saved = ctx.saved_tensors
+        per_block = 1 if ctx.dropout_p == 0 else 2
+        saved = [(blk[0], blk[1] if per_block == 2 else None) for blk in _chunks(saved, per_block)]
         b, s, num_heads, d = q.shape
         scale, keep_scale = d**-0.5, 1.0 / (1.0 - ctx.dropout_p)
         grad_out = grad_out.contiguous()
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-        for (start, end), (probs, keep) in zip(ctx.blocks, ctx.saved):
+        for (start, end), (probs, keep) in zip(ctx.blocks, saved, strict=True):
             rows = q[:, start:end].reshape(b, -1, d)  # [b, c*nh, d]
             grad_rows = grad_out[:, start:end].reshape(b, -1, d)  # [b, c*nh, d]
             dropped = probs if keep is None else probs * keep * keep_scale
@@ -129,6 +137,10 @@ class _MultiQueryMatmul(torch.autograd.Function):
             torch.baddbmm(grad_q_rows, grad_scores, k[:, :end], beta=0.0, alpha=scale, out=grad_q_rows)
             grad_k[:, :end].baddbmm_(grad_scores.transpose(1, 2), rows, alpha=scale)  # [b, end, d]
         return grad_q, grad_k, grad_v, None, None, None
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class MultiQueryMatmulAttention(nn.Module):
@@ -205,22 +217,30 @@ class SelfAttention(nn.Module):
         output_std = std / math.sqrt(2.0 * config.num_layers)
         self.dense = layers.row_linear(proj, h, init_std=output_std, **kw)
         self.mqa_matmul = MultiQueryMatmulAttention()
+        self.recompute_core = getattr(config, "recompute_granularity", None) == "selective"
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [b, s, h] -> [b, s, h] ([b, s/tp, h] under sequence parallelism). attention_mask: None
         (causal) or bool [b, 1, s, s] over the whole sequence, True = masked."""
         q, k, v = self._project(x)  # q [b, s, nh, d], k/v [b, s, nkv, d] (whole sequence, local heads)
         b, s = q.shape[:2]
+        if self.recompute_core:  # selective recomputation: keep q, k, v; rerun the core in backward
+            out = recompute.checkpoint(self.core, q, k, v, attention_mask, rng_tracker=self.rng)
+        else:
+            out = self.core(q, k, v, attention_mask)
+        return self.dense(out.reshape(b, s, -1))  # [b, s, nh*d] -> [b, s, h]
+
+    def core(self, q, k, v, attention_mask) -> torch.Tensor:
+        """The attention core: scores, softmax, dropout, weighted sum. q [b, s, nh, d], k/v
+        [b, s, nkv, d] -> [b, s, nh, d]."""
         dropout_p = self.dropout_p if self.training else 0.0
         backend = select_backend(q, self.num_kv_heads, attention_mask, self.use_flash_attn)
         with self.rng.fork(q.device) if self.rng is not None and dropout_p > 0 else nullcontext():
             if backend == "flash":
-                out = flash_attention(q, k, v, dropout_p)
-            elif backend == "mqa_matmul":
-                out = self.mqa_matmul(q, k, v, attention_mask, dropout_p)
-            else:
-                out = sdpa_attention(q, k, v, attention_mask, dropout_p)
-        return self.dense(out.reshape(b, s, -1))  # [b, s, nh*d] -> [b, s, h]
+                return flash_attention(q, k, v, dropout_p)
+            if backend == "mqa_matmul":
+                return self.mqa_matmul(q, k, v, attention_mask, dropout_p)
+            return sdpa_attention(q, k, v, attention_mask, dropout_p)
 
     def _project(self, x: torch.Tensor):
         if self.multi_query:

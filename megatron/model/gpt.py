@@ -36,6 +36,22 @@ TP rank); dropout on split activations (attention probabilities of this rank's h
 stream's sequence chunk) from the per-rank stream `parallel_state.rng`.
 Parameter names are the logical ones at every layout; each parameter's `full_shape`, `partition_dim`
 and `tensor_model_parallel` say how this rank's tensor sits in the full one.
+
+Pipeline parallelism (`parallel_state.pipeline_model_parallel_size` > 1): each stage builds only its
+part, so every name stays logical and `init_weights` gives a stage the one-process model's same-named
+weights. The decoder layers a rank holds (one range per model chunk, `partition.pipeline_layer_ranges`)
+sit in `layers` under their global index (`layers.5.attention.query.weight`). The first stage holds the
+embedding, the last the final LayerNorm and the output layer. With tied embeddings a last stage that is
+not also the first holds its own copy of the word embedding under the same name
+(`embedding.word_embeddings.weight`, identical init) with the attribute `pipeline_duplicate = True`;
+both copies carry `embedding_group_reduce = True`: their gradients are summed over
+`parallel_state.embedding_group` after backward so they stay identical (neither attribute exists at
+PP 1). `forward_chunk` runs one chunk: tokens -> hidden on the first, hidden -> hidden in the middle,
+hidden -> loss (or logits) on the last.
+
+Activation recomputation (`config.recompute_granularity`, `megatron.model.recompute`): "full" reruns
+groups of layers in backward, "selective" only the attention core; dropout draws are replayed, so the
+gradients are bit-identical to no recomputation.
 """
 
 from __future__ import annotations
@@ -48,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model import layers
+from megatron.model import layers, partition, recompute
 from megatron.model.attention import SelfAttention
 from megatron.model.loss import linear_cross_entropy
 from megatron.parallel import mappings
@@ -154,16 +170,50 @@ class TransformerLayer(nn.Module):
             return F.dropout(x, p, self.training)
 
 
+class LayerDict(nn.ModuleDict):
+    """The decoder layers a model holds, keyed by their global (logical) index, so that parameter names
+    are `layers.{i}.*` at every pipeline layout; `layers[i]` takes that index as an int too."""
+
+    def __getitem__(self, key) -> nn.Module:
+        return super().__getitem__(str(key))
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(str(key))
+
+
+class OutputEmbedding(nn.Module):
+    """The last pipeline stage's copy of the tied word embedding, used as the output weight: the same
+    logical name (`embedding.word_embeddings.weight`) and init as the first stage's, marked
+    `pipeline_duplicate` (see the module docstring)."""
+
+    def __init__(self, config, vocab_size: int, parallel_state=None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.word_embeddings = layers.vocab_embedding(
+            vocab_size,
+            config.hidden_size,
+            init_std=config.init_method_std,
+            parallel_state=parallel_state,
+            device=device,
+            dtype=dtype,
+        )
+
+
 class GPTModel(nn.Module):
     """StarCoder-style GPT: see the module docstring for the parameter names.
 
-    `GPTModel(config, vocab_size, parallel_state=None, *, device=None, dtype=None)`: `config` is a
-    `ModelConfig` (attribute names as in the contract), `vocab_size` the padded vocabulary. Build with
-    `device="meta"` to count parameters without allocating. Construction leaves PyTorch's default init;
-    call `init_weights(seed)` for the model's own (layout-invariant) initialisation.
+    `GPTModel(config, vocab_size, parallel_state=None, *, device=None, dtype=None, parallel_config=None)`:
+    `config` is a `ModelConfig` (attribute names as in the contract), `vocab_size` the padded vocabulary.
+    Under pipeline parallelism the model holds only this rank's part: the layer ranges of
+    `partition.pipeline_layer_ranges` for `parallel_state`'s pipeline rank and the layout flags of
+    `parallel_config` (a `ParallelConfig`; None: an even split, not interleaved), run chunk by chunk with
+    `forward_chunk`. Build with `device="meta"` to count parameters without allocating. Construction
+    leaves PyTorch's default init; call `init_weights(seed)` for the model's own (layout-invariant)
+    initialisation.
     """
 
-    def __init__(self, config, vocab_size: int, parallel_state=None, *, device=None, dtype=None) -> None:
+    def __init__(
+        self, config, vocab_size: int, parallel_state=None, *, device=None, dtype=None, parallel_config=None
+    ) -> None:
         super().__init__()
         self.config = config
         self.vocab_size = vocab_size
@@ -172,47 +222,149 @@ class GPTModel(nn.Module):
         self.tensor_model_parallel_rank = (
             0 if parallel_state is None else parallel_state.tensor_model_parallel_rank
         )
-        kw = dict(device=device, dtype=dtype)
-        self.embedding = Embedding(config, vocab_size, parallel_state, **kw)
-        self.layers = nn.ModuleList(
-            TransformerLayer(config, i + 1, parallel_state, **kw) for i in range(config.num_layers)
-        )
-        self.final_layernorm = layers.layer_norm(
-            config.hidden_size, eps=config.layernorm_epsilon, parallel_state=parallel_state, **kw
-        )
-        self.output_layer = None
-        if config.untie_embeddings_and_output_weights:
-            self.output_layer = layers.vocab_embedding(
-                vocab_size,
-                config.hidden_size,
-                init_std=config.init_method_std,
-                parallel_state=parallel_state,
-                **kw,
+        self.rng = None if parallel_state is None else parallel_state.rng  # replayed by recomputation
+        pp, pp_rank = _pipeline_position(parallel_state)
+        self.chunk_ranges = tuple(
+            partition.pipeline_layer_ranges(
+                config.num_layers, pp, pp_rank, **partition.pipeline_layout(parallel_config)
             )
+        )
+        self.is_first_stage, self.is_last_stage = pp_rank == 0, pp_rank == pp - 1
+        tied = not config.untie_embeddings_and_output_weights
+        kw = dict(device=device, dtype=dtype)
+        self.embedding = self.final_layernorm = self.output_layer = None
+        if self.is_first_stage:
+            self.embedding = Embedding(config, vocab_size, parallel_state, **kw)
+        elif self.is_last_stage and tied:
+            self.embedding = OutputEmbedding(config, vocab_size, parallel_state, **kw)
+        self.layers = LayerDict(
+            {
+                str(i): TransformerLayer(config, i + 1, parallel_state, **kw)
+                for start, end in self.chunk_ranges
+                for i in range(start, end)
+            }
+        )
+        if self.is_last_stage:
+            self.final_layernorm = layers.layer_norm(
+                config.hidden_size, eps=config.layernorm_epsilon, parallel_state=parallel_state, **kw
+            )
+            if not tied:
+                self.output_layer = layers.vocab_embedding(
+                    vocab_size,
+                    config.hidden_size,
+                    init_std=config.init_method_std,
+                    parallel_state=parallel_state,
+                    **kw,
+                )
+        if pp > 1 and tied and self.embedding is not None:  # first and last stage: keep both copies equal
+            self.embedding.word_embeddings.weight.embedding_group_reduce = True
+            if not self.is_first_stage:
+                self.embedding.word_embeddings.weight.pipeline_duplicate = True
+
+    @property
+    def num_chunks(self) -> int:
+        """Model chunks this rank holds (virtual pipeline stages; 1 unless interleaved)."""
+        return len(self.chunk_ranges)
+
+    def chunk_is_first(self, chunk: int) -> bool:
+        """Chunk `chunk` holds the embedding (takes tokens): the first pipeline stage's chunk 0."""
+        return self.is_first_stage and chunk == 0
+
+    def chunk_is_last(self, chunk: int) -> bool:
+        """Chunk `chunk` holds the final LayerNorm and the output layer (returns the loss or logits):
+        the last pipeline stage's last chunk."""
+        return self.is_last_stage and chunk == self.num_chunks - 1
+
+    def pipeline_hidden_shape(self, micro_batch_size: int, seq_length: int) -> tuple[int, int, int]:
+        """The shape of the hidden states passed between stages: [b, s, h], [b, s / tp, h] under
+        sequence parallelism."""
+        s = seq_length // self.tp_group.size if self.sequence_parallel else seq_length
+        return (micro_batch_size, s, self.config.hidden_size)
 
     @property
     def output_weight(self) -> nn.Parameter:
         """The [V, h] output projection ([V / tp, h] shard under TP): the word embedding itself unless
-        untied."""
-        return (
-            self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
-        )
+        untied. Only on the last pipeline stage."""
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        if not self.is_last_stage:
+            raise AttributeError("output_weight: only the last pipeline stage holds the output layer")
+        return self.embedding.word_embeddings.weight
 
     def forward(self, tokens, position_ids=None, attention_mask=None, labels=None) -> torch.Tensor:
         """tokens int64 [b, s] -> logits [b, s, V] (model dtype), or with labels [b, s] the per-token
         cross-entropy float32 [b, s]. attention_mask: None = causal, else bool [b, 1, s, s] with
-        True = masked out. Under TP every rank passes the same inputs and gets the same whole result."""
-        b, s = tokens.shape
-        x = self.embedding(tokens, position_ids)  # [b, s, h] ([b, s/tp, h] under sequence parallelism)
-        for layer in self.layers:
-            x = layer(x, attention_mask)  # [b, s, h] ([b, s/tp, h])
-        x = self.final_layernorm(x)  # [b, s, h] ([b, s/tp, h])
+        True = masked out. Under TP every rank passes the same inputs and gets the same whole result.
+        Only for a model that holds every layer (pipeline parallel size 1): see `forward_chunk`."""
+        if not (self.num_chunks == 1 and self.chunk_is_first(0) and self.chunk_is_last(0)):
+            raise RuntimeError(
+                "GPTModel.forward runs the whole model, but this pipeline stage holds layers "
+                f"{self.chunk_ranges} only; run its chunks with forward_chunk (megatron.parallel.pipeline)"
+            )
+        return self.forward_chunk(
+            0, tokens=tokens, position_ids=position_ids, attention_mask=attention_mask, labels=labels
+        )
+
+    def forward_chunk(
+        self, chunk: int, *, tokens=None, hidden=None, position_ids=None, attention_mask=None, labels=None
+    ) -> torch.Tensor:
+        """Run model chunk `chunk` (its layers `chunk_ranges[chunk]`).
+
+        Input: `tokens` int64 [b, s] (and `position_ids`) when `chunk_is_first(chunk)`, else `hidden`, the
+        previous stage's output [b, s, h] ([b, s/tp, h] under sequence parallelism). `attention_mask` as
+        in `forward`, on every chunk. Output: on the last chunk the per-token loss float32 [b, s] when
+        `labels` are given, else the logits [b, s, V] (vocabulary gathered); otherwise the hidden states
+        for the next stage [b, s(/tp), h].
+        """
+        first = self.chunk_is_first(chunk)
+        if (tokens is None) == first or (hidden is None) != first:
+            wanted = "tokens (it holds the embedding)" if first else "hidden (the previous stage's output)"
+            raise ValueError(f"forward_chunk({chunk}) takes {wanted}")
+        start, end = self.chunk_ranges[chunk]
+        # [b, s, h] ([b, s/tp, h] under sequence parallelism) from here on
+        x = self.embedding(tokens, position_ids) if first else hidden
+        for group_start, group_end, checkpointed in recompute.layer_groups(
+            start,
+            end,
+            getattr(self.config, "recompute_granularity", None),
+            getattr(self.config, "recompute_method", None),
+            getattr(self.config, "recompute_num_layers", None),
+        ):
+            if checkpointed:
+                x = recompute.checkpoint(
+                    self._run_layers, group_start, group_end, x, attention_mask, rng_tracker=self.rng
+                )
+            else:
+                x = self._run_layers(group_start, group_end, x, attention_mask)
+        if not self.chunk_is_last(chunk):
+            return x
+        return self._output(self.final_layernorm(x), labels)
+
+    def _run_layers(self, start: int, end: int, x: torch.Tensor, attention_mask) -> torch.Tensor:
+        for i in range(start, end):
+            x = self.layers[i](x, attention_mask)  # [b, s, h] ([b, s/tp, h])
+        return x
+
+    def _output(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The final LayerNorm's output [b, s(/tp), h] -> logits or per-token loss."""
         if not self.tp_group.is_trivial:
             return self._tensor_parallel_output(x, labels)
+        b, s = x.shape[:2]
         if labels is None:
             return F.linear(x, self.output_weight)  # [b, s, V]
         loss = linear_cross_entropy(x.reshape(b * s, -1), self.output_weight, labels.reshape(b * s))  # [b*s]
         return loss.view(b, s)
+
+    def chunk_named_parameters(self, chunk: int) -> list[tuple[str, nn.Parameter]]:
+        """(logical name, parameter) of the parameters chunk `chunk` uses, in model order; the chunks'
+        lists partition `named_parameters()`."""
+        start, end = self.chunk_ranges[chunk]
+        prefixes = tuple(f"layers.{i}." for i in range(start, end))
+        if self.chunk_is_first(chunk) or self.chunk_is_last(chunk):
+            prefixes += ("embedding.",)
+        if self.chunk_is_last(chunk):
+            prefixes += ("final_layernorm.", "output_layer.")
+        return [(name, param) for name, param in self.named_parameters() if name.startswith(prefixes)]
 
     def _tensor_parallel_output(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The output layer on this rank's vocabulary shard: enter the TP region (backward: sum the hidden
@@ -242,6 +394,13 @@ class GPTModel(nn.Module):
         """
         for name, param in self.named_parameters():
             init_parameter(param, seed, name, tensor_model_parallel_rank=self.tensor_model_parallel_rank)
+
+
+def _pipeline_position(parallel_state) -> tuple[int, int]:
+    """(pipeline parallel size, this rank's pipeline rank); (1, 0) for one process."""
+    if parallel_state is None:
+        return 1, 0
+    return parallel_state.pipeline_model_parallel_size, parallel_state.pipeline_model_parallel_rank
 
 
 def parameter_seed(seed: int, name: str) -> int:

@@ -16,6 +16,10 @@ Gradient buffer (`GradBuffer`)
   gradients are partial sums on each TP rank), then the whole bucket is summed over the data-parallel
   group. The DP reduction is a SUM, not a mean: the loss is already the global-batch token mean (see
   training/step.py).
+- Tied word embedding under pipeline parallelism: the first and the last stage each hold a copy
+  (`embedding_group_reduce` parameters). After the data-parallel reduction, and in both modes at the end
+  of `finish_grad_sync`, their gradients are summed over `parallel_state.embedding_group`, so both copies
+  take the same step and stay identical.
 - With `overlap_grad_reduce`, the hooks count the parameters of each bucket whose gradient is final during
   the last micro-batch's backward; a complete bucket's reduction starts at once (the TP slice
   synchronously, the DP all-reduce asynchronously) while backward continues with earlier layers. Without
@@ -117,6 +121,7 @@ class GradBuffer:
             for index, (ordered, start, end, num_tp_reduce) in enumerate(plans)
         ]
         self._bucket_of = {id(param): bucket for bucket in self.buckets for param in bucket.params}
+        self.embedding_params = self._embedding_group_params(named_params)
         self._last_micro_batch = True
         self._synced = False
         self._attach(params)
@@ -149,6 +154,21 @@ class GradBuffer:
             num_tp_reduce = sum(p.numel() for p in ordered if _tp_grad_reduce(p))
             plans.append((ordered, start, offset, num_tp_reduce))
         return plans
+
+    def _embedding_group_params(self, named_params) -> list[torch.nn.Parameter]:
+        """The `embedding_group_reduce` parameters by name; every rank of the embedding group must hold
+        the same names (checked once here: a mismatch would hang or corrupt the reduction)."""
+        named = [(n, p) for n, p in named_params if getattr(p, "embedding_group_reduce", False)]
+        named.sort(key=lambda item: item[0])
+        group = self.parallel_state.embedding_group
+        names = [name for name, _ in named]
+        per_rank = collectives.all_gather_object(names, group)
+        if any(other != names for other in per_rank):
+            raise RuntimeError(
+                f"the ranks {list(group.ranks)} of the embedding group hold different embedding_group_reduce "
+                f"parameters: {per_rank}"
+            )
+        return [param for _, param in named]
 
     def _attach(self, params: list[torch.nn.Parameter]) -> None:
         for param in params:
@@ -215,14 +235,16 @@ class GradBuffer:
         bucket.started = True
 
     def finish_grad_sync(self) -> None:
-        """Reduce the buckets not started during backward, in bucket order, and wait for all of them.
-        Idempotent until the next `zero_grad`."""
+        """Reduce the buckets not started during backward, in bucket order, wait for all of them, then
+        sum the tied embedding gradients over the embedding group. Idempotent until the next `zero_grad`."""
         if self._synced:
             return
         for bucket in self.buckets:
             if not bucket.started:
                 self._start_reduction(bucket)
         self._wait_all()
+        for param in self.embedding_params:  # tied embedding copies of the first and last stage
+            collectives.all_reduce(param.main_grad, self.parallel_state.embedding_group)
         self._synced = True
 
     def _wait_all(self) -> None:
@@ -251,6 +273,8 @@ SHARDING_ATTRIBUTES = (
     "shared",
     "tp_grad_reduce",
     "full_shape",
+    "pipeline_duplicate",
+    "embedding_group_reduce",
 )
 
 

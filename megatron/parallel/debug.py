@@ -4,7 +4,8 @@ Two kinds of replica exist. Across the tensor-parallel group, every parameter th
 (`tensor_model_parallel` False: the multi-query K/V projection, LayerNorms, row-parallel biases, position
 embeddings) is held whole by every TP rank and must be the same bits everywhere; a missing gradient
 reduction (the bug BigCode's first MQA run had) shows up here as a slow drift long before the loss
-explodes. Across the data-parallel group, every parameter is replicated.
+explodes. Across the data-parallel group, every parameter is replicated. Under pipeline parallelism the
+tied word embedding exists on the first and the last stage and both copies must stay equal.
 
 Each rank hashes each parameter's bytes (BLAKE2b, 8 bytes) and the hashes are all-gathered: a few bytes
 per parameter cross the network, not the weights. The first parameter (in model order) whose hashes
@@ -62,12 +63,27 @@ def check_replicas(model: torch.nn.Module, parallel_state, *, iteration: int | N
     if not dp_group.is_trivial:
         gathered = all_gather_object(all_hashes, dp_group)
         problems.append(_first_mismatch(all_names, gathered, dp_group, "data-parallel"))
+    tied = [
+        (name, value)
+        for (name, param), value in zip(named, all_hashes, strict=True)
+        if getattr(param, "embedding_group_reduce", False)
+    ]
+    embedding_group = parallel_state.embedding_group
+    if tied and not embedding_group.is_trivial:  # the word embedding on the first and last stage
+        gathered = all_gather_object([value for _, value in tied], embedding_group)
+        problems.append(
+            _first_mismatch(
+                [name for name, _ in tied], gathered, embedding_group, "pipeline (tied embedding)"
+            )
+        )
     problems = [problem for problem in problems if problem]
     # every rank stops, not only the ones in the group that disagrees (the rest would hang later)
-    found = all_reduce(torch.tensor([float(bool(problems))]), parallel_state.world_group)
+    flag = torch.tensor([float(bool(problems))], device=parallel_state.device)  # NCCL needs the GPU
+    found = all_reduce(flag, parallel_state.world_group)
     if problems:
         raise ReplicaMismatchError(f"replica check{where}: " + " | ".join(problems))
     if found.item() > 0:
         raise ReplicaMismatchError(f"replica check{where}: replicas differ on other ranks (see their error)")
     compared = len(tp_names) * (tp_group.size - 1) + len(all_names) * (dp_group.size - 1)
+    compared += len(tied) * (embedding_group.size - 1)
     return compared

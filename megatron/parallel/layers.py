@@ -227,18 +227,40 @@ def gather_tensor(tensor: torch.Tensor, like: nn.Parameter, group: Group) -> tor
 
 
 def full_state_dict(model: nn.Module, parallel_state=None) -> dict[str, torch.Tensor]:
-    """Logical parameter name -> the full (TP-gathered) tensor, on the CPU, identical on every rank.
+    """Logical parameter name -> the full tensor, on the CPU, identical on every rank: gathered over the
+    tensor-parallel group and, under pipeline parallelism, over the pipeline group (each stage adds the
+    names it holds; the last stage's `pipeline_duplicate` copy of the tied word embedding is skipped, so
+    every name appears once). Ordered as the one-process model's `state_dict`.
 
-    Collective over the tensor-parallel group: every TP rank must call it. (Pipeline stages hold
-    different parameters; gathering them over PP comes with the pipeline issue.)
+    Collective over the tensor- and pipeline-parallel groups: every rank of the replica must call it.
     """
-    group = TRIVIAL if parallel_state is None else parallel_state.tp_group
+    tp_group = TRIVIAL if parallel_state is None else parallel_state.tp_group
+    pp_group = TRIVIAL if parallel_state is None else parallel_state.pp_group
     result = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        full = gather_tensor(tensor.detach(), tensor, group)
+        if getattr(tensor, "pipeline_duplicate", False):
+            continue
+        full = gather_tensor(tensor.detach(), tensor, tp_group)
         expected = getattr(tensor, "full_shape", tuple(full.shape))
         assert tuple(full.shape) == tuple(expected), (
             f"{name}: gathered {tuple(full.shape)}, expected {expected}"
         )
         result[name] = full.to("cpu", copy=True)
-    return result
+    if pp_group.is_trivial:
+        return result
+    merged = {}
+    for stage, stage_result in enumerate(collectives.all_gather_object(result, pp_group)):
+        repeated = merged.keys() & stage_result.keys()
+        assert not repeated, f"pipeline stage {stage} holds {sorted(repeated)} as well as an earlier stage"
+        merged.update(stage_result)
+    return {name: merged[name] for name in sorted(merged, key=_logical_order)}
+
+
+def _logical_order(name: str) -> tuple[int, int]:
+    """Sort key of the one-process model's order: embedding, layers by index, then the output end
+    (sorting is stable, so names within a layer keep their order)."""
+    if name.startswith("embedding."):
+        return (0, 0)
+    if name.startswith("layers."):
+        return (1, int(name.split(".")[1]))
+    return (2, 0)

@@ -10,6 +10,11 @@ Failure handling: the first rank to raise fails the call with that rank's traceb
 is killed at once (they would otherwise wait in a collective until the distributed timeout). A rank that
 dies without reporting (segfault, os._exit) or a run past `timeout` likewise kills the rest and raises,
 naming the ranks. Nothing is left running.
+
+With `kill_on_error=False` the harness instead waits for every rank to end on its own (or `timeout`),
+which is how a test checks that a failure on one rank makes the others fail too, in time: when any rank
+did not succeed, the `DistributedTestError` carries `outcomes`, one `RankOutcome` per rank (how it ended,
+its result or traceback, and when).
 """
 
 from __future__ import annotations
@@ -17,13 +22,34 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import queue as queue_module
 import socket
 import time
 import traceback
+from dataclasses import dataclass
+
+
+@dataclass
+class RankOutcome:
+    """How one rank of `run_distributed(..., kill_on_error=False)` ended. `status`: "ok" (`result` holds
+    its return value), "error" (it raised; `error` holds the traceback), "died" (exited without
+    reporting) or "timeout" (still running at the deadline, then killed). `seconds`: from the start of
+    the call until its outcome was known."""
+
+    rank: int
+    status: str
+    result: object = None
+    error: str | None = None
+    seconds: float = 0.0
 
 
 class DistributedTestError(RuntimeError):
-    """A rank of `run_distributed` failed, died or timed out."""
+    """A rank of `run_distributed` failed, died or timed out. `outcomes`: every rank's `RankOutcome`
+    when the call was made with `kill_on_error=False`, else None."""
+
+    def __init__(self, message: str, outcomes: list[RankOutcome] | None = None) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
 
 
 def free_port() -> int:
@@ -64,7 +90,14 @@ def _worker(rank: int, world_size: int, port: int, fn, args, env: dict, queue) -
     queue.put((rank, *payload))
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
+def run_distributed(
+    fn,
+    world_size: int,
+    *args,
+    timeout: float = 300.0,
+    env: dict | None = None,
+    kill_on_error: bool = True,
+) -> list:
     """`[fn(*args) on rank 0, ..., on rank world_size-1]`, each in its own spawned process (see module)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -74,11 +107,14 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dic
         context.Process(target=_worker, args=(rank, world_size, port, fn, args, env, queue), daemon=True)
         for rank in range(world_size)
     ]
+    start = time.monotonic()
     for process in processes:
         process.start()
-    results: dict[int, object] = {}
-    deadline = time.monotonic() + timeout
     try:
+        if not kill_on_error:
+            return _wait_for_every_rank(queue, processes, start, start + timeout)
+        results: dict[int, object] = {}
+        deadline = start + timeout
         while len(results) < world_size:
             message = _next_message(queue, processes, results, deadline)
             rank, status, payload = message
@@ -93,9 +129,46 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dic
     return [results[rank] for rank in range(world_size)]
 
 
-def _next_message(queue, processes, results, deadline):
-    import queue as queue_module
+def _wait_for_every_rank(queue, processes, start: float, deadline: float) -> list:
+    """Every rank's outcome, each left to end on its own; the results, or DistributedTestError with the
+    outcomes when any rank did not succeed."""
+    outcomes: dict[int, RankOutcome] = {}
+    dead_since: dict[int, float] = {}
+    while len(outcomes) < len(processes) and time.monotonic() < deadline:
+        try:
+            rank, status, payload = queue.get(timeout=0.2)
+            now = time.monotonic() - start
+            if status == "ok":
+                outcomes[rank] = RankOutcome(rank, "ok", result=pickle.loads(payload), seconds=now)
+            else:
+                outcomes[rank] = RankOutcome(rank, "error", error=payload, seconds=now)
+            continue
+        except queue_module.Empty:
+            pass
+        for rank, process in enumerate(processes):
+            if rank in outcomes or process.is_alive():
+                continue
+            first_seen = dead_since.setdefault(rank, time.monotonic())
+            if time.monotonic() - first_seen > 1.0:  # a report it sent before exiting would be here by now
+                code = process.exitcode
+                outcomes[rank] = RankOutcome(
+                    rank, "died", error=f"exit code {code}", seconds=first_seen - start
+                )
+    for rank in range(len(processes)):
+        outcomes.setdefault(rank, RankOutcome(rank, "timeout", seconds=time.monotonic() - start))
+    ordered = [outcomes[rank] for rank in range(len(processes))]
+    if all(outcome.status == "ok" for outcome in ordered):
+        return [outcome.result for outcome in ordered]
+    lines = [f"rank {o.rank}: {o.status} after {o.seconds:.1f} s{_last_line(o.error)}" for o in ordered]
+    raise DistributedTestError("not every rank succeeded:\n" + "\n".join(lines), outcomes=ordered)
 
+
+def _last_line(error: str | None) -> str:
+    lines = (error or "").strip().splitlines()
+    return f": {lines[-1]}" if lines else ""
+
+
+def _next_message(queue, processes, results, deadline):
     while True:
         try:
             return queue.get(timeout=0.2)

@@ -147,7 +147,7 @@ def build_model(cfg, vocab_size: int, parallel_state: ParallelState) -> torch.nn
     """GPTModel initialised from the seed, on the run's device, in the compute dtype."""
     from megatron.model import GPTModel
 
-    model = GPTModel(cfg.model, vocab_size, parallel_state)
+    model = GPTModel(cfg.model, vocab_size, parallel_state, parallel_config=cfg.parallel)
     model.init_weights(cfg.training.seed)
     dtype = PRECISION_DTYPES[cfg.training.precision]
     return model.to(device=parallel_state.device, dtype=dtype)

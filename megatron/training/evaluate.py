@@ -2,7 +2,9 @@
 
 Each evaluation starts a fresh pass from the start of the set, so every evaluation of a run scores the
 same held-out samples and the losses are comparable across iterations. Evaluation runs in eval mode (no
-dropout) and under a forked RNG so it never changes the training random stream.
+dropout) and under a forked RNG so it never changes the training random stream. The micro-batches go
+through the training schedule forward only (`pipeline.forward_backward`), so under pipeline parallelism
+the last stage computes the loss and every rank reports it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import math
 
 import torch
 
+from megatron.parallel import pipeline
 from megatron.parallel.state import ParallelState
-from megatron.training.step import count_loss_tokens, micro_batch_loss_sum, next_micro_batches
+from megatron.training.step import next_micro_batches
 
 
 def _rng_devices(parallel_state: ParallelState) -> list:
@@ -39,9 +42,11 @@ def evaluate(
         data_iterator = iter(loader)
         for _ in range(eval_iters):
             batches = next_micro_batches(data_iterator, num_micro_batches, parallel_state.device)
-            batch_sum = sum(micro_batch_loss_sum(model, batch) for batch in batches)
-            loss_sum += parallel_state.all_reduce_data_parallel(batch_sum).double().cpu()
-            num_tokens += count_loss_tokens(batches, parallel_state).double().cpu()
+            batch_sum, batch_tokens = pipeline.forward_backward(
+                model, None, batches, parallel_state, forward_only=True
+            )  # both the same on every rank: summed over the pipeline and data-parallel ranks
+            loss_sum += batch_sum.double().cpu()
+            num_tokens += batch_tokens.double().cpu()
     model.train(was_training)
     return float(loss_sum / num_tokens.clamp(min=1.0)), int(num_tokens)
 

@@ -56,15 +56,15 @@ def clip_grad_norm(
     the norm before clipping, computed in fp32.
 
     `params[i]` owns `grads[i]` and is only read for its sharding attributes: a parameter replicated
-    across tensor-parallel ranks (`tensor_model_parallel` False) counts on TP rank 0 only, so that the
-    sum over model-parallel ranks counts each weight once. `sharded_over_data_parallel`: each DP rank holds
-    a disjoint piece of the gradients (distributed optimizer), so the squares are summed over every rank.
-    Every rank must call this (it communicates), with or without gradients.
+    across tensor-parallel ranks (`tensor_model_parallel` False) counts on TP rank 0 only, and the last
+    pipeline stage's copy of the tied word embedding (`pipeline_duplicate`) not at all (the first stage
+    counts it), so that the sum over model-parallel ranks counts each weight once.
+    `sharded_over_data_parallel`: each DP rank holds a disjoint piece of the gradients (distributed
+    optimizer), so the squares are summed over every rank. Every rank must call this (it communicates),
+    with or without gradients.
     """
     counted = [
-        grad
-        for param, grad in zip(params, grads, strict=True)
-        if getattr(param, "tensor_model_parallel", False) or parallel_state.tensor_model_parallel_rank == 0
+        grad for param, grad in zip(params, grads, strict=True) if _counted_in_norm(param, parallel_state)
     ]
     device = grads[0].device if grads else parallel_state.device
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
@@ -77,6 +77,12 @@ def clip_grad_norm(
         if clip_coeff < 1.0:
             torch._foreach_mul_(grads, clip_coeff)
     return total_norm
+
+
+def _counted_in_norm(param: torch.nn.Parameter, parallel_state: ParallelState) -> bool:
+    if getattr(param, "pipeline_duplicate", False):
+        return False
+    return getattr(param, "tensor_model_parallel", False) or parallel_state.tensor_model_parallel_rank == 0
 
 
 def _sum_over_gradient_holders(value: torch.Tensor, parallel_state: ParallelState, sharded: bool) -> float:
@@ -170,13 +176,20 @@ class MixedPrecisionOptimizer:
         """Clear gradients before the first micro-batch of an iteration."""
         self.grad_buffer.zero_grad()
 
-    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool = True) -> None:
-        """Backpropagate `loss` (multiplied by the loss scale under fp16). With --overlap-grad-reduce the
-        gradient reductions start during the backward of the micro-batch passed `last_micro_batch=True`."""
+    def backward(
+        self, output: torch.Tensor, *, grad: torch.Tensor | None = None, last_micro_batch: bool = True
+    ) -> None:
+        """Backpropagate a scalar loss `output` (multiplied by the loss scale under fp16), or with `grad`
+        a pipeline stage's output with the gradient received from the next stage (already scaled there).
+        With --overlap-grad-reduce the gradient reductions start during the backward passed
+        `last_micro_batch=True` (a pipeline passes it for the last backward of each model chunk)."""
         self.grad_buffer.start_backward(last_micro_batch=last_micro_batch)
+        if grad is not None:
+            torch.autograd.backward(output, grad_tensors=grad)
+            return
         if self.grad_scaler is not None:
-            loss = loss * self.grad_scaler.scale
-        loss.backward()
+            output = output * self.grad_scaler.scale
+        output.backward()
 
     def _grads(self) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
         """The parameters (for their sharding attributes) whose fp32 gradients this rank steps on."""

@@ -9,6 +9,8 @@ accumulation steps equals micro 4 x 1 up to floating-point summation order. (Meg
 each micro-batch's token mean, which weights tokens unequally when micro-batches hold different numbers
 of loss tokens, e.g. with FIM padding or --eod-mask-loss.) With data parallelism the total token count is
 summed over ranks before the backward, and the gradients are then summed (not averaged) over ranks.
+Under pipeline parallelism the loss is computed on the last stage and its sum reaches every rank (see
+megatron/parallel/pipeline.py, which runs the micro-batches in every layout).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron.parallel import pipeline
+from megatron.parallel.pipeline import count_loss_tokens, micro_batch_loss_sum  # noqa: F401 - re-exported
 from megatron.parallel.state import ParallelState
 from megatron.training.optimizer import MixedPrecisionOptimizer
 
@@ -49,49 +53,38 @@ def next_micro_batches(data_iterator, num_micro_batches: int, device: torch.devi
     return batches
 
 
-def count_loss_tokens(micro_batches: list[dict], parallel_state: ParallelState) -> torch.Tensor:
-    """Loss tokens in the global batch (summed over data-parallel ranks), as an fp32 scalar >= 1."""
-    local = torch.stack([batch["loss_mask"].sum(dtype=torch.float32) for batch in micro_batches]).sum()
-    return parallel_state.all_reduce_data_parallel(local).clamp(min=1.0)
-
-
-def micro_batch_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """sum(token_loss * loss_mask) over one micro-batch, in fp32 (differentiable)."""
-    token_losses = model(
-        batch["tokens"],
-        position_ids=batch.get("position_ids"),
-        attention_mask=batch.get("attention_mask"),
-        labels=batch["labels"],
-    )  # [b, s] fp32
-    return (token_losses.float() * batch["loss_mask"]).sum()
-
-
 def forward_backward(
-    model, optimizer: MixedPrecisionOptimizer, micro_batches: list[dict], parallel_state: ParallelState
+    model,
+    optimizer: MixedPrecisionOptimizer,
+    micro_batches: list[dict],
+    parallel_state: ParallelState,
+    *,
+    trace: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate the gradient of the global-batch token mean; returns (loss sum, loss tokens)."""
-    total_tokens = count_loss_tokens(micro_batches, parallel_state)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=total_tokens.device)
-    for index, batch in enumerate(micro_batches):
-        micro_sum = micro_batch_loss_sum(model, batch)
-        # the last backward may start the gradient reductions (--overlap-grad-reduce)
-        optimizer.backward(micro_sum / total_tokens, last_micro_batch=index == len(micro_batches) - 1)
-        loss_sum += micro_sum.detach()
-    return parallel_state.all_reduce_data_parallel(loss_sum), total_tokens
+    """Accumulate the gradient of the global-batch token mean through the pipeline schedule for this
+    layout (`megatron.parallel.pipeline.forward_backward`, which appends the order it ran to `trace`);
+    returns (loss sum, loss tokens), the same on every rank."""
+    return pipeline.forward_backward(model, optimizer, micro_batches, parallel_state, trace=trace)
 
 
 def train_step(
-    model, optimizer: MixedPrecisionOptimizer, micro_batches: list[dict], parallel_state: ParallelState
+    model,
+    optimizer: MixedPrecisionOptimizer,
+    micro_batches: list[dict],
+    parallel_state: ParallelState,
+    *,
+    trace: list | None = None,
 ) -> StepOutput:
     """Zero grads, accumulate over `micro_batches`, and step unless the loss or gradients are bad.
 
     A non-finite loss skips the optimizer (the caller stops or counts, per --skip-nonfinite); a
     non-finite gradient norm likewise. Under fp16 an inf/nan gradient is a loss-scale overflow: the step
-    is skipped and the scale adapted, which is normal.
+    is skipped and the scale adapted, which is normal. `trace`: a list to receive the schedule's
+    (kind, micro_batch, chunk) order (`pipeline.format_trace` prints it).
     """
     model.train()
     optimizer.zero_grad()
-    loss_sum, total_tokens = forward_backward(model, optimizer, micro_batches, parallel_state)
+    loss_sum, total_tokens = forward_backward(model, optimizer, micro_batches, parallel_state, trace=trace)
     lm_loss = (loss_sum / total_tokens).item()
     num_tokens = int(total_tokens.item())
     if not math.isfinite(lm_loss):

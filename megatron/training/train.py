@@ -7,12 +7,14 @@ halves, used by tests to drive the loop with a prepared model or data.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from megatron.checkpoint import basic as checkpoint
+from megatron.parallel.collectives import all_reduce
 from megatron.parallel.debug import check_replicas
 from megatron.parallel.state import ParallelState
 from megatron.training import builders
@@ -66,6 +68,7 @@ class Run:
     losses: list[float] = field(default_factory=list)  # lm loss of every iteration (for tests)
     valid_history: list[dict] = field(default_factory=list)
     eval_loaders: dict = field(default_factory=dict)
+    schedule_logged: bool = False  # --log-pipeline-schedule prints the first iteration only
 
 
 def _throughput(cfg, vocab_size: int, parallel_state: ParallelState, global_batch: int) -> Throughput:
@@ -246,7 +249,11 @@ def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
     start = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
     batches = next_micro_batches(data_iterator, run.num_micro_batches, run.parallel_state.device)
-    output = train_step(run.model, run.optimizer, batches, run.parallel_state)
+    trace = [] if run.cfg.logging.log_pipeline_schedule and not run.schedule_logged else None
+    output = train_step(run.model, run.optimizer, batches, run.parallel_state, trace=trace)
+    if trace is not None:
+        _print_schedule(run.parallel_state, trace)
+        run.schedule_logged = True
     if output.nonfinite:
         _handle_nonfinite(run, output)
     if output.update_successful:
@@ -258,6 +265,18 @@ def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
     run.losses.append(output.lm_loss)
     stats.add(output, time.perf_counter() - start, lr=lr, skipped=not output.update_successful)
     return output
+
+
+def _print_schedule(state: ParallelState, trace: list) -> None:
+    """--log-pipeline-schedule: this rank's forward/backward order (every rank prints, not only rank 0)."""
+    from megatron.parallel.pipeline import format_trace
+
+    line = (
+        f"[rank {state.rank}: pipeline stage {state.pipeline_model_parallel_rank}, tensor rank "
+        f"{state.tensor_model_parallel_rank}, data rank {state.data_parallel_rank}] schedule: {format_trace(trace)}"
+    )
+    sys.stdout.write(line + "\n")  # one write: ranks sharing a pipe do not cut into each other's line
+    sys.stdout.flush()
 
 
 def _log_interval(run: Run, stats: IntervalStats) -> None:
@@ -326,7 +345,7 @@ def train(run: Run) -> TrainSummary:
 
 def _log_start(run: Run) -> None:
     cfg, tp = run.cfg, run.throughput
-    num_params = logical_num_parameters(run.model)
+    num_params = logical_num_parameters(run.model, run.parallel_state)
     log(f"> parallel layout: {run.parallel_state.describe()}")
     log(
         f"> model: {num_params:,} parameters, {tp.flops_per_token / 1e9:.3f} GFLOP per token (fwd+bwd); "
@@ -341,9 +360,17 @@ def _log_start(run: Run) -> None:
     )
 
 
-def logical_num_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the whole (unsplit) model: each tensor-parallel shard counted at its full shape."""
-    return sum(math.prod(getattr(p, "full_shape", p.shape)) for p in model.parameters())
+def logical_num_parameters(model: torch.nn.Module, parallel_state: ParallelState) -> int:
+    """Parameters of the whole (unsplit) model: each tensor-parallel shard counted at its full shape, the
+    pipeline stages summed, the last stage's copy of the tied word embedding not counted again.
+    Collective over the pipeline group."""
+    local = sum(
+        math.prod(getattr(p, "full_shape", p.shape))
+        for p in model.parameters()
+        if not getattr(p, "pipeline_duplicate", False)
+    )
+    total = torch.tensor(float(local), dtype=torch.float64, device=parallel_state.device)
+    return int(all_reduce(total, parallel_state.pp_group).item())
 
 
 def _finish(run: Run, exited: bool) -> None:

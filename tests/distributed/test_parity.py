@@ -1,6 +1,6 @@
 """Every tensor/sequence/data-parallel layout trains the same model as one process (the acceptance matrix).
 
-One spawn per world size (2 and 4 gloo ranks) trains every layout of that size for both attention types,
+One spawn per world size (2, 4 and 8 gloo ranks) trains every layout of that size for both attention types,
 10 iterations each, through the real `train_step` and `MixedPrecisionOptimizer`; the one-process runs are
 done here in the test process. Each layout is then compared to one process: the loss of every iteration
 and the final TP-gathered weights.
@@ -56,6 +56,8 @@ class Layout:
     name: str
     world: int
     tp: int
+    pp: int = 1
+    virtual_stage_layers: int | None = None  # --num-layers-per-virtual-pipeline-stage (interleaved 1F1B)
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     overlap: bool = False
@@ -67,11 +69,18 @@ LAYOUTS = [
     Layout("dp2", 2, 1),
     Layout("dp2-overlap", 2, 1, overlap=True),
     Layout("dp2-distopt", 2, 1, distributed_optimizer=True),
+    Layout("pp2", 2, 1, pp=2),
     Layout("tp4", 4, 4),
     Layout("tp4-sp", 4, 4, sequence_parallel=True),
     Layout("tp2xdp2-sp-distopt", 4, 2, sequence_parallel=True, distributed_optimizer=True),
     Layout(
         "tp2xdp2-sp-distopt-overlap", 4, 2, sequence_parallel=True, distributed_optimizer=True, overlap=True
+    ),
+    Layout("pp4", 4, 1, pp=4),
+    Layout("pp2-interleaved", 4, 1, pp=2, virtual_stage_layers=1),  # DP 2 too: 4 ranks
+    Layout("tp2xpp2", 4, 2, pp=2),
+    Layout(
+        "tp2xpp2xdp2-sp-distopt", 8, 2, pp=2, sequence_parallel=True, distributed_optimizer=True, overlap=True
     ),
 ]
 HEAD_TYPES = ("multiquery", "multihead")
@@ -79,7 +88,7 @@ HEAD_TYPES = ("multiquery", "multihead")
 
 def model_config(head_type: str) -> ModelConfig:
     return ModelConfig(
-        num_layers=2,
+        num_layers=4,
         hidden_size=64,
         num_attention_heads=4,
         attention_head_type=head_type,
@@ -139,15 +148,17 @@ def train(state: ParallelState, head_type: str, layout: Layout | None) -> dict:
     from megatron.training.step import train_step
 
     state.seed(SEED)
-    model = GPTModel(model_config(head_type), VOCAB, state)
-    model.init_weights(SEED)
     parallel = ParallelConfig(
         tensor_model_parallel_size=state.tensor_model_parallel_size,
+        pipeline_model_parallel_size=state.pipeline_model_parallel_size,
+        num_layers_per_virtual_pipeline_stage=layout.virtual_stage_layers if layout else None,
         sequence_parallel=state.sequence_parallel,
         use_distributed_optimizer=bool(layout and layout.distributed_optimizer),
         overlap_grad_reduce=bool(layout and layout.overlap),
         ddp_bucket_size=BUCKET_SIZE,
     )
+    model = GPTModel(model_config(head_type), VOCAB, state, parallel_config=parallel)
+    model.init_weights(SEED)
     optimizer = build_optimizer(model, optimizer_config(), parallel_state=state, parallel_config=parallel)
     losses, norms = [], []
     for iteration in range(ITERATIONS):
@@ -173,7 +184,7 @@ def _train_layouts(world: int) -> dict:
     results = {}
     for layout in (layout for layout in LAYOUTS if layout.world == world):
         state = ParallelState.initialize(
-            layout.tp, 1, sequence_parallel=layout.sequence_parallel, backend="gloo"
+            layout.tp, layout.pp, sequence_parallel=layout.sequence_parallel, backend="gloo"
         )
         for head_type in HEAD_TYPES:
             results[(layout.name, head_type)] = train(state, head_type, layout)
@@ -189,7 +200,7 @@ def reference() -> dict:
 @pytest.fixture(scope="module")
 def parallel_results() -> dict:
     results = {}
-    for world in (2, 4):
+    for world in (2, 4, 8):
         per_rank = run_distributed(_train_layouts, world, world, timeout=600)
         for key, rank0 in per_rank[0].items():
             # every rank reports the same loss sequence (the loss is reduced over DP, whole on each TP rank)

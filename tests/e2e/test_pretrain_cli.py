@@ -123,7 +123,6 @@ def test_pretrain_help_lists_flags():
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--pipeline-model-parallel-size", "2"], ["--pipeline-model-parallel-size 2", "not implemented"]),
         (["--tensor-model-parallel-size", "2"], ["--save", "WORLD_SIZE 2", "one process"]),
         (["--use-distributed-optimizer"], ["--use-distributed-optimizer with --save", "not implemented"]),
     ],
@@ -131,7 +130,7 @@ def test_pretrain_help_lists_flags():
 def test_pretrain_cli_refuses_what_this_release_cannot_do(
     tmp_path, cli_dataset, tiny_tokenizer_path, extra, words
 ):
-    # Pipeline stages and checkpoints of parallel runs fail clearly before any process group is created,
+    # Checkpoints of parallel runs fail clearly before any process group is created,
     # never train as something else.
     args = _args(tmp_path, cli_dataset, tiny_tokenizer_path)
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))

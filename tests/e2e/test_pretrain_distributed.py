@@ -1,5 +1,5 @@
-"""End to end through torchrun: the tiny preset at TP 2 x DP 2 with sequence parallelism and the
-distributed optimizer gives the one-process loss sequence (4 gloo ranks on the CPU)."""
+"""End to end through torchrun (4 gloo ranks on the CPU): the tiny preset at TP 2 x DP 2 with sequence
+parallelism and the distributed optimizer, and at TP 2 x PP 2, gives the one-process loss sequence."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from megatron.parallel.testing import free_port
 
@@ -44,16 +46,12 @@ def _losses(path: Path) -> tuple[list[float], list[float]]:
     return train, valid
 
 
-def test_torchrun_tp2_dp2_sequence_parallel_matches_one_process(
-    tmp_path, tiny_dataset_prefix, tiny_tokenizer_path
-):
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_path):
+    tmp_path = tmp_path_factory.mktemp("single")
+    args = _args(tmp_path, "single", tiny_dataset_prefix, tiny_tokenizer_path)
     single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron.pretrain",
-            *_args(tmp_path, "single", tiny_dataset_prefix, tiny_tokenizer_path),
-        ],
+        [sys.executable, "-m", "megatron.pretrain", *args],
         cwd=REPO_ROOT,
         env=_env(),
         capture_output=True,
@@ -61,26 +59,44 @@ def test_torchrun_tp2_dp2_sequence_parallel_matches_one_process(
         timeout=600,
     )
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    return _losses(tmp_path / "single.jsonl")
+
+
+LAYOUTS = {
+    "tp2xdp2-sp-distopt": (
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
+        "world 4 = TP 2 x PP 1 x DP 2 with sequence parallelism",
+    ),
+    "tp2xpp2": (
+        ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--overlap-grad-reduce"]
+        + ["--log-pipeline-schedule"],
+        "world 4 = TP 2 x PP 2 x DP 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_torchrun_layout_matches_one_process(
+    layout, tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, single_process_losses
+):
+    flags, description = LAYOUTS[layout]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4"]
     torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron.pretrain"]
-    parallel_args = _args(tmp_path, "parallel", tiny_dataset_prefix, tiny_tokenizer_path)
-    parallel_args += [
-        "--tensor-model-parallel-size",
-        "2",
-        "--sequence-parallel",
-        "--use-distributed-optimizer",
-    ]
+    parallel_args = _args(tmp_path, "parallel", tiny_dataset_prefix, tiny_tokenizer_path) + flags
     parallel_args += ["--check-replicas-interval", "3", "--distributed-backend", "gloo"]
     parallel = subprocess.run(
         [*torchrun, *parallel_args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600
     )
     assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
     out = parallel.stdout
-    assert "world 4 = TP 2 x PP 1 x DP 2 with sequence parallelism" in out
+    assert description in out
     assert out.count("training done") == 1  # only the main rank prints
     assert out.count("parameter replicas bit-identical") == 2  # iterations 3 and 6
+    if "--log-pipeline-schedule" in flags:  # every rank prints its 1F1B order once (4 micro-batches)
+        schedules = sorted(line.split("schedule: ")[1] for line in out.splitlines() if "] schedule: " in line)
+        assert schedules == ["F0 B0 F1 B1 F2 B2 F3 B3"] * 2 + ["F0 F1 B0 F2 B1 F3 B2 B3"] * 2, schedules
 
-    single_train, single_valid = _losses(tmp_path / "single.jsonl")
+    single_train, single_valid = single_process_losses
     parallel_train, parallel_valid = _losses(tmp_path / "parallel.jsonl")
     assert len(single_train) == len(parallel_train) == ITERS
     assert len(single_valid) == len(parallel_valid) == 3  # iterations 0, 3, 6

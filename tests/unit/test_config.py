@@ -120,6 +120,10 @@ def test_contract_defaults(inputs):
             use_flash_attn=False,
             attention_softmax_in_fp32=True,
             max_position_embeddings=32,
+            recompute_granularity=None,
+            recompute_method=None,
+            recompute_num_layers=None,
+            checkpoint_activations=False,
         ),
         "parallel": dict(
             tensor_model_parallel_size=1,
@@ -132,6 +136,8 @@ def test_contract_defaults(inputs):
             distributed_timeout_minutes=10,
             distributed_backend=None,
             num_layers_per_virtual_pipeline_stage=None,
+            decoder_first_pipeline_num_layers=None,
+            decoder_last_pipeline_num_layers=None,
         ),
         "data": dict(
             split="969, 30, 1",
@@ -236,6 +242,46 @@ def test_bool_list_and_const_flags(inputs):
     assert cfg.model.activation == "gelu"  # the later flag wins
     assert cfg.model.attention_softmax_in_fp32 is False and cfg.data.eod_mask_loss is True
     assert load_config(tiny_argv(inputs) + ["--openai-gelu"]).model.activation == "gelu_tanh"
+
+
+def test_recompute_flags_and_megatron_aliases(inputs):
+    model = load_config(tiny_argv(inputs, recompute_activations=True)).model
+    assert (model.recompute_granularity, model.recompute_method, model.recompute_num_layers) == (
+        "selective",
+        None,
+        None,
+    )
+    model = load_config(tiny_argv(inputs, checkpoint_activations=True)).model
+    assert (model.recompute_granularity, model.recompute_method, model.recompute_num_layers) == (
+        "full",
+        "uniform",
+        1,
+    )
+    argv = tiny_argv(inputs, checkpoint_activations=True, recompute_method="block", recompute_num_layers=2)
+    model = load_config(argv).model
+    assert (model.recompute_granularity, model.recompute_method, model.recompute_num_layers) == (
+        "full",
+        "block",
+        2,
+    )
+    argv = tiny_argv(inputs, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
+    cfg = load_config(argv)
+    assert cfg.model.recompute_num_layers == 2 and not cfg.no_effect_flags
+    assert not any("recompute" in note for note in cfg.notes(device_type="cpu"))
+
+
+def test_pipeline_split_is_validated_for_every_stage(inputs):
+    argv = tiny_argv(inputs, num_layers=10, pipeline_model_parallel_size=4, global_batch_size=2)
+    argv += ["--decoder-first-pipeline-num-layers", "1"]
+    par = load_config(argv, world_size=4).parallel
+    assert (par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers) == (1, None)
+    argv = tiny_argv(inputs, num_layers=8, pipeline_model_parallel_size=2, global_batch_size=2)
+    cfg = load_config(argv + ["--num-layers-per-virtual-pipeline-stage", "2"], world_size=2)
+    assert cfg.parallel.num_layers_per_virtual_pipeline_stage == 2
+    with pytest.raises(
+        ConfigError, match="--num-layers 8 is not divisible by --pipeline-model-parallel-size 2"
+    ):
+        load_config(argv + ["--num-layers-per-virtual-pipeline-stage", "3"], world_size=2)
 
 
 def test_no_effect_flags_are_reported_in_notes(inputs):
@@ -408,6 +454,77 @@ BAD_INPUTS = [
         ["--seq-length 33", "--tensor-model-parallel-size 2", "--sequence-parallel"],
     ),
     (dict(ddp_bucket_size=0), ["--ddp-bucket-size 0", "> 0"]),
+    (
+        dict(num_layers=10, pipeline_model_parallel_size=4, global_batch_size=2),
+        [
+            "--num-layers 10",
+            "--pipeline-model-parallel-size 4",
+            "such as 8 or 12",
+            "--decoder-first-pipeline-num-layers 1",
+        ],
+    ),
+    (
+        dict(num_layers=10, pipeline_model_parallel_size=4, decoder_first_pipeline_num_layers=2),
+        [
+            "--num-layers 10",
+            "--decoder-first-pipeline-num-layers 2",
+            "valid --decoder-first-pipeline-num-layers",
+        ],
+    ),
+    (
+        dict(
+            num_layers=8,
+            pipeline_model_parallel_size=2,
+            decoder_first_pipeline_num_layers=3,
+            decoder_last_pipeline_num_layers=3,
+        ),
+        ["--decoder-first-pipeline-num-layers 3", "--decoder-last-pipeline-num-layers 3", "add up to 8"],
+    ),
+    (
+        dict(
+            num_layers=8,
+            pipeline_model_parallel_size=2,
+            num_layers_per_virtual_pipeline_stage=1,
+            decoder_last_pipeline_num_layers=3,
+        ),
+        [
+            "--num-layers-per-virtual-pipeline-stage",
+            "--decoder-last-pipeline-num-layers",
+            "cannot be combined",
+        ],
+    ),
+    (
+        dict(num_layers=8, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3),
+        ["--num-layers 8", "--num-layers-per-virtual-pipeline-stage 3", "= 6", "1, 2, 4"],
+    ),
+    (dict(decoder_first_pipeline_num_layers=1), ["--decoder-first-pipeline-num-layers", ">= 2, got 1"]),
+    (dict(decoder_last_pipeline_num_layers=0), ["--decoder-last-pipeline-num-layers 0", "> 0"]),
+    (
+        dict(recompute_granularity="full"),
+        ["--recompute-granularity full", "--recompute-method uniform or block"],
+    ),
+    (
+        dict(recompute_granularity="full", recompute_method="block"),
+        ["--recompute-num-layers", "between 1 and --num-layers 2", "missing"],
+    ),
+    (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3),
+        ["--recompute-num-layers", "between 1 and --num-layers 2", "got 3"],
+    ),
+    (
+        dict(recompute_granularity="selective", recompute_method="uniform"),
+        [
+            "--recompute-method uniform",
+            "needs --recompute-granularity full",
+            "not --recompute-granularity selective",
+        ],
+    ),
+    (dict(recompute_num_layers=1), ["--recompute-num-layers 1", "needs --recompute-granularity full"]),
+    (dict(recompute_method="chunked"), ["--recompute-method", "uniform", "block"]),
+    (
+        dict(checkpoint_activations=True, recompute_granularity="selective"),
+        ["--checkpoint-activations", "--recompute-granularity selective", "drop one"],
+    ),
     (dict(check_replicas_interval=-1), ["--check-replicas-interval -1", ">= 0"]),
     (
         dict(lr_warmup_fraction=0.1, lr_warmup_iters=5),
@@ -501,6 +618,14 @@ def test_check_vocab_size(inputs):
     assert check_vocab_size(cfg, 49152) == 49152
     with pytest.raises(ConfigError, match=r"49153 tokens.*--vocab-size 49152.*>= 49153"):
         check_vocab_size(cfg, 49153)
+    # a vocabulary that tensor parallelism cannot split evenly is refused (before any process group)
+    cfg.model.vocab_size, cfg.parallel.tensor_model_parallel_size = 49154, 4
+    with pytest.raises(
+        ConfigError, match=r"--vocab-size 49154 is not divisible by --tensor-model-parallel-size 4"
+    ):
+        check_vocab_size(cfg, 49152)
+    cfg.model.vocab_size, cfg.parallel.tensor_model_parallel_size = None, 3
+    assert check_vocab_size(cfg, 1000) == 1152  # padded to a multiple of 128 x 3
 
 
 # ---------------------------------------------------------------- StarCoder run and presets
