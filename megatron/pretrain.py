@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from megatron.config import exit_with_error, parse_config
+from megatron.config import parse_config
 from megatron.training.vocab import checked_tokenizer
 
 
@@ -30,26 +30,6 @@ def _summary_line(summary) -> str:
             f"({100.0 * ratio:.1f}% of the first)"
         )
     return text
-
-
-def _check_supported_layout(cfg) -> None:
-    """Refuse what this release cannot do yet, before any process group exists."""
-    parallel, ckpt = cfg.parallel, cfg.checkpoint
-    if parallel.use_distributed_optimizer and (ckpt.save or ckpt.load):
-        flags = " and ".join(name for name, value in (("--save", ckpt.save), ("--load", ckpt.load)) if value)
-        exit_with_error(
-            f"--use-distributed-optimizer with {flags}: checkpoints of the sharded optimizer state are not "
-            f"implemented yet; drop {flags} or --use-distributed-optimizer",
-            prog="pretrain",
-        )
-    if cfg.world_size > 1 and (ckpt.save or ckpt.load):
-        flags = " and ".join(name for name, value in (("--save", ckpt.save), ("--load", ckpt.load)) if value)
-        exit_with_error(
-            f"{flags} with WORLD_SIZE {cfg.world_size}: this release writes and reads checkpoints from one "
-            "process only (sharded checkpoints for parallel runs are not implemented yet); drop "
-            f"{flags} or train in one process",
-            prog="pretrain",
-        )
 
 
 def _initialize(cfg):
@@ -72,7 +52,6 @@ def _initialize(cfg):
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, build the run, train, print a summary. Returns the process exit status."""
     cfg = parse_config(argv)
-    _check_supported_layout(cfg)
     try:
         tokenizer, _ = checked_tokenizer(cfg)  # before torch is imported: fails fast
     except ValueError as error:

@@ -19,7 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--load", required=True, help="checkpoint directory written by --save")
+    parser.add_argument(
+        "--load",
+        required=True,
+        help="directory written by --save (sharded checkpoints of any layout, or basic ones), or one "
+        "iter_XXXXXXX directory of a sharded checkpoint",
+    )
     parser.add_argument("--prompt", required=True, help="text to complete")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--tokenizer-type", default=None, help="default: the checkpoint's tokenizer type")
@@ -45,17 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         print(f"generate: error: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
         return 2
-    from megatron.checkpoint.basic import read_checkpoint
     from megatron.data.tokenizer import build_tokenizer
-    from megatron.inference.generate import generate, load_model_from_checkpoint
+    from megatron.inference.generate import generate, load_model_from_checkpoint, read_checkpoint_config
 
     try:
-        state = read_checkpoint(args.load)
-        if state is None:
-            raise ValueError(
-                f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)"
-            )
-        tokenizer_args = _tokenizer_args(args, state["args"].get("data", {}))
+        stored = read_checkpoint_config(args.load)
+        tokenizer_args = _tokenizer_args(args, stored.get("data", {}))
         tokenizer = build_tokenizer(tokenizer_args.pop("tokenizer_type"), **tokenizer_args)
         model = load_model_from_checkpoint(args.load)
     except ValueError as error:

@@ -60,10 +60,19 @@ class CheckpointConfig:
     finetune: bool = arg(False, "Load only the model weights and restart the iteration count at 0.")
     no_load_optim: bool = arg(False, "Do not load the optimizer state from the checkpoint.")
     no_load_rng: bool = arg(False, "Do not load the random-number-generator states from the checkpoint.")
+    async_save: bool = arg(
+        False,
+        "Write checkpoints in a background thread while training continues (the next save and the end of "
+        "training wait for it; a failed write stops the run with its error).",
+    )
+    keep_last_k: int | None = arg(
+        None,
+        "Keep only the newest K checkpoints under --save (older complete ones are deleted); default all.",
+    )
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending flags."""
-        require_positive(self, "save_interval", allow_none=True)
+        require_positive(self, "save_interval", "keep_last_k", allow_none=True)
 
 
 @dataclass

@@ -104,7 +104,9 @@ def run_distributed(
     port = free_port()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
     processes = [
-        context.Process(target=_worker, args=(rank, world_size, port, fn, args, env, queue), daemon=True)
+        # not daemonic: a rank may start processes of its own (data-loader workers); the harness kills
+        # every rank itself when the call ends, however it ends
+        context.Process(target=_worker, args=(rank, world_size, port, fn, args, env, queue), daemon=False)
         for rank in range(world_size)
     ]
     start = time.monotonic()

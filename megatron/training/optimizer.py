@@ -258,6 +258,20 @@ class MixedPrecisionOptimizer:
         )
         return masters + moments
 
+    @property
+    def sharded_over_data_parallel(self) -> bool:
+        """True under the distributed optimizer: masters and moments exist only for owned fragments."""
+        return self.sharded is not None
+
+    def main_param_pieces(self) -> list[tuple[torch.nn.Parameter, int, torch.nn.Parameter]]:
+        """(model parameter, offset into the flattened parameter, fp32 parameter AdamW updates) for
+        everything this rank steps on: whole parameters at offset 0 (the model's own in fp32 training,
+        else their master copies), or the distributed optimizer's 1-D fragments. Sharded checkpoints
+        read and restore the masters and `self.optimizer.state[main]` through these."""
+        if self.sharded is not None:
+            return [(piece.param, piece.param_start, piece.main) for piece in self.sharded.fragments]
+        return [(param, 0, main) for param, main in zip(self.model_params, self.main_params, strict=True)]
+
     def _refuse_sharded_checkpoint(self) -> None:
         if self.sharded is not None:
             raise NotImplementedError(

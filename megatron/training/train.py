@@ -7,13 +7,14 @@ halves, used by tests to drive the loop with a prepared model or data.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from megatron.checkpoint import basic as checkpoint
 from megatron.parallel.collectives import all_reduce
 from megatron.parallel.debug import check_replicas
 from megatron.parallel.state import ParallelState
@@ -69,6 +70,8 @@ class Run:
     valid_history: list[dict] = field(default_factory=list)
     eval_loaders: dict = field(default_factory=dict)
     schedule_logged: bool = False  # --log-pipeline-schedule prints the first iteration only
+    checkpointer: object | None = None  # megatron.checkpoint.sharded.Checkpointer with --save / --load
+    stop_requested: bool = False  # SIGTERM arrived: save and exit after the current iteration
 
 
 def _throughput(cfg, vocab_size: int, parallel_state: ParallelState, global_batch: int) -> Throughput:
@@ -124,6 +127,12 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     # The training random stream (dropout) starts from the seed whatever building consumed (e.g. the
     # CPU peak measurement runs only once per process); a resumed run then restores it from the checkpoint.
     builders.set_seed(cfg.training.seed, parallel_state)
+    if cfg.checkpoint.save or cfg.checkpoint.load:
+        from megatron.checkpoint.sharded import Checkpointer
+
+        run.checkpointer = Checkpointer(
+            parallel_state, async_save=cfg.checkpoint.async_save, keep_last_k=cfg.checkpoint.keep_last_k
+        )
     _maybe_load(run)
     return run
 
@@ -132,7 +141,7 @@ def _maybe_load(run: Run) -> None:
     ckpt = run.cfg.checkpoint
     if not ckpt.load:
         return
-    loaded = checkpoint.load_checkpoint(
+    loaded = run.checkpointer.load(
         ckpt.load,
         run.model,
         run.optimizer,
@@ -143,9 +152,7 @@ def _maybe_load(run: Run) -> None:
         load_rng=not ckpt.no_load_rng,
     )
     if loaded is None:
-        log(
-            f"WARNING: --load {ckpt.load} holds no checkpoint ({checkpoint.TRACKER_FILENAME}); starting from scratch"
-        )
+        log(f"WARNING: --load {ckpt.load} holds no checkpoint (no tracker file); starting from scratch")
         return
     run.state.iteration = loaded.iteration
     run.state.consumed_samples = loaded.consumed_samples
@@ -159,21 +166,33 @@ def _maybe_load(run: Run) -> None:
 
 
 def save(run: Run) -> None:
-    """Checkpoint the run under --save (rank 0 writes at world size 1)."""
-    save_dir = run.cfg.checkpoint.save
+    """Checkpoint the run under --save (every rank writes its shards); with --async-save the write
+    continues in the background and the previous pending save is finished first."""
     start = time.perf_counter()
-    directory = checkpoint.save_checkpoint(
-        save_dir,
+    directory = run.checkpointer.save(
+        run.cfg.checkpoint.save,
         run.state.iteration,
         run.model,
         run.optimizer,
         run.scheduler,
         run.scaler,
-        run.state.consumed_samples,
-        run.cfg.to_dict(),
+        consumed_samples=run.state.consumed_samples,
+        config=run.cfg.to_dict(),
         extra={"skipped_iterations": run.state.skipped_iterations},
     )
-    log(f"> saved checkpoint {directory} in {time.perf_counter() - start:.2f} s")
+    seconds = time.perf_counter() - start
+    if run.cfg.checkpoint.async_save:
+        log(f"> started saving checkpoint {directory} in the background ({seconds:.2f} s of training stall)")
+    else:
+        log(f"> saved checkpoint {directory} in {seconds:.2f} s")
+
+
+def finish_saving(run: Run) -> None:
+    """Wait for a background save (--async-save); its failure raises here, naming the checkpoint."""
+    if run.checkpointer is not None:
+        directory = run.checkpointer.wait()
+        if directory is not None and run.cfg.checkpoint.async_save:
+            log(f"> saved checkpoint {directory} (background write complete)")
 
 
 def _interval_metrics(run: Run, stats: IntervalStats) -> dict:
@@ -334,13 +353,46 @@ def train(run: Run) -> TrainSummary:
     if run.state.iteration == 0:
         run_evaluation(run)
     stats, exited = IntervalStats(), False
-    while run.state.iteration < run.train_iters and not exited:
-        _one_iteration(run, data_iterator, stats)
-        exited = _periodic(run, stats)
-    if stats.iterations:  # the last, partial log interval
-        _log_interval(run, stats)
-    _finish(run, exited)
-    return _summary(run, time.perf_counter() - start, exited)
+    with _sigterm_requests_stop(run):
+        while run.state.iteration < run.train_iters and not exited:
+            _one_iteration(run, data_iterator, stats)
+            exited = _periodic(run, stats)
+            if not exited and _stop_requested(run):
+                exited = "signal"
+        if stats.iterations:  # the last, partial log interval
+            _log_interval(run, stats)
+        _finish(run, exited)
+    return _summary(run, time.perf_counter() - start, bool(exited))
+
+
+class _sigterm_requests_stop:
+    """While training, SIGTERM (SLURM's preemption notice, `kill`) asks the loop to stop after the current
+    iteration, save and exit cleanly, instead of dying mid-step. Only in the main thread (Python runs
+    signal handlers there)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.previous = run, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.run.stop_requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _stop_requested(run: Run) -> bool:
+    """True when any rank got SIGTERM (agreed over all ranks, so every rank saves and stops together)."""
+    state = run.parallel_state
+    if state.world_size == 1:
+        return run.stop_requested
+    flag = torch.tensor([float(run.stop_requested)], device=state.device)
+    return all_reduce(flag, state.world_group, op="max").item() > 0
 
 
 def _log_start(run: Run) -> None:
@@ -373,7 +425,9 @@ def logical_num_parameters(model: torch.nn.Module, parallel_state: ParallelState
     return int(all_reduce(total, parallel_state.pp_group).item())
 
 
-def _finish(run: Run, exited: bool) -> None:
+def _finish(run: Run, exited) -> None:
+    """Final evaluation and checkpoint. `exited`: False (ran to the end), True (--exit-interval) or
+    "signal" (SIGTERM): the last two skip the final evaluation, every case saves."""
     cfg, it = run.cfg, run.state.iteration
     evaluated = cfg.training.eval_iters > 0 and it % cfg.training.eval_interval == 0
     if not evaluated and not exited:
@@ -383,7 +437,13 @@ def _finish(run: Run, exited: bool) -> None:
     saved = cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0
     if cfg.checkpoint.save and not saved:
         save(run)
-    if exited:
+    finish_saving(run)
+    if exited == "signal":
+        log(
+            f"> SIGTERM: stopped at iteration {it}"
+            + (" after saving a checkpoint" if cfg.checkpoint.save else "")
+        )
+    elif exited:
         log(f"> exiting at iteration {it} (--exit-interval {cfg.training.exit_interval})")
 
 

@@ -1,0 +1,371 @@
+"""Sharded checkpoints across ranks: exact round trips at TP 2 x DP 2 (with and without the distributed
+optimizer, sync and async), resharding TP 2 x PP 2 -> one process and -> DP 4 (distributed optimizer),
+and failures that must reach every rank (a background write failing on one rank, a corrupt shard).
+
+One spawn of 4 gloo ranks runs every scenario (process start-up dominates these tiny runs); the test
+functions then check its results. The model is tiny, trained a few steps with dropout on, so the RNG
+states, AdamW moments and bf16 masters all matter for exactness.
+
+Tolerance: a round trip at the same layout must be bit-identical (losses and weights). Loading at
+another layout restores every tensor (weights, bf16 masters, moments) exactly; only the next step's
+summation order changes. The resharding runs compute in bf16 (so that fp32 masters exist), where each
+GEMM output is rounded to 8 mantissa bits in a layout-dependent order: the next loss agrees within
+BF16_LOSS_RTOL = 1e-3 relative (measured 2.6e-5). The fp32 version of that check, within 1e-5, is the
+lead's training-loop acceptance test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron.model import GPTModel
+from megatron.parallel.state import ParallelState
+from megatron.parallel.testing import run_distributed
+
+VOCAB = 128
+SEQ = 16
+MICRO_BATCH = 2
+GLOBAL_BATCH = 8
+SEED = 4321
+BF16_LOSS_RTOL = 1e-3
+
+
+def model_config(dropout: float) -> ModelConfig:
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        seq_length=SEQ,
+        max_position_embeddings=SEQ,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+    )
+
+
+def global_batch(iteration: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(SEED + iteration)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=generator)
+    return [
+        {
+            "tokens": tokens[start : start + MICRO_BATCH, :-1].contiguous(),
+            "labels": tokens[start : start + MICRO_BATCH, 1:].contiguous(),
+            "loss_mask": torch.ones(MICRO_BATCH, SEQ),
+        }
+        for start in range(0, GLOBAL_BATCH, MICRO_BATCH)
+    ]
+
+
+def build(state: ParallelState, *, distributed_optimizer: bool = False, dtype=torch.float32, dropout=0.1):
+    """Seeded tiny model and optimizer in `state`'s layout (dropout draws from every random stream; the
+    resharding runs turn it off, since masks legitimately differ between layouts)."""
+    from megatron.training.optimizer import build_optimizer
+
+    state.seed(SEED)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=state.tensor_model_parallel_size,
+        pipeline_model_parallel_size=state.pipeline_model_parallel_size,
+        use_distributed_optimizer=distributed_optimizer,
+        ddp_bucket_size=3000,  # several buckets, so fragments cut parameters
+    )
+    model = GPTModel(model_config(dropout), VOCAB, state, parallel_config=parallel)
+    model.init_weights(SEED)
+    model = model.to(dtype=dtype)
+    optimizer = build_optimizer(
+        model,
+        OptimizerConfig(lr=1e-2, weight_decay=0.1, clip_grad=1.0),
+        parallel_state=state,
+        parallel_config=parallel,
+    )
+    return model, optimizer
+
+
+def train(model, optimizer, state: ParallelState, iterations) -> list[float]:
+    from megatron.training.step import train_step
+
+    losses = []
+    for iteration in iterations:
+        batches = global_batch(iteration)[state.data_parallel_rank :: state.data_parallel_size]
+        losses.append(train_step(model, optimizer, batches, state).lm_loss)
+    return losses
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _round_trip(root: Path, *, distributed_optimizer: bool, dtype, async_save: bool) -> dict:
+    """TP 2 x DP 2: 2 steps, save, 2 steps (reference); fresh build, load, the same 2 steps."""
+    from megatron.checkpoint.sharded import Checkpointer
+
+    state = ParallelState.initialize(2, 1, backend="gloo")
+    model, optimizer = build(state, distributed_optimizer=distributed_optimizer, dtype=dtype)
+    checkpointer = Checkpointer(state, async_save=async_save)
+    train(model, optimizer, state, range(2))
+    checkpointer.save(root, 2, model, optimizer, None, None, consumed_samples=16, config={"run": "a"})
+    reference = train(model, optimizer, state, range(2, 4))  # runs while an async save writes
+    written = checkpointer.wait() if async_save else None
+    reference_weights = _weights(model)
+    model, optimizer = build(state, distributed_optimizer=distributed_optimizer, dtype=dtype)
+    loaded = Checkpointer(state).load(root, model, optimizer, None, None)
+    resumed = train(model, optimizer, state, range(2, 4))
+    return {
+        "loaded_iteration": loaded.iteration,
+        "written": written,
+        "losses_equal": resumed == reference,
+        "weights_equal": _same(_weights(model), reference_weights),
+        "losses": (reference, resumed),
+    }
+
+
+def _local_optimizer_state(model, optimizer) -> dict:
+    """name -> this rank's exp_avg, exp_avg_sq, master (whole parameters: no distributed optimizer)."""
+    out = {}
+    for param, offset, main in optimizer.main_param_pieces():
+        assert offset == 0
+        state = optimizer.optimizer.state[main]
+        out[id(param)] = {"exp_avg": state["exp_avg"].clone(), "exp_avg_sq": state["exp_avg_sq"].clone()}
+        out[id(param)]["master"] = main.detach().clone()
+    named = {}
+    for name, param in model.named_parameters():
+        if getattr(param, "pipeline_duplicate", False):
+            continue
+        dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        named[name] = dict(out[id(param)], dim=dim)
+    return named
+
+
+def _save_tp2_pp2(root: Path) -> dict:
+    """TP 2 x PP 2 in bf16: 3 steps, save, then the next loss (the reference for resharded loads)."""
+    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.parallel.layers import full_state_dict
+
+    state = ParallelState.initialize(2, 2, backend="gloo")
+    model, optimizer = build(state, dtype=torch.bfloat16, dropout=0.0)
+    train(model, optimizer, state, range(3))
+    Checkpointer(state).save(root, 3, model, optimizer, None, None, consumed_samples=24, config={})
+    result = {
+        "weights": full_state_dict(model, state),
+        "optimizer": _local_optimizer_state(model, optimizer),
+        "tp_rank": state.tensor_model_parallel_rank,
+    }
+    result["next_loss"] = train(model, optimizer, state, [3])[0]
+    return result
+
+
+def _load_dp4(root: Path) -> dict:
+    """DP 4 with the distributed optimizer: load the TP 2 x PP 2 checkpoint; report the fragments."""
+    from megatron.checkpoint.sharded import Checkpointer
+
+    state = ParallelState.initialize(1, 1, backend="gloo")
+    model, optimizer = build(state, distributed_optimizer=True, dtype=torch.bfloat16, dropout=0.0)
+    Checkpointer(state).load(root, model, optimizer, None, None)
+    names = {id(param): name for name, param in model.named_parameters()}
+    fragments = []
+    for param, offset, main in optimizer.main_param_pieces():
+        adam = optimizer.optimizer.state[main]
+        fragments.append(
+            (
+                names[id(param)],
+                offset,
+                main.detach().clone(),
+                adam["exp_avg"].clone(),
+                adam["exp_avg_sq"].clone(),
+            )
+        )
+    steps = {float(adam["step"]) for adam in optimizer.optimizer.state.values()}
+    return {
+        "weights": _weights(model),
+        "fragments": fragments,
+        "steps": steps,
+        "next_loss": train(model, optimizer, state, [3])[0],
+    }
+
+
+def _failing_background_write(root: Path) -> dict:
+    """Rank 1's shard write fails during an async save: every rank's wait() must raise."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron.checkpoint.sharded import Checkpointer, CheckpointError
+
+    state = ParallelState.initialize(2, 1, backend="gloo")
+    model, optimizer = build(state)
+    checkpointer = Checkpointer(state, async_save=True)
+    checkpointer.save(root, 1, model, optimizer, None, None, consumed_samples=0, config={})
+    checkpointer.wait()
+    original = dcp.FileSystemWriter.write_data
+    if state.rank == 1:
+
+        def full_disk(self, plan, planner):
+            raise OSError(28, "No space left on device")
+
+        dcp.FileSystemWriter.write_data = full_disk
+    try:
+        checkpointer.save(root, 2, model, optimizer, None, None, consumed_samples=8, config={})
+        checkpointer.wait()
+        message = None
+    except CheckpointError as exc:
+        message = str(exc)
+    finally:
+        dcp.FileSystemWriter.write_data = original
+    return {"message": message, "tracker": (root / "latest_checkpointed_iteration.txt").read_text()}
+
+
+def _corrupt_shard_fallback(root: Path) -> dict:
+    """Two checkpoints; rank 3's shard of the newest is bit-flipped: every rank falls back together."""
+    from megatron.checkpoint.sharded import Checkpointer
+
+    state = ParallelState.initialize(2, 1, backend="gloo")
+    model, optimizer = build(state)
+    checkpointer = Checkpointer(state)
+    checkpointer.save(root, 1, model, optimizer, None, None, consumed_samples=8, config={})
+    expected = _weights(model)
+    train(model, optimizer, state, range(1))
+    checkpointer.save(root, 2, model, optimizer, None, None, consumed_samples=16, config={})
+    state.barrier()
+    if state.rank == 0:
+        shard = root / "iter_0000002" / "__3_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    state.barrier()
+    model, optimizer = build(state)
+    loaded = checkpointer.load(root, model, optimizer, None, None)
+    return {"iteration": loaded.iteration, "weights_equal": _same(_weights(model), expected)}
+
+
+def _every_scenario(root: str) -> dict:
+    root = Path(root)
+    results = {}
+    for name, kwargs in {
+        "fp32": dict(distributed_optimizer=False, dtype=torch.float32, async_save=False),
+        "bf16-distopt-async": dict(distributed_optimizer=True, dtype=torch.bfloat16, async_save=True),
+    }.items():
+        results[name] = _round_trip(root / name, **kwargs)
+    results["tp2pp2"] = _save_tp2_pp2(root / "reshard")
+    results["dp4"] = _load_dp4(root / "reshard")
+    results["failing"] = _failing_background_write(root / "failing")
+    results["fallback"] = _corrupt_shard_fallback(root / "fallback")
+    return results
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> tuple[list[dict], Path]:
+    root = tmp_path_factory.mktemp("sharded")
+    return run_distributed(_every_scenario, 4, str(root), timeout=600), root
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16-distopt-async"])
+def test_round_trip_at_tp2_dp2_is_bit_identical(results, name):
+    per_rank, root = results
+    for rank_results in per_rank:
+        got = rank_results[name]
+        assert got["loaded_iteration"] == 2
+        assert got["losses_equal"], got["losses"]
+        assert got["weights_equal"]
+    if name.endswith("async"):
+        assert per_rank[0][name]["written"] == root / name / "iter_0000002"
+    common = json.loads((root / name / "iter_0000002" / "common.json").read_text())
+    assert common["layout"] == {
+        "world": 4,
+        "tp": 2,
+        "pp": 1,
+        "dp": 2,
+        "sequence_parallel": False,
+        "distributed_optimizer": name.startswith("bf16-distopt"),
+    }
+    assert sorted(os.listdir(root / name / "iter_0000002" / "rng")) == [
+        f"rank_0000{r}.json" for r in range(4)
+    ]
+
+
+def _reference_optimizer(per_rank: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """Full tensors of the TP 2 x PP 2 run's optimizer state (the TP shards concatenated)."""
+    merged: dict[str, dict[str, list]] = {}
+    for rank_results in sorted(per_rank, key=lambda r: r["tp2pp2"]["tp_rank"]):
+        for name, local in rank_results["tp2pp2"]["optimizer"].items():
+            entry = merged.setdefault(
+                name, {"dim": local["dim"], "exp_avg": [], "exp_avg_sq": [], "master": []}
+            )
+            for kind in ("exp_avg", "exp_avg_sq", "master"):
+                entry[kind].append(local[kind])
+    full = {}
+    for name, entry in merged.items():
+        dim = entry["dim"]
+        kinds = ("exp_avg", "exp_avg_sq", "master")
+        full[name] = {
+            kind: torch.cat(entry[kind], dim) if dim is not None else entry[kind][0] for kind in kinds
+        }
+    return full
+
+
+def test_reshard_tp2_pp2_to_dp4_with_distributed_optimizer(results):
+    per_rank, _ = results
+    weights = per_rank[0]["tp2pp2"]["weights"]
+    optimizer = _reference_optimizer(per_rank)
+    assert set(optimizer) == set(weights)
+    for rank_results in per_rank:
+        got = rank_results["dp4"]
+        assert got["steps"] == {3.0}
+        assert _same(got["weights"], weights)
+        for name, offset, master, exp_avg, exp_avg_sq in got["fragments"]:
+            end = offset + master.numel()
+            assert torch.equal(master, optimizer[name]["master"].view(-1)[offset:end]), name
+            assert torch.equal(exp_avg, optimizer[name]["exp_avg"].view(-1)[offset:end]), name
+            assert torch.equal(exp_avg_sq, optimizer[name]["exp_avg_sq"].view(-1)[offset:end]), name
+    # every element of every parameter is owned by exactly one DP rank
+    owned = {name: torch.zeros(t.numel(), dtype=torch.int32) for name, t in weights.items()}
+    for rank_results in per_rank:
+        for name, offset, master, _, _ in rank_results["dp4"]["fragments"]:
+            owned[name][offset : offset + master.numel()] += 1
+    assert all(bool((count == 1).all()) for count in owned.values())
+    expected = per_rank[0]["tp2pp2"]["next_loss"]
+    got = per_rank[0]["dp4"]["next_loss"]
+    assert abs(got - expected) <= BF16_LOSS_RTOL * abs(expected), (got, expected)
+
+
+def test_reshard_tp2_pp2_to_one_process(results):
+    from megatron.checkpoint.sharded import Checkpointer
+
+    per_rank, root = results
+    torch.set_num_threads(1)
+    state = ParallelState.single("cpu")
+    model, optimizer = build(state, dtype=torch.bfloat16, dropout=0.0)
+    loaded = Checkpointer(state).load(root / "reshard", model, optimizer, None, None)
+    assert (loaded.iteration, loaded.consumed_samples) == (3, 24)
+    assert _same(_weights(model), per_rank[0]["tp2pp2"]["weights"])
+    reference = _reference_optimizer(per_rank)
+    for name, local in _local_optimizer_state(model, optimizer).items():
+        for kind in ("exp_avg", "exp_avg_sq", "master"):
+            assert torch.equal(local[kind], reference[name][kind]), (name, kind)
+    next_loss = train(model, optimizer, state, [3])[0]
+    expected = per_rank[0]["tp2pp2"]["next_loss"]
+    assert abs(next_loss - expected) <= BF16_LOSS_RTOL * abs(expected), (next_loss, expected)
+
+
+def test_failing_background_write_on_one_rank_surfaces_at_every_rank_wait(results):
+    per_rank, root = results
+    for rank_results in per_rank:
+        message = rank_results["failing"]["message"]
+        assert message is not None
+        assert "iter_0000002" in message and "rank 1" in message and "No space left on device" in message
+        assert rank_results["failing"]["tracker"] == "1"
+    assert sorted(p.name for p in (root / "failing").iterdir()) == [
+        "iter_0000001",
+        "latest_checkpointed_iteration.txt",
+    ]
+
+
+def test_corrupt_shard_makes_every_rank_fall_back_to_the_previous_checkpoint(results):
+    per_rank, _ = results
+    for rank_results in per_rank:
+        assert rank_results["fallback"] == {"iteration": 1, "weights_equal": True}
