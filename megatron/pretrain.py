@@ -54,18 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     try:
         tokenizer, _ = checked_tokenizer(cfg)  # before torch is imported: fails fast
+        state = _initialize(cfg)  # only after every input check
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        state = _initialize(cfg)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return _error(error, 2)
     try:
         return _train(cfg, tokenizer, state)
     finally:
         state.destroy()
+
+
+def _error(error: Exception, status: int) -> int:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return status
 
 
 def _train(cfg, tokenizer, state) -> int:
@@ -74,13 +74,11 @@ def _train(cfg, tokenizer, state) -> int:
     try:
         run = build_run(cfg, state, tokenizer=tokenizer)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return _error(error, 2)
     try:
         summary = train(run)
     except NonFiniteError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
+        return _error(error, 1)
     finally:
         run.metrics.close()
     if state.is_main_rank:

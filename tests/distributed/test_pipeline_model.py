@@ -20,6 +20,7 @@ import dataclasses
 
 import pytest
 import torch
+from model_fixtures import BATCH, SEED, SEQ, VOCAB, batch, document_mask, relative_error
 
 from megatron.config import ModelConfig, ParallelConfig
 from megatron.model import GPTModel
@@ -30,10 +31,6 @@ from megatron.parallel.layers import full_state_dict, gather_tensor
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import run_distributed
 
-VOCAB = 128
-SEQ = 16
-BATCH = 2
-SEED = 1234
 RTOL = 1e-5
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -63,26 +60,6 @@ def model_config(num_layers: int = 4, dropout: float = 0.0, **overrides) -> Mode
     )
     fields.update(overrides)
     return ModelConfig(**fields)
-
-
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(SEED)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def document_mask() -> tuple[torch.Tensor, torch.Tensor]:
-    half = SEQ // 2
-    mask = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)
-    mask[half:, :half] = True
-    positions = torch.cat([torch.arange(half), torch.arange(half)]).expand(BATCH, SEQ)
-    return mask.expand(BATCH, 1, SEQ, SEQ), positions
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(expected.abs().max().item(), 1e-12)
-    return (actual.double() - expected.double()).abs().max().item() / scale
 
 
 def stage_state(pp: int, rank: int, base: ParallelState | None = None) -> ParallelState:
