@@ -72,21 +72,23 @@ def _fail_on_rank_one():
 def test_a_failing_rank_fails_the_run_with_its_traceback_and_no_hang():
     start = time.monotonic()
     with pytest.raises(DistributedTestError, match=r"(?s)rank 1 of 2 failed.*deliberate failure on rank 1"):
-        run_distributed(_fail_on_rank_one, 2, timeout=120)
-    assert time.monotonic() - start < 60
+        run_distributed(_fail_on_rank_one, 2, timeout=600)
+    # rank 0 would wait in its all-reduce for the 10-minute process-group timeout unless it is killed;
+    # the bound leaves room for slow process start-up on a loaded machine
+    assert time.monotonic() - start < 180
 
 
 def _die_on_rank_zero():
     if int(os.environ["RANK"]) == 0:
         os._exit(3)
-    time.sleep(60)
+    time.sleep(300)
 
 
 def test_a_dying_rank_is_reported_and_the_others_killed():
     start = time.monotonic()
     with pytest.raises(DistributedTestError, match=r"rank\(s\) \[0\] died without reporting"):
-        run_distributed(_die_on_rank_zero, 2, timeout=120)
-    assert time.monotonic() - start < 30
+        run_distributed(_die_on_rank_zero, 2, timeout=600)
+    assert time.monotonic() - start < 180  # rank 1 sleeps 300 s: it was killed, not waited for
 
 
 def _sleep_forever():
