@@ -71,6 +71,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, env: dict, queue) -
             "MASTER_PORT": str(port),
         }
     )
+    failed_at = None
     try:
         import torch
 
@@ -78,16 +79,18 @@ def _worker(rank: int, world_size: int, port: int, fn, args, env: dict, queue) -
         result = fn(*args)
         payload = ("ok", pickle.dumps(result))  # plain pickle: tensors by value, not shared memory
     except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt/SystemExit
+        failed_at = time.time()
         payload = ("error", traceback.format_exc())
-    finally:
-        try:
-            import torch.distributed as dist
+    # Report before tearing the process group down: the teardown makes peers fail ("connection reset"),
+    # and the parent should hear the original failure first.
+    queue.put((rank, *payload, failed_at))
+    try:
+        import torch.distributed as dist
 
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - teardown must not mask the result
-            pass
-    queue.put((rank, *payload))
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - teardown must not mask the result
+        pass
 
 
 def run_distributed(
@@ -118,10 +121,9 @@ def run_distributed(
         results: dict[int, object] = {}
         deadline = start + timeout
         while len(results) < world_size:
-            message = _next_message(queue, processes, results, deadline)
-            rank, status, payload = message
+            rank, status, payload, failed_at = _next_message(queue, processes, results, deadline)
             if status == "error":
-                raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{payload}")
+                raise _first_failure(queue, world_size, (rank, payload, failed_at))
             results[rank] = pickle.loads(payload)
         for process in processes:
             process.join(timeout=max(1.0, deadline - time.monotonic()))
@@ -138,7 +140,7 @@ def _wait_for_every_rank(queue, processes, start: float, deadline: float) -> lis
     dead_since: dict[int, float] = {}
     while len(outcomes) < len(processes) and time.monotonic() < deadline:
         try:
-            rank, status, payload = queue.get(timeout=0.2)
+            rank, status, payload, _ = queue.get(timeout=0.2)
             now = time.monotonic() - start
             if status == "ok":
                 outcomes[rank] = RankOutcome(rank, "ok", result=pickle.loads(payload), seconds=now)
@@ -163,6 +165,26 @@ def _wait_for_every_rank(queue, processes, start: float, deadline: float) -> lis
         return [outcome.result for outcome in ordered]
     lines = [f"rank {o.rank}: {o.status} after {o.seconds:.1f} s{_last_line(o.error)}" for o in ordered]
     raise DistributedTestError("not every rank succeeded:\n" + "\n".join(lines), outcomes=ordered)
+
+
+def _first_failure(queue, world_size: int, first: tuple, grace: float = 2.0) -> DistributedTestError:
+    """The error of the rank that failed first (by the time it caught the exception): peers of a failed
+    rank fail too, moments later, and may report before it. Waits `grace` seconds for further reports."""
+    failures = [first]
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        try:
+            rank, status, payload, failed_at = queue.get(timeout=max(0.05, end - time.monotonic()))
+        except queue_module.Empty:
+            break
+        if status == "error":
+            failures.append((rank, payload, failed_at))
+    failures.sort(key=lambda failure: failure[2])
+    rank, payload, _ = failures[0]
+    message = f"rank {rank} of {world_size} failed:\n{payload}"
+    if len(failures) > 1:
+        message += "\nthen also: " + "; ".join(f"rank {r}{_last_line(p)}" for r, p, _ in failures[1:])
+    return DistributedTestError(message)
 
 
 def _last_line(error: str | None) -> str:
