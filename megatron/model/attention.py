@@ -271,3 +271,133 @@ class SelfAttention(nn.Module):
         bias = torch.cat([self.query.bias, self.key_value.bias])
         q, k, v = layers.linear(x_region, weight, bias).split([self.num_heads * d, d, d], dim=-1)
         return q.view(b, s, self.num_heads, d), k.view(b, s, 1, d), v.view(b, s, 1, d)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for incremental decoding (one process, TP 1).
+
+    Per layer `keys[i]` and `values[i]` are [b, max_length, num_kv_heads, d]: multi-query caches its ONE
+    shared K/V head ([b, max_length, 1, d]), multi-head every head. `length` positions are filled;
+    `key_padding` (bool [b, max_length], True = a real token) masks the left padding of batched prompts.
+    Also holds, per layer, the fused multi-query projection weight (query rows then key/value rows), built
+    once per cache: the training path concatenates it on every call, which at one token per step would
+    copy the weights as often as it reads them.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_length: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype=torch.float32,
+        device=None,
+    ) -> None:
+        shape = (num_layers, batch_size, max_length, num_kv_heads, head_dim)
+        self._keys = torch.zeros(shape, dtype=dtype, device=device)
+        self._values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys, self.values = list(self._keys.unbind(0)), list(self._values.unbind(0))
+        self.key_padding = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
+        # the padding mask as an additive bias (0 / -inf), kept in step with key_padding: a decoding
+        # step's mask is a slice of it, not a rebuilt tensor
+        self.key_bias = torch.zeros(batch_size, max_length, dtype=dtype, device=device)
+        self.padded = False
+        self.batch_size, self.max_length, self.length = batch_size, max_length, 0
+        self.fused_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reset(self) -> None:
+        """Forget the cached positions (the buffers are kept)."""
+        self.length = 0
+        self.key_padding.fill_(True)
+        self.key_bias.zero_()
+        self.padded = False
+
+    def mark_padding(self, start: int, attention_mask: torch.Tensor) -> None:
+        """Record which of positions [start, start + t) are real tokens (bool [b, t], True = real)."""
+        end = start + attention_mask.shape[1]
+        self.key_padding[:, start:end] = attention_mask
+        self.key_bias[:, start:end] = 0.0
+        self.key_bias[:, start:end].masked_fill_(~attention_mask, -math.inf)
+        self.padded = self.padded or not bool(attention_mask.all())
+
+    def attention_bias(self, start: int, num_new: int) -> torch.Tensor | None:
+        """The additive mask for new positions [start, start + num_new) against all keys so far:
+        None for one unpadded position (nothing to mask), a slice of `key_bias` [b, 1, L] for one
+        position of a padded batch, else `cached_attention_bias` [b, t, L]."""
+        if num_new == 1:
+            return self.key_bias[:, None, : start + 1] if self.padded else None
+        return cached_attention_bias(self, start, num_new, self.key_bias)
+
+
+def cached_attention_bias(cache: KVCache, start: int, num_new: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive mask (0 / -inf) [b, num_new, start + num_new] for new positions [start, start + num_new)
+    against every cached key: causal, and padding keys masked except a position's own key, so a padding
+    query still has one key to attend to (its output is never used) and the softmax never sees a row of
+    -inf only."""
+    end = start + num_new
+    query_pos = torch.arange(start, end, device=like.device)[:, None]  # [t, 1]
+    key_pos = torch.arange(end, device=like.device)[None, :]  # [1, L]
+    masked = (key_pos > query_pos)[None] | (~cache.key_padding[:, None, :end] & (key_pos != query_pos)[None])
+    bias = torch.zeros(masked.shape, dtype=like.dtype, device=like.device)
+    return bias.masked_fill_(masked, -math.inf)  # [b, t, L]
+
+
+def _cached_core(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """q [b, t, nh, d] against the cached k/v [b, L, nkv, d]; bias [b, t, L] or None (no masking) ->
+    [b, t, nh, d]."""
+    b, t, num_heads, d = q.shape
+    L = k.shape[1]
+    if k.shape[2] == 1:  # multi-query: every query head of every new position is one row against one head
+        rows = q.reshape(b, t * num_heads, d)  # [b, t*nh, d]
+        keys, values = k[:, :, 0], v[:, :, 0]  # [b, L, d] (strided views of the cache)
+        scale = d**-0.5
+        if bias is None:
+            scores = torch.bmm(rows, keys.transpose(1, 2)).mul_(scale)  # [b, t*nh, L]
+        else:
+            full_bias = bias[:, :, None, :].expand(b, t, num_heads, L).reshape(b, t * num_heads, L)
+            scores = torch.baddbmm(full_bias, rows, keys.transpose(1, 2), alpha=scale)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.bmm(probs, values).view(b, t, num_heads, d)
+    mask = None if bias is None else bias[:, None]  # [b, 1, t, L]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)  # [b, t, nh, d]
+
+
+def _project_for_cache(attention: SelfAttention, x2d: torch.Tensor, cache: KVCache, layer: int):
+    """x2d [b*t, h] -> q [b*t, nh*d], k, v [b*t, nkv*d] with the fast CPU GEMM (no autograd)."""
+    nh_d = attention.num_heads * attention.head_dim
+    if attention.multi_query:
+        if layer not in cache.fused_weights:
+            cache.fused_weights[layer] = (
+                torch.cat([attention.query.weight, attention.key_value.weight]),
+                torch.cat([attention.query.bias, attention.key_value.bias]),
+            )
+        weight, bias = cache.fused_weights[layer]
+        d = attention.head_dim
+        return layers.matmul_nt(x2d, weight, bias).split([nh_d, d, d], dim=-1)
+    qkv = layers.matmul_nt(x2d, attention.query_key_value.weight, attention.query_key_value.bias)
+    qkv = qkv.view(x2d.shape[0], attention.num_heads, 3 * attention.head_dim)  # head-major
+    return [part.reshape(x2d.shape[0], nh_d) for part in qkv.split(attention.head_dim, dim=-1)]
+
+
+def attention_with_cache(
+    attention: SelfAttention, x: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Inference forward of one SelfAttention (TP 1) that appends this call's keys and values to `cache`
+    at positions [cache.length, cache.length + t) and attends over everything cached so far.
+    x [b, t, h] -> [b, t, h]; bias from `cached_attention_bias` (None: no padding and t == 1)."""
+    b, t, h = x.shape
+    start, d = cache.length, attention.head_dim
+    q, k, v = _project_for_cache(attention, x.reshape(b * t, h), cache, layer)
+    keys, values = cache.keys[layer], cache.values[layer]  # [b, max_length, nkv, d]
+    keys[:, start : start + t] = k.view(b, t, -1, d)
+    values[:, start : start + t] = v.view(b, t, -1, d)
+    out = _cached_core(q.view(b, t, -1, d), keys[:, : start + t], values[:, : start + t], bias)
+    dense = attention.dense
+    return layers.matmul_nt(out.reshape(b * t, -1), dense.weight, dense.bias).view(b, t, h)

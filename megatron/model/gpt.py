@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.model import layers, partition, recompute
-from megatron.model.attention import SelfAttention
+from megatron.model.attention import KVCache, SelfAttention, attention_with_cache
 from megatron.model.loss import linear_cross_entropy
 from megatron.parallel import mappings
 from megatron.parallel.collectives import TRIVIAL
@@ -355,6 +355,77 @@ class GPTModel(nn.Module):
         loss = linear_cross_entropy(x.reshape(b * s, -1), self.output_weight, labels.reshape(b * s))  # [b*s]
         return loss.view(b, s)
 
+    def new_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """An empty `KVCache` for `forward_with_cache`: `max_length` positions (default and at most
+        max_position_embeddings) for `batch_size` sequences, in the model's dtype and device."""
+        self._check_whole_model("forward_with_cache")
+        positions = self.embedding.position_embeddings.num_embeddings
+        max_length = positions if max_length is None else max_length
+        if not 0 < max_length <= positions:
+            raise ValueError(
+                f"KV cache max_length={max_length}: must be in 1..max_position_embeddings={positions}"
+            )
+        attention = self.layers[self.chunk_ranges[0][0]].attention
+        weight = self.embedding.word_embeddings.weight
+        return KVCache(
+            self.config.num_layers,
+            batch_size,
+            max_length,
+            attention.num_kv_heads,
+            attention.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    @torch.no_grad()
+    def forward_with_cache(
+        self, tokens: torch.Tensor, cache: KVCache, *, positions=None, attention_mask=None, last_only=False
+    ) -> torch.Tensor:
+        """Incremental inference: tokens int64 [b, t] continue the `cache.length` positions `cache` holds
+        (their keys and values are appended) -> logits [b, t, V] ([b, 1, V] with `last_only`).
+
+        `positions` int64 [b, t] are the position-embedding indices (default cache.length + 0..t-1);
+        `attention_mask` bool [b, t], True = a real token, marks left padding (its keys are masked for
+        every later query). Eval only, TP 1 and PP 1: checkpoints of any layout load into one process.
+        """
+        self._check_whole_model("forward_with_cache")
+        if self.training:
+            raise RuntimeError("forward_with_cache is for inference: call model.eval() first")
+        b, t = tokens.shape
+        start = cache.length
+        if start + t > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} positions; {start} used + {t} new exceed it")
+        if attention_mask is not None:
+            cache.mark_padding(start, attention_mask)
+        if positions is None:
+            x = (
+                self.embedding.word_embeddings(tokens)
+                + self.embedding.position_embeddings.weight[start : start + t]
+            )
+        else:
+            x = self.embedding.word_embeddings(tokens) + self.embedding.position_embeddings(
+                positions
+            )  # [b, t, h]
+        bias = cache.attention_bias(start, t)  # None, [b, 1, L] or [b, t, L]
+        for i in range(self.config.num_layers):
+            layer = self.layers[i]
+            x = x + attention_with_cache(layer.attention, layer.input_layernorm(x), cache, i, bias)
+            x = x + _mlp_inference(layer.mlp, layer.post_attention_layernorm(x))  # [b, t, h]
+        cache.length = start + t
+        if last_only:
+            x = x[:, -1:]
+        x = self.final_layernorm(x)
+        return layers.matmul_nt(x.reshape(-1, x.shape[-1]), self.output_weight).view(b, x.shape[1], -1)
+
+    def _check_whole_model(self, what: str) -> None:
+        if not (self.num_chunks == 1 and self.chunk_is_first(0) and self.chunk_is_last(0)):
+            raise RuntimeError(f"{what} needs the whole model in one process (pipeline parallel size 1)")
+        if not self.tp_group.is_trivial:
+            raise RuntimeError(
+                f"{what} runs at tensor parallel size 1: load the checkpoint into one process "
+                "(megatron.inference.generate.load_model_from_checkpoint)"
+            )
+
     def chunk_named_parameters(self, chunk: int) -> list[tuple[str, nn.Parameter]]:
         """(logical name, parameter) of the parameters chunk `chunk` uses, in model order; the chunks'
         lists partition `named_parameters()`."""
@@ -394,6 +465,14 @@ class GPTModel(nn.Module):
         """
         for name, param in self.named_parameters():
             init_parameter(param, seed, name, tensor_model_parallel_rank=self.tensor_model_parallel_rank)
+
+
+def _mlp_inference(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    """`mlp(x)` without the autograd wrapper of the training linears (the same GEMMs and GELU)."""
+    b, t, h = x.shape
+    up, down = mlp.dense_h_to_4h, mlp.dense_4h_to_h
+    hidden = F.gelu(layers.matmul_nt(x.reshape(b * t, h), up.weight, up.bias), approximate=mlp.approximate)
+    return layers.matmul_nt(hidden, down.weight, down.bias).view(b, t, h)
 
 
 def _pipeline_position(parallel_state) -> tuple[int, int]:
