@@ -85,19 +85,7 @@ _LEFTOVER = re.compile(r"^\.(iter_\d+|release)\.(tmp|old|deleting)-[0-9a-f]+$")
 # here. (A process-wide filter: warnings.catch_warnings is not thread-safe, and saves run in a thread.)
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*", category=UserWarning)
 
-__all__ = [
-    "FORMAT",
-    "CheckpointError",
-    "Checkpointer",
-    "LoadedCheckpoint",
-    "find_checkpoints",
-    "iter_tensors",
-    "load_full_state",
-    "read_common",
-    "read_metadata",
-    "tensor_metadata",
-    "verify_checkpoint",
-]
+# The public names are listed once, in megatron/checkpoint/__init__.py (which loads this module lazily).
 
 
 class CheckpointError(RuntimeError):
