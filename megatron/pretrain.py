@@ -7,13 +7,17 @@ The config is parsed and validated before torch is imported, so a bad flag fails
 fraction of a second; the tokenizer is checked against the vocabulary next, and only then are the process
 groups created (a user error never leaves ranks waiting on each other). Errors found while building the
 run also exit with status 2; a non-finite loss or gradient norm exits with status 1.
+
+`--dry-run` prints the memory and time plan of `megatron.planner` for the config and layout (WORLD_SIZE
+sets the data-parallel size) and exits 0 before the tokenizer check and the process groups; it needs no
+data or tokenizer paths.
 """
 
 from __future__ import annotations
 
 import sys
 
-from megatron.config import parse_config
+from megatron.config import ConfigError, exit_with_error, parse_config
 from megatron.training.vocab import checked_tokenizer
 
 
@@ -51,7 +55,15 @@ def _initialize(cfg):
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, build the run, train, print a summary. Returns the process exit status."""
-    cfg = parse_config(argv)
+    # paths are checked below, after the dry-run exit: a dry run plans from the flags alone (no data,
+    # tokenizer or process group)
+    cfg = parse_config(argv, check_paths=False)
+    if cfg.training.dry_run:
+        return _dry_run(cfg)
+    try:
+        cfg.data.check_paths()  # what parse_config(argv) checks last, so the same errors in the same order
+    except ConfigError as error:
+        exit_with_error(str(error))
     try:
         tokenizer, _ = checked_tokenizer(cfg)  # before torch is imported: fails fast
         state = _initialize(cfg)  # only after every input check
@@ -61,6 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         return _train(cfg, tokenizer, state)
     finally:
         state.destroy()
+
+
+def _dry_run(cfg) -> int:
+    from megatron.planner import format_plan, plan
+
+    try:
+        print(format_plan(plan(cfg, cfg.training.dry_run_gpu, cfg.training.dry_run_mfu)), flush=True)
+    except ValueError as error:
+        return _error(error, 2)
+    return 0
 
 
 def _error(error: Exception, status: int) -> int:

@@ -27,6 +27,13 @@ class TrainingConfig:
         False, "Skip (and count) steps with a non-finite loss or grad norm instead of stopping the run."
     )
     exit_interval: int | None = arg(None, "Exit after the iteration that is a multiple of this.")
+    dry_run: bool = arg(
+        False,
+        "Print the per-stage memory and time plan for this config and layout (model on the meta device, "
+        "nothing allocated, no data or tokenizer needed) and exit.",
+    )
+    dry_run_gpu: str = arg("A100", "GPU the --dry-run plan assumes.", choices=("A100", "H100", "H200"))
+    dry_run_mfu: float = arg(0.4, "Model FLOPs utilisation the --dry-run time estimate assumes.")
 
     @property
     def precision(self) -> str:
@@ -35,7 +42,7 @@ class TrainingConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending flags and what would be valid."""
-        require_positive(self, "micro_batch_size", "eval_interval")
+        require_positive(self, "micro_batch_size", "eval_interval", "dry_run_mfu")
         require_positive(
             self, "global_batch_size", "train_iters", "train_samples", "exit_interval", allow_none=True
         )

@@ -182,6 +182,9 @@ def test_contract_defaults(inputs):
             fp32=False,
             skip_nonfinite=False,
             exit_interval=None,
+            dry_run=False,
+            dry_run_gpu="A100",
+            dry_run_mfu=0.4,
         ),
         "checkpoint": dict(
             save=None, load=None, save_interval=None, finetune=False, no_load_optim=False, no_load_rng=False
