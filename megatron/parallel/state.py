@@ -215,10 +215,6 @@ class ParallelState:
         """Sum `tensor` in place over the data-parallel ranks."""
         return all_reduce(tensor, self.dp_group)
 
-    def all_reduce_tensor_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` in place over the tensor-parallel ranks."""
-        return all_reduce(tensor, self.tp_group)
-
     def all_reduce_world(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` in place over every rank."""
         return all_reduce(tensor, self.world_group)
