@@ -24,7 +24,9 @@ Per GPU (one rank of the stage), in bytes:
   full set (the working set of the layer being recomputed). The first stage adds the embedding's dropout
   mask (sbh); the last the final LayerNorm input (sbh E) and the fp32 logits of the loss (s b V / t x 4).
 - in flight: 1F1B keeps min(PP, micro-batches) micro-batches of activations on the first stage (each
-  stage's figure uses min(PP - stage, micro-batches)).
+  stage's figure uses min(PP - stage, micro-batches)); the interleaved schedule with v chunks per stage
+  keeps min(2 (PP - stage - 1) + (v - 1) PP + 1, v x micro-batches) chunk forwards, each 1/v of the
+  stage's layers: (1 + (PP - 1) / (PP v)) x PP micro-batches' worth on the first stage, Megatron's factor.
 - fits: total <= 90% of the device's memory (the 10% margin covers the CUDA context, NCCL buffers,
   allocator fragmentation and temporaries such as gradient-reduction buckets).
 
@@ -57,15 +59,26 @@ class StagePlan:
     optimizer: int
     optimizer_distributed: int
     activations_per_micro_batch: int
-    in_flight: int
+    in_flight: float  # micro-batches of this stage's activations held at the peak (fractional: interleaved)
 
     @property
     def activations(self) -> int:
-        return self.activations_per_micro_batch * self.in_flight
+        return round(self.activations_per_micro_batch * self.in_flight)
 
     def total(self, distributed_optimizer: bool) -> int:
         opt = self.optimizer_distributed if distributed_optimizer else self.optimizer
         return self.weights + self.grads + opt + self.activations
+
+
+def _in_flight(pp: int, stage: int, micro_batches: int, vpp: int | None) -> float:
+    """Micro-batches of a stage's activations alive at its peak under the schedule `forward_backward`
+    runs: 1F1B runs pp - stage - 1 warm-up forwards, and holds one more before its first backward; the
+    interleaved schedule holds warm-up + 1 chunk forwards, each 1/vpp of the stage's layers."""
+    if pp == 1:
+        return 1
+    from megatron.parallel.pipeline import in_flight_limit
+
+    return in_flight_limit(pp, stage, micro_batches, vpp or 1) / (vpp or 1)
 
 
 def _fake_state(tp: int, pp: int, stage: int, dp: int, sequence_parallel: bool):
@@ -180,7 +193,7 @@ def plan(cfg, gpu: str = "A100", mfu: float = 0.4) -> dict:
                 optimizer=params * 12,
                 optimizer_distributed=-(-params * 12 // dp),
                 activations_per_micro_batch=act,
-                in_flight=min(pp - stage, micro_batches) if pp > 1 else 1,
+                in_flight=_in_flight(pp, stage, micro_batches, vpp),
             )
         )
     peak, memory = GPUS[gpu]
@@ -243,7 +256,7 @@ def format_plan(p: dict) -> str:
             f"  stage {st.stage}: {st.params:,} params per GPU; weights {st.weights / GB:.2f} GB, grads "
             f"{st.grads / GB:.2f} GB, optimizer {st.optimizer / GB:.2f} GB ({st.optimizer_distributed / GB:.2f} GB "
             f"distributed), activations {st.activations_per_micro_batch / GB:.2f} GB per micro-batch x "
-            f"{st.in_flight} in flight; total {st.total(False) / GB:.2f} GB "
+            f"{st.in_flight:g} in flight; total {st.total(False) / GB:.2f} GB "
             f"({st.total(True) / GB:.2f} GB with the distributed optimizer)"
         )
     lines.append(

@@ -1,15 +1,18 @@
 """Entry point: `python -m megatron.pretrain --config configs/tiny-cpu.yaml --data-path PREFIX ...`, or
 `torchrun --nproc-per-node N -m megatron.pretrain ... --tensor-model-parallel-size T
 --pipeline-model-parallel-size P [--sequence-parallel]` for tensor, pipeline and data parallelism
-(data-parallel size = N / (T x P)).
+(data-parallel size = N / (T x P)). Multi-node: one torchrun per node (c10d rendezvous), or under SLURM
+one `srun` task per GPU running `python -m megatron.pretrain` directly (`megatron.launch` derives the
+ranks from SLURM_*; the batch script exports MASTER_ADDR). See examples/.
 
 The config is parsed and validated before torch is imported, so a bad flag fails (exit status 2) in a
 fraction of a second; the tokenizer is checked against the vocabulary next, and only then are the process
 groups created (a user error never leaves ranks waiting on each other). Errors found while building the
-run also exit with status 2; a non-finite loss or gradient norm exits with status 1.
+run also exit with status 2; ranks that do not all meet at the rendezvous within
+--distributed-timeout-minutes, or a non-finite loss or gradient norm, exit with status 1.
 
-`--dry-run` prints the memory and time plan of `megatron.planner` for the config and layout (WORLD_SIZE
-sets the data-parallel size) and exits 0 before the tokenizer check and the process groups; it needs no
+`--dry-run` prints the memory and time plan of `megatron.planner` for the config and layout (WORLD_SIZE,
+or --data-parallel-size without it, sets the data-parallel size) and exits 0 before the tokenizer check and the process groups; it needs no
 data or tokenizer paths.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import sys
 
 from megatron.config import ConfigError, exit_with_error, parse_config
+from megatron.launch import apply_launch
 from megatron.training.vocab import checked_tokenizer
 
 
@@ -57,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the flags, build the run, train, print a summary. Returns the process exit status."""
     # paths are checked below, after the dry-run exit: a dry run plans from the flags alone (no data,
     # tokenizer or process group)
+    try:
+        # under srun (one task per GPU) derive RANK/WORLD_SIZE/LOCAL_RANK/MASTER_PORT from SLURM_*, so the
+        # config is validated against the real world size; the rendezvous variables are required later,
+        # when the process group is created (a dry run needs none)
+        apply_launch(require_rendezvous=False)
+    except ValueError as error:
+        exit_with_error(str(error))
     cfg = parse_config(argv, check_paths=False)
     if cfg.training.dry_run:
         return _dry_run(cfg)
@@ -69,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         state = _initialize(cfg)  # only after every input check
     except ValueError as error:
         return _error(error, 2)
+    except RuntimeError as error:  # RendezvousError: the ranks did not all meet within the timeout
+        return _error(error, 1)
     try:
         return _train(cfg, tokenizer, state)
     finally:

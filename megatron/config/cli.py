@@ -163,6 +163,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog,
         usage="%(prog)s [--config FILE_OR_PRESET ...] [--FLAG VALUE ...]",
         description="Megatron-style pretraining of StarCoder-class models. Flags use Megatron-LM's names.",
+        epilog="Launch: one process as is; `torchrun --nproc-per-node N` on one node; one torchrun per node "
+        "with --rdzv-backend c10d on several; under SLURM one torchrun per node or one `srun` task per GPU "
+        "(ranks from SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID, MASTER_ADDR exported by the batch "
+        "script). Recipes with their requirements: examples/. Plan memory and time first with --dry-run.",
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -296,6 +300,23 @@ def load_yaml_values(
     return values
 
 
+# Flags that together make one choice: a later source (a later --config file, then the command line)
+# giving one of them replaces the earlier sources' choice instead of adding to it, so `--fp32` on the
+# command line overrides a preset's `bf16: true`.
+EXCLUSIVE_CHOICES = (("training", ("fp16", "bf16", "fp32")),)
+
+
+def _without_overridden_choices(
+    earlier: dict[tuple[str, str], Any], later: dict[tuple[str, str], Any]
+) -> dict[tuple[str, str], Any]:
+    """Drop from `earlier` (in place) the members of a choice that `later` sets; returns `later`."""
+    for section, names in EXCLUSIVE_CHOICES:
+        if any(later.get((section, name)) for name in names):
+            for name in names:
+                earlier.pop((section, name), None)
+    return later
+
+
 def _build_config(values: dict[tuple[str, str], Any]) -> Config:
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     no_effect = {}
@@ -330,8 +351,10 @@ def load_config(
     specs = flag_specs()
     values: dict[tuple[str, str], Any] = {}
     for config_file in namespace.config:
-        values.update(load_yaml_values(resolve_config_path(config_file), specs))
-    values.update(_cli_values(namespace))
+        values.update(
+            _without_overridden_choices(values, load_yaml_values(resolve_config_path(config_file), specs))
+        )
+    values.update(_without_overridden_choices(values, _cli_values(namespace)))
     return _build_config(values).validate(world_size=world_size, check_paths=check_paths)
 
 

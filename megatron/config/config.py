@@ -61,7 +61,7 @@ class Config:
     @property
     def data_parallel_size(self) -> int:
         """world_size / (TP * PP), as validated."""
-        return self.parallel.data_parallel_size(self.world_size)
+        return self.parallel.derived_data_parallel_size(self.world_size)
 
     def validate(self, *, world_size: int | None = None, check_paths: bool = True) -> Config:
         """Check every section and the cross-section rules; fill in derived defaults. Returns self.
@@ -69,7 +69,12 @@ class Config:
         world_size: default WORLD_SIZE from the environment (1 if unset). check_paths: require the data
         and tokenizer inputs and check that they exist (turn off to inspect a config without its data).
         """
-        self.world_size = world_size_from_env() if world_size is None else world_size
+        if world_size is None:
+            world_size = world_size_from_env()
+            if self.training.dry_run and "WORLD_SIZE" not in os.environ and self.parallel.data_parallel_size:
+                # planning from a laptop: the layout's own world size
+                world_size = self.parallel.model_parallel_size * self.parallel.data_parallel_size
+        self.world_size = world_size
         for name in SECTIONS:
             getattr(self, name).validate()
         self._check_model_parallel()

@@ -37,7 +37,17 @@ class ParallelConfig:
         "LayerNorms, row-parallel biases) and data-parallel replicas are bit-identical, naming the first "
         "that is not (0 = off).",
     )
-    distributed_timeout_minutes: int = arg(10, "Timeout of collective operations, in minutes.")
+    data_parallel_size: int | None = arg(
+        None,
+        "Data-parallel degree, to check the launch: the world size must equal TP x PP x this (default: "
+        "derived, world size / (TP x PP)). Under --dry-run without WORLD_SIZE it sets the planned world "
+        "size, so a 512-GPU plan runs on a laptop.",
+    )
+    distributed_timeout_minutes: float = arg(
+        10,
+        "Timeout of the rendezvous and of collective operations, in minutes (fractions allowed): a rank "
+        "missing or unreachable at start-up fails within it.",
+    )
     distributed_backend: str | None = arg(
         None, "torch.distributed backend (default: nccl on GPUs, gloo on CPUs).", choices=DISTRIBUTED_BACKENDS
     )
@@ -78,7 +88,13 @@ class ParallelConfig:
         """Raise ConfigError naming the offending flags and what would be valid."""
         require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size")
         require_positive(self, "distributed_timeout_minutes")
-        require_positive(self, "num_layers_per_virtual_pipeline_stage", "ddp_bucket_size", allow_none=True)
+        require_positive(
+            self,
+            "num_layers_per_virtual_pipeline_stage",
+            "ddp_bucket_size",
+            "data_parallel_size",
+            allow_none=True,
+        )
         require_positive(
             self, "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers", allow_none=True
         )
@@ -94,8 +110,16 @@ class ParallelConfig:
                 f"{self.pipeline_model_parallel_size}; drop the flag or raise the pipeline size"
             )
 
-    def data_parallel_size(self, world_size: int) -> int:
-        """world_size / (TP * PP); ConfigError if it does not divide."""
+    def derived_data_parallel_size(self, world_size: int) -> int:
+        """world_size / (TP * PP); ConfigError if it does not divide or differs from --data-parallel-size."""
+        dp = self.data_parallel_size
+        if dp is not None and world_size != self.model_parallel_size * dp:
+            raise ConfigError(
+                f"world size {world_size} (WORLD_SIZE, the number of processes launched) does not match "
+                f"--tensor-model-parallel-size {self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                f"{self.pipeline_model_parallel_size} x --data-parallel-size {dp} = {self.model_parallel_size * dp}; "
+                f"launch {self.model_parallel_size * dp} processes or change the parallel sizes"
+            )
         if world_size % self.model_parallel_size:
             raise ConfigError(
                 f"world size {world_size} (WORLD_SIZE) is not divisible by --tensor-model-parallel-size "

@@ -251,7 +251,8 @@ class SelfAttention(nn.Module):
 
     def _project_multi_query(self, x: torch.Tensor):
         # One GEMM for query and key/value: the [h -> 2d] projection alone is a thin, slow GEMM, and one
-        # output gradient saves a GEMM and an add in backward (the weight concat is small).
+        # output gradient saves a GEMM and an add in backward (the weight concat is a cheap copy, rebuilt
+        # in backward rather than kept).
         #
         # Under TP the fused GEMM runs on the TP region's input (`gather_input`: a copy with a backward
         # all-reduce, or the sequence-parallel all-gather with a backward reduce-scatter). Each rank's K/V
@@ -267,9 +268,11 @@ class SelfAttention(nn.Module):
         else:  # TP 1: the plain layer
             x_region = x
         b, s = x_region.shape[:2]
-        weight = torch.cat([self.query.weight, self.key_value.weight])  # [nh*d + 2d, h]
-        bias = torch.cat([self.query.bias, self.key_value.bias])
-        q, k, v = layers.linear(x_region, weight, bias).split([self.num_heads * d, d, d], dim=-1)
+        # [b, s, nh*d + 2d] from the weight [nh*d + 2d, h], whose concatenation is not kept for backward
+        qkv = layers.concat_linear(
+            x_region, self.query.weight, self.query.bias, self.key_value.weight, self.key_value.bias
+        )
+        q, k, v = qkv.split([self.num_heads * d, d, d], dim=-1)
         return q.view(b, s, self.num_heads, d), k.view(b, s, 1, d), v.view(b, s, 1, d)
 
 

@@ -90,6 +90,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
     return F.linear(x, weight, bias)
 
 
+class _ConcatLinear(torch.autograd.Function):
+    """x @ [W1; W2]^T + [b1; b2] as one GEMM that saves x, W1 and W2 for backward, not the concatenated
+    weight: `linear(x, torch.cat(...))` would keep a weight-sized copy alive per layer and per micro-batch
+    in flight. The concatenation is rebuilt for the input-gradient GEMM and freed right after. The
+    forward and gradient GEMMs are the ones `linear` runs on the concatenated weight."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        ctx.save_for_backward(x, w1, w2)
+        weight = torch.cat([w1, w2])
+        bias = torch.cat([b1, b2])
+        return matmul_nt(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w2 = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out1 + out2]
+        sizes = [w1.shape[0], w2.shape[0]]
+        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul_nt(grad_2d, torch.cat([w1, w2]).t()).view(x.shape)  # grad @ W
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            grad_w1, grad_w2 = (grad_2d.t() @ x.reshape(-1, x.shape[-1])).split(sizes)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+            ones = torch.ones(grad_2d.shape[0], dtype=grad_2d.dtype, device=grad_2d.device)
+            grad_b1, grad_b2 = torch.mv(grad_2d.t(), ones).split(sizes)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def concat_linear(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    """`linear(x, cat([w1, w2]), cat([b1, b2]))` in one GEMM without saving the concatenated weight (see
+    `_ConcatLinear`). Under autocast (which a custom Function would bypass) it is that expression."""
+    if torch.is_autocast_enabled(x.device.type) or not x.dtype == w1.dtype == w2.dtype:
+        return linear(x, torch.cat([w1, w2]), torch.cat([b1, b2]))
+    return _ConcatLinear.apply(x, w1, b1, w2, b2)
+
+
 class Linear(nn.Linear):
     """`nn.Linear` (with bias) whose forward is `linear` above."""
 

@@ -27,6 +27,7 @@ from datetime import timedelta
 
 import torch
 
+from megatron.launch import apply_launch, rendezvous_error
 from megatron.parallel.collectives import TRIVIAL, Group, all_reduce
 from megatron.parallel.random import RNGTracker
 
@@ -102,30 +103,45 @@ class ParallelState:
         timeout_minutes: float = 10,
         device: torch.device | str | None = None,
     ) -> ParallelState:
-        """Join (or create) the default process group from torchrun's environment and build every group.
+        """Join (or create) the default process group from the launcher's environment (torchrun's
+        variables; `megatron.launch.apply_launch` derives them under srun) and build every group.
 
         Every rank must call this, with the same sizes. backend: None picks nccl when CUDA is available,
         else gloo. The device is cuda:LOCAL_RANK under nccl, else the CPU (unless given). At WORLD_SIZE 1
         without an initialised process group, returns `single(device)` with no torch.distributed at all.
+        Raises ValueError when a launcher variable is missing, RendezvousError when the ranks do not all
+        meet within `timeout_minutes`.
         """
         import torch.distributed as dist
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1 and not dist.is_initialized():
+        launch = None
+        if not dist.is_initialized():
+            # ValueError naming the rank, host and missing variable; sets RANK/WORLD_SIZE/... under srun
+            launch = apply_launch()
+        if launch is not None and launch.world_size == 1:
             rank_layout(1, tensor_model_parallel_size, pipeline_model_parallel_size)  # sizes must be 1
             return cls.single(device)  # sequence parallelism needs TP > 1: nothing to split
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if device is None:
             device = torch.device("cpu")
             if backend == "nccl":
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                # srun may give each task only its own GPU (CUDA_VISIBLE_DEVICES): wrap to what is visible
+                local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+                device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
         device = torch.device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         owns = False
-        if not dist.is_initialized():
-            _check_rendezvous_env()
-            dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        if launch is not None:
+            try:
+                dist.init_process_group(
+                    backend=backend,
+                    timeout=timedelta(minutes=timeout_minutes),
+                    rank=launch.rank,
+                    world_size=launch.world_size,
+                )
+            except (RuntimeError, TimeoutError, OSError) as error:  # DistError is a RuntimeError
+                raise RendezvousError(rendezvous_error(launch, timeout_minutes, error)) from error
             owns = True
         return cls._build(
             dist.get_world_size(),
@@ -243,13 +259,6 @@ class ParallelState:
         )
 
 
-_RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
-
-
-def _check_rendezvous_env() -> None:
-    missing = [name for name in _RENDEZVOUS_VARIABLES if not os.environ.get(name)]
-    if missing:
-        raise ValueError(
-            f"cannot join the process group: environment variable(s) {', '.join(missing)} not set; "
-            "launch with torchrun (or set MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE)"
-        )
+class RendezvousError(RuntimeError):
+    """The default process group could not be formed (a rank missing, an unreachable MASTER_ADDR) within
+    the timeout; the message names this rank, its host and the rendezvous address."""

@@ -448,3 +448,33 @@ def test_bf16_model_on_cuda_matches_fp32():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(tokens, labels=labels)
     torch.testing.assert_close(loss, reference, rtol=0.05, atol=0.05)
+
+
+def test_concat_linear_matches_linear_on_the_concatenation_without_saving_it():
+    """The fused multi-query projection: same output and gradients as `linear(x, cat(W), cat(b))`
+    (bit-identical: the same GEMMs), and autograd keeps no weight-sized copy of the concatenation."""
+    from megatron.model import layers as model_layers
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    w1, b1 = torch.randn(32, 32, requires_grad=True), torch.randn(32, requires_grad=True)
+    w2, b2 = torch.randn(8, 32, requires_grad=True), torch.randn(8, requires_grad=True)
+    grad = torch.randn(2, 16, 40)
+    leaves = (x, w1, b1, w2, b2)
+
+    reference = model_layers.linear(x, torch.cat([w1, w2]), torch.cat([b1, b2]))
+    expected = torch.autograd.grad(reference, leaves, grad)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fused = model_layers.concat_linear(*leaves)
+    got = torch.autograd.grad(fused, leaves, grad)
+    assert torch.equal(fused, reference)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    assert not any(t.shape == (40, 32) for t in saved)  # only x, W1 and W2 themselves
+    assert sum(t.numel() for t in saved) == x.numel() + w1.numel() + w2.numel()

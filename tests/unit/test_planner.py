@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron.config import load_config
@@ -38,38 +39,30 @@ def test_starcoder_does_not_fit_at_tp1_pp1():
     assert not p["fits"]
 
 
-def test_activation_estimate_matches_saved_tensors_on_cpu():
+@pytest.mark.parametrize(
+    ("hidden", "heads", "seq", "layers", "vocab"),
+    [
+        (64, 4, 64, 2, 256),
+        # wider than it is long (h > s/2): a weight-sized tensor saved per layer would show here; this
+        # shape found the fused multi-query projection keeping its concatenated weight (27% over)
+        (512, 8, 64, 3, 2048),
+    ],
+)
+def test_activation_estimate_matches_saved_tensors_on_cpu(hidden, heads, seq, layers, vocab):
     argv = [
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "4",
-        "--attention-head-type",
-        "multiquery",
-        "--seq-length",
-        "64",
-        "--max-position-embeddings",
-        "64",
-        "--micro-batch-size",
-        "2",
-        "--train-iters",
-        "1",
-        "--vocab-size",
-        "256",
-        "--fp32",
-        "--lr",
-        "0.001",
+        *("--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads)),
+        *("--attention-head-type", "multiquery", "--seq-length", str(seq)),
+        *("--max-position-embeddings", str(seq), "--micro-batch-size", "2", "--train-iters", "1"),
+        *("--vocab-size", str(vocab), "--fp32", "--lr", "0.001", "--activation", "gelu_tanh"),
     ]
     cfg = load_config(argv, world_size=1, check_paths=False)
     estimate = plan(cfg)["stages"][0].activations_per_micro_batch
     torch.manual_seed(0)
     model = GPTModel(cfg.model, cfg.model.vocab_size)
     model.train()
-    tokens = torch.randint(0, 256, (2, 64))
+    tokens = torch.randint(0, vocab, (2, seq))
     with SavedActivationCounter(exclude=list(model.parameters())) as counter:
-        model(tokens, labels=torch.randint(0, 256, (2, 64))).mean()
+        model(tokens, labels=torch.randint(0, vocab, (2, seq))).mean()
     assert abs(estimate - counter.peak_bytes) <= 0.15 * counter.peak_bytes, (estimate, counter.peak_bytes)
 
 
@@ -82,3 +75,32 @@ def test_cli_dry_run_prints_plan_and_exits_0():
     assert result.returncode == 0, result.stderr
     assert "15,517,456,384 parameters" in result.stdout
     assert "fits" in result.stdout and "does not fit" not in result.stdout
+
+
+def test_in_flight_follows_the_schedule_actually_run():
+    """Each stage's in-flight count is the peak of live forwards in the order the schedule runs (the
+    distributed pipeline tests check the real traces equal these orders), in whole-stage micro-batches:
+    interleaved chunks count 1/v each. On the first stage it is Megatron's (1 + (p-1)/(p v)) x p."""
+    from megatron.parallel.pipeline import expected_1f1b_order, expected_interleaved_order, max_in_flight
+
+    for pp, m, vpp, layers in ((2, 4, None, 4), (4, 8, None, 8), (4, 16, 2, 16), (2, 8, 4, 16), (4, 4, 2, 8)):
+        argv = ["--config", "tiny-cpu", "--vocab-size", "1024", "--num-layers", str(layers)]
+        argv += [
+            "--pipeline-model-parallel-size",
+            str(pp),
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            str(m),
+        ]
+        if vpp:
+            argv += ["--num-layers-per-virtual-pipeline-stage", str(layers // (pp * vpp))]
+        stages = plan(load_config(argv, world_size=pp, check_paths=False))["stages"]
+        for stage in stages:
+            if vpp:
+                order = expected_interleaved_order(pp, stage.stage, m, vpp)
+                assert stage.in_flight == max_in_flight(order) / vpp, (pp, m, vpp, stage.stage)
+            else:
+                assert stage.in_flight == max_in_flight(expected_1f1b_order(pp, stage.stage, m))
+        if vpp and m > pp:
+            assert stages[0].in_flight == (1 + (pp - 1) / (pp * vpp)) * pp

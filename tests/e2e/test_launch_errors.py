@@ -1,0 +1,187 @@
+"""`python -m megatron.pretrain` as a launcher starts it: srun-style ranks derived from SLURM_* train like
+torchrun's, and a bad launch (world size against the layout, MASTER_ADDR missing under srun, a rank that
+cannot reach the rendezvous, a rendezvous host whose peers never come) ends with a clear error within
+--distributed-timeout-minutes instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megatron.parallel.testing import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OVERRIDES = [
+    *("--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", "128"),
+    *("--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1", "--lr-warmup-iters", "1"),
+    *("--num-workers", "0"),
+]
+LAUNCH_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "MEGATRON_LAUNCHER",
+)
+TIMEOUT_MINUTES = 0.1  # 6 s: the rendezvous cases must end well within this plus start-up
+
+
+def _env(**variables: str) -> dict:
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
+    for name in list(env):
+        if name in LAUNCH_VARIABLES or name.startswith("SLURM_"):
+            del env[name]
+    env.update(variables)
+    return env
+
+
+def _args(tmp_path: Path, dataset: str, tokenizer: Path, name: str = "run") -> list[str]:
+    args = ["--config", "tiny-cpu", "--data-path", dataset, "--tokenizer-file", str(tokenizer)]
+    args += ["--data-cache-path", str(tmp_path / "cache"), "--metrics-jsonl", str(tmp_path / f"{name}.jsonl")]
+    return args + OVERRIDES + ["--distributed-backend", "gloo"]
+
+
+def _pretrain(args: list[str], env: dict, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron.pretrain", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return result, time.monotonic() - start
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert lines, result.stdout[-2000:] + result.stderr[-3000:]
+    return lines[-1]
+
+
+def _losses(path: Path) -> list[float]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r["lm_loss"] for r in records if "lm_loss" in r] + [
+        r["valid_lm_loss"] for r in records if "valid_lm_loss" in r
+    ]
+
+
+def test_world_size_that_does_not_match_the_layout(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
+    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
+    args += ["--tensor-model-parallel-size", "2", "--data-parallel-size", "2"]
+    env = _env(
+        RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    result, seconds = _pretrain(args, env)
+    assert result.returncode == 2
+    assert (
+        "world size 2 (WORLD_SIZE, the number of processes launched) does not match --tensor-model-parallel-size 2 "
+        "x --pipeline-model-parallel-size 1 x --data-parallel-size 2 = 4" in _error_line(result)
+    )
+    assert seconds < 20  # refused before any process group: nobody waits for the missing ranks
+
+
+def test_srun_without_master_addr(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
+    env = _env(
+        SLURM_JOB_ID="4242", SLURM_PROCID="1", SLURM_LOCALID="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2"
+    )
+    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path) + ["--tensor-model-parallel-size", "2"]
+    result, seconds = _pretrain(args, env)
+    assert result.returncode == 2
+    line = _error_line(result)
+    assert f"rank 1 of 2 on host {socket.gethostname()} (launched by srun)" in line
+    assert "MASTER_ADDR not set" in line
+    assert seconds < 30
+
+
+def test_rank_that_cannot_reach_the_rendezvous(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
+    port = free_port()  # nobody listens there
+    env = _env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
+    args += ["--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)]
+    result, seconds = _pretrain(args, env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = _error_line(result)
+    assert f"rank 1 of 2 on host {socket.gethostname()} (launched by RANK/WORLD_SIZE variables)" in line
+    assert (
+        f"could not reach the rendezvous at 127.0.0.1:{port} within --distributed-timeout-minutes 0.1" in line
+    )
+    # torch's store client retries for about 1.3x the timeout; plus interpreter and config start-up
+    assert seconds < 60 * TIMEOUT_MINUTES * 2 + 25, seconds
+
+
+def test_rendezvous_host_whose_peers_never_come(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
+    env = _env(
+        RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
+    args += ["--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)]
+    result, seconds = _pretrain(args, env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = _error_line(result)
+    assert "rank 0 of 2" in line and "hosts the rendezvous at 127.0.0.1:" in line
+    assert "but not every rank joined within --distributed-timeout-minutes 0.1" in line
+    assert seconds < 60 * TIMEOUT_MINUTES * 2 + 25, seconds
+
+
+def test_srun_style_ranks_match_one_process(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
+    """Two tasks given only what srun sets (plus the exported MASTER_ADDR) at TP 2: the rank, world size
+    and port are derived, and the losses are the one-process ones."""
+    single_args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, "single")
+    single, _ = _pretrain(single_args, _env(), timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, "srun") + [
+        "--tensor-model-parallel-size",
+        "2",
+    ]
+    job = str(free_port())  # the derived port is 20000 + job id % 10000: pick an id whose port is free
+    while not _port_free(20000 + int(job) % 10000):
+        job = str(int(job) + 1)
+    tasks = []
+    for rank in range(2):
+        env = _env(
+            SLURM_JOB_ID=job,
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_STEP_NUM_TASKS="2",
+            SLURM_STEP_ID="0",
+            MASTER_ADDR="127.0.0.1",
+        )
+        tasks.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "megatron.pretrain", *args],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    for task, (out, err) in zip(tasks, outputs, strict=True):
+        assert task.returncode == 0, out[-2000:] + err[-3000:]
+    assert "world 2 = TP 2 x PP 1 x DP 1" in outputs[0][0]
+    expected, got = _losses(tmp_path / "single.jsonl"), _losses(tmp_path / "srun.jsonl")
+    assert len(got) == len(expected) == 4 + 3
+    for a, b in zip(got, expected, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (got, expected)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
