@@ -105,22 +105,20 @@ def resolve_launch(
         world_size = _integer(environ, "WORLD_SIZE", where, 1)
         if "RANK" not in environ and (world_size == 1 or not require_rendezvous):
             return Launch("single" if world_size == 1 else launcher, 0, world_size, host=host)
+        if world_size > 1 and require_rendezvous:
+            missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not environ.get(name)]
+            if missing:
+                raise ValueError(
+                    f"{where}: environment variable(s) {', '.join(missing)} not set; launch with torchrun, "
+                    "which sets them, or export RANK, WORLD_SIZE, MASTER_ADDR (the host of rank 0) and "
+                    "MASTER_PORT"
+                )
         rank = _integer(environ, "RANK", where, 0)
         if rank >= world_size:
             raise ValueError(f"{where}: RANK={rank} is not below WORLD_SIZE={world_size}")
         local_rank = _integer(environ, "LOCAL_RANK", where, 0) if "LOCAL_RANK" in environ else 0
         port = _integer(environ, "MASTER_PORT", where, 1) if environ.get("MASTER_PORT") else None
-        launch = Launch(
-            launcher, rank, world_size, local_rank, environ.get("MASTER_ADDR") or None, port, host
-        )
-        if world_size > 1 and require_rendezvous:
-            missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(name)]
-            if missing:
-                raise ValueError(
-                    f"{launch.describe()}: environment variable {' and '.join(missing)} not set; launch with "
-                    "torchrun, which sets them, or export MASTER_ADDR (the host of rank 0) and MASTER_PORT"
-                )
-        return launch
+        return Launch(launcher, rank, world_size, local_rank, environ.get("MASTER_ADDR") or None, port, host)
     return Launch("single", host=host)
 
 

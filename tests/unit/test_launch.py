@@ -104,11 +104,14 @@ def test_single_task_srun_step_is_one_process_without_rendezvous():
         ({**TORCHRUN, "WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not an integer >= 1"),
         ({**TORCHRUN, "RANK": "x"}, "RANK='x' is not an integer >= 0"),
         ({**TORCHRUN, "RANK": "8"}, "RANK=8 is not below WORLD_SIZE=8"),
-        ({k: v for k, v in TORCHRUN.items() if k != "RANK"}, "RANK='' is not an integer"),
-        ({k: v for k, v in TORCHRUN.items() if k != "MASTER_PORT"}, "MASTER_PORT not set"),
+        ({k: v for k, v in TORCHRUN.items() if k != "RANK"}, "environment variable(s) RANK not set"),
+        (
+            {k: v for k, v in TORCHRUN.items() if k != "MASTER_PORT"},
+            "environment variable(s) MASTER_PORT not set",
+        ),
         (
             {k: v for k, v in TORCHRUN.items() if not k.startswith("MASTER")},
-            "MASTER_ADDR and MASTER_PORT not set",
+            "MASTER_ADDR, MASTER_PORT not set",
         ),
         (
             {**SRUN, "MASTER_ADDR": "n", "SLURM_PROCID": "9"},
