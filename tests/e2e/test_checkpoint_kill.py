@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,20 +19,13 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.runs import REPO_ROOT, launch_env, run_pretrain
+
 TRACKER = "latest_checkpointed_iteration.txt"
 FIRST_ITERS = 4  # the run that leaves the "previous" checkpoint
 SECOND_ITERS = 8  # the run killed while saving iteration 8
 
 pytestmark = pytest.mark.slow
-
-
-def _env(**extra: str) -> dict:
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
-    env.pop("MEGATRON_CHECKPOINT_FAULT", None)  # only where a test asks for it
-    env.update(extra)
-    return env
 
 
 def _loaded_from(stdout: str) -> str:
@@ -61,17 +53,6 @@ def _args(
     return f"{shape} {optimization} {cadence} {data}".split() + paths
 
 
-def _pretrain(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megatron.pretrain", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def _output(result) -> str:
     return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-3000:]}"
 
@@ -81,7 +62,7 @@ def previous_checkpoint(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_pa
     """A --save directory holding the checkpoint of iteration 4 (trained once, copied by each test)."""
     root = tmp_path_factory.mktemp("kill_first_run")
     args = _args(root, tiny_dataset_prefix, tiny_tokenizer_path, FIRST_ITERS, save_interval=FIRST_ITERS)
-    result = _pretrain(args, _env())
+    result = run_pretrain(args, launch_env())
     assert result.returncode == 0, _output(result)
     assert (root / "ckpt" / TRACKER).read_text().strip() == str(FIRST_ITERS)
     return root
@@ -106,7 +87,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_works(
     args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, SECOND_ITERS, save_interval=FIRST_ITERS)
 
     # The run resumes from iteration 4 and is killed inside the save of iteration 8.
-    result = _pretrain(args, _env(MEGATRON_CHECKPOINT_FAULT=fault))
+    result = run_pretrain(args, launch_env(MEGATRON_CHECKPOINT_FAULT=fault))
     assert result.returncode == -signal.SIGKILL, _output(result)
     assert previous.name in _loaded_from(result.stdout), _output(result)
     assert (ckpt / TRACKER).read_text().strip() == str(FIRST_ITERS)  # the tracker never moved
@@ -120,7 +101,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_works(
         shutil.copytree(killed, tmp_path / "killed_copy")
 
     # A rerun with --load resumes from the tracked checkpoint and finishes, saving iteration 8.
-    result = _pretrain(args, _env())
+    result = run_pretrain(args, launch_env())
     assert result.returncode == 0, _output(result)
     assert previous.name in _loaded_from(result.stdout), _output(result)
     assert f"training done: {SECOND_ITERS} iterations" in result.stdout
@@ -157,7 +138,7 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(
         process = subprocess.Popen(
             [sys.executable, "-m", "megatron.pretrain", *args],
             cwd=REPO_ROOT,
-            env=_env(),
+            env=launch_env(),
             stdout=stdout,
             stderr=stderr,
         )

@@ -5,7 +5,6 @@ sequence; the StarCoder flag set of shared/specs/starcoder.md runs on CPU with t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -19,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.runs import REPO_ROOT, launch_env, read_losses
+from tests.starcoder_flags import STARCODER_FLAGS
+
 EXAMPLES = REPO_ROOT / "examples"
 STARCODER_15B = EXAMPLES / "pretrain_starcoderbase_15b.slurm"
 MULTINODE = EXAMPLES / "pretrain_multinode_torchrun.sh"
@@ -31,24 +32,6 @@ OVERRIDES = (
 )
 LOSS_RTOL = 1e-5  # same fp32 arithmetic in another order across 4 ranks
 
-# The flags of the StarCoderBase run, copied from the code block of shared/specs/starcoder.md.
-STARCODER_FLAGS = """
---tensor-model-parallel-size 4 --pipeline-model-parallel-size 4 --sequence-parallel
---num-layers 40 --hidden-size 6144 --num-attention-heads 48 --attention-head-type multiquery
---init-method-std 0.01275 --seq-length 8192 --max-position-embeddings 8192
---attention-dropout 0.1 --hidden-dropout 0.1
---micro-batch-size 1 --global-batch-size 512
---lr 0.0003 --min-lr 0.00003 --train-iters 250000 --lr-decay-iters 250000
---lr-decay-style cosine --lr-warmup-iters 2000
---weight-decay .1 --adam-beta2 .95 --clip-grad 1.0
---bf16 --use-flash-attn --fim-rate 0.5
---log-interval 10 --save-interval 2500 --eval-interval 2500 --eval-iters 2
---use-distributed-optimizer
---tokenizer-type TokenizerFromFile --tokenizer-file PATH
---save DIR --load DIR --tensorboard-dir DIR
---wandb-entity-name NAME --wandb-project-name NAME
---train-weighted-split-paths-path FILE --valid-weighted-split-paths-path FILE
-"""
 PLACEHOLDERS = {"PATH", "DIR", "NAME", "FILE"}
 
 
@@ -65,24 +48,6 @@ def _free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port in 30000-32767")
-
-
-def _env(**extra: str) -> dict:
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, PYTHON=sys.executable)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DRY_RUN", "LAUNCHER"):
-        env.pop(name, None)
-    for name in [name for name in env if name.startswith("SLURM_")]:
-        env.pop(name)
-    env.update(extra)
-    return env
-
-
-def _losses(path: Path) -> tuple[list[float], list[float]]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    train = [r["lm_loss"] for r in records if "lm_loss" in r]
-    valid = [r["valid_lm_loss"] for r in records if "valid_lm_loss" in r]
-    return train, valid
 
 
 def _flag_pairs(text: str) -> list[tuple[str, str | None]]:
@@ -150,13 +115,13 @@ def single_process_losses(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_
     single = subprocess.run(
         [sys.executable, "-m", "megatron.pretrain", *args],
         cwd=REPO_ROOT,
-        env=_env(),
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    return _losses(tmp_path / "single.jsonl")
+    return read_losses(tmp_path / "single.jsonl")
 
 
 def test_two_torchrun_nodes_on_one_machine_match_one_process(
@@ -181,7 +146,9 @@ def test_two_torchrun_nodes_on_one_machine_match_one_process(
         DATA_PATH=tiny_dataset_prefix,
         TOKENIZER_FILE=str(tiny_tokenizer_path),
     )
-    commands = [(["bash", str(MULTINODE), *extra], _env(**common, NODE_RANK=rank)) for rank in ("1", "0")]
+    commands = [
+        (["bash", str(MULTINODE), *extra], launch_env(**common, NODE_RANK=rank)) for rank in ("1", "0")
+    ]
     (rc1, out1), (rc0, out0) = _run_nodes(commands, timeout=180, log_dir=tmp_path)  # node 1, node 0
     assert rc0 == 0 and rc1 == 0, (
         f"node 0 (exit {rc0}):\n{out0[-3000:]}\nnode 1 (exit {rc1}):\n{out1[-3000:]}"
@@ -194,7 +161,7 @@ def test_two_torchrun_nodes_on_one_machine_match_one_process(
     assert both.count("training done") == 1
 
     single_train, single_valid = single_process_losses
-    train, valid = _losses(metrics)
+    train, valid = read_losses(metrics)
     assert len(train) == len(single_train) == ITERS
     assert len(valid) == len(single_valid) == 3  # iterations 0, 3, 6
     for got, expected in zip(train + valid, single_train + single_valid, strict=True):
@@ -205,7 +172,7 @@ def test_two_torchrun_nodes_on_one_machine_match_one_process(
 def test_node_that_cannot_reach_the_rendezvous_fails_in_bounded_time(tmp_path):
     """NODE_RANK 1 started alone (node 0, the store host, never comes): torchrun gives up connecting after
     about 1-2 x RDZV_READ_TIMEOUT (one connect attempt, one retry after a random delay) and exits non-zero."""
-    env = _env(
+    env = launch_env(
         NNODES="2",
         NODE_RANK="1",
         NPROC_PER_NODE="1",
@@ -265,7 +232,7 @@ def test_starcoder_flag_set_runs_on_cpu_with_tiny_shapes(tmp_path, tiny_dataset_
         args += [flag] if value is None else [flag, tiny.get(flag, value)]
         assert value not in PLACEHOLDERS or flag in tiny, flag
     args += ["--num-workers", "0", "--data-cache-path", str(tmp_path / "cache")]  # speed, tmp caches
-    env = _env(WANDB_MODE="offline")
+    env = launch_env(WANDB_MODE="offline")
 
     def torchrun(*extra: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4"]
@@ -291,7 +258,7 @@ def test_starcoder_flag_set_runs_on_cpu_with_tiny_shapes(tmp_path, tiny_dataset_
     assert "training 4 iterations from iteration 2" in resumed.stdout
     assert (checkpoints / "iter_0000004").is_dir()
 
-    train, valid = _losses(checkpoints / "metrics.jsonl")  # --save's default metrics file, appended
+    train, valid = read_losses(checkpoints / "metrics.jsonl")  # --save's default metrics file, appended
     assert len(train) == 4 and all(math.isfinite(loss) for loss in train), train
     assert len(valid) == 6 and all(math.isfinite(loss) for loss in valid), valid  # 2 groups x it 0, 2, 4
 
@@ -338,7 +305,7 @@ def test_recipe_dry_run_fits_an_a100_80gb(script, layout, tmp_path):
     done = subprocess.run(
         ["bash", str(script)],
         cwd=tmp_path,
-        env=_env(DRY_RUN="1"),
+        env=launch_env(DRY_RUN="1"),
         capture_output=True,
         text=True,
         timeout=120,

@@ -5,8 +5,6 @@ cannot reach the rendezvous, a rendezvous host whose peers never come) ends with
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,33 +12,14 @@ import time
 from pathlib import Path
 
 from megatron.parallel.testing import free_port
+from tests.e2e.runs import REPO_ROOT, launch_env, read_losses, run_pretrain
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = [
     *("--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", "128"),
     *("--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1", "--lr-warmup-iters", "1"),
     *("--num-workers", "0"),
 ]
-LAUNCH_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "MEGATRON_LAUNCHER",
-)
 TIMEOUT_MINUTES = 0.1  # 6 s: the rendezvous cases must end well within this plus start-up
-
-
-def _env(**variables: str) -> dict:
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
-    for name in list(env):
-        if name in LAUNCH_VARIABLES or name.startswith("SLURM_"):
-            del env[name]
-    env.update(variables)
-    return env
 
 
 def _args(tmp_path: Path, dataset: str, tokenizer: Path, name: str = "run") -> list[str]:
@@ -51,15 +30,13 @@ def _args(tmp_path: Path, dataset: str, tokenizer: Path, name: str = "run") -> l
 
 def _pretrain(args: list[str], env: dict, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron.pretrain", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    result = run_pretrain(args, env, timeout)
     return result, time.monotonic() - start
+
+
+def _all_losses(path: Path) -> list[float]:
+    train, valid = read_losses(path)
+    return train + valid
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:
@@ -68,17 +45,10 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
-def _losses(path: Path) -> list[float]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r["lm_loss"] for r in records if "lm_loss" in r] + [
-        r["valid_lm_loss"] for r in records if "valid_lm_loss" in r
-    ]
-
-
 def test_world_size_that_does_not_match_the_layout(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
     args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
     args += ["--tensor-model-parallel-size", "2", "--data-parallel-size", "2"]
-    env = _env(
+    env = launch_env(
         RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
     )
     result, seconds = _pretrain(args, env)
@@ -91,7 +61,7 @@ def test_world_size_that_does_not_match_the_layout(tmp_path, tiny_dataset_prefix
 
 
 def test_srun_without_master_addr(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
-    env = _env(
+    env = launch_env(
         SLURM_JOB_ID="4242", SLURM_PROCID="1", SLURM_LOCALID="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2"
     )
     args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path) + ["--tensor-model-parallel-size", "2"]
@@ -105,7 +75,7 @@ def test_srun_without_master_addr(tmp_path, tiny_dataset_prefix, tiny_tokenizer_
 
 def test_rank_that_cannot_reach_the_rendezvous(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
     port = free_port()  # nobody listens there
-    env = _env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = launch_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
     args += ["--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)]
     result, seconds = _pretrain(args, env)
@@ -120,7 +90,7 @@ def test_rank_that_cannot_reach_the_rendezvous(tmp_path, tiny_dataset_prefix, ti
 
 
 def test_rendezvous_host_whose_peers_never_come(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
-    env = _env(
+    env = launch_env(
         RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
     )
     args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
@@ -137,7 +107,7 @@ def test_srun_style_ranks_match_one_process(tmp_path, tiny_dataset_prefix, tiny_
     """Two tasks given only what srun sets (plus the exported MASTER_ADDR) at TP 2: the rank, world size
     and port are derived, and the losses are the one-process ones."""
     single_args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, "single")
-    single, _ = _pretrain(single_args, _env(), timeout=300)
+    single, _ = _pretrain(single_args, launch_env(), timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
 
     args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, "srun") + [
@@ -149,7 +119,7 @@ def test_srun_style_ranks_match_one_process(tmp_path, tiny_dataset_prefix, tiny_
         job = str(int(job) + 1)
     tasks = []
     for rank in range(2):
-        env = _env(
+        env = launch_env(
             SLURM_JOB_ID=job,
             SLURM_PROCID=str(rank),
             SLURM_LOCALID=str(rank),
@@ -172,7 +142,7 @@ def test_srun_style_ranks_match_one_process(tmp_path, tiny_dataset_prefix, tiny_
     for task, (out, err) in zip(tasks, outputs, strict=True):
         assert task.returncode == 0, out[-2000:] + err[-3000:]
     assert "world 2 = TP 2 x PP 1 x DP 1" in outputs[0][0]
-    expected, got = _losses(tmp_path / "single.jsonl"), _losses(tmp_path / "srun.jsonl")
+    expected, got = _all_losses(tmp_path / "single.jsonl"), _all_losses(tmp_path / "srun.jsonl")
     assert len(got) == len(expected) == 4 + 3
     for a, b in zip(got, expected, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), (got, expected)

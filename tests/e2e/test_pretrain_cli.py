@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
+from tests.e2e.runs import run_pretrain
 
 TRAIN_ITERS = 20
 
@@ -26,19 +21,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _pretrain(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
-    return subprocess.run(
-        [sys.executable, "-m", "megatron.pretrain", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _args(tmp_path, dataset: str, tokenizer_path) -> list[str]:
@@ -68,7 +50,7 @@ def _args(tmp_path, dataset: str, tokenizer_path) -> list[str]:
 
 
 def test_pretrain_cli_end_to_end(tmp_path, cli_dataset, tiny_tokenizer_path):
-    result = _pretrain(_args(tmp_path, cli_dataset, tiny_tokenizer_path))
+    result = run_pretrain(_args(tmp_path, cli_dataset, tiny_tokenizer_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "training done: 20 iterations" in out
@@ -95,7 +77,7 @@ def test_pretrain_cli_end_to_end(tmp_path, cli_dataset, tiny_tokenizer_path):
 def test_pretrain_cli_bad_flag_exits_2_fast(tmp_path, cli_dataset, tiny_tokenizer_path):
     args = _args(tmp_path, cli_dataset, tiny_tokenizer_path)
     start = time.perf_counter()
-    result = _pretrain([*args, "--hiden-size", "64"], timeout=60)
+    result = run_pretrain([*args, "--hiden-size", "64"], timeout=60)
     elapsed = time.perf_counter() - start
     assert result.returncode == 2, result.stderr
     assert "--hidden-size" in result.stderr  # the closest valid flag is suggested
@@ -105,7 +87,7 @@ def test_pretrain_cli_bad_flag_exits_2_fast(tmp_path, cli_dataset, tiny_tokenize
 def test_pretrain_cli_tokenizer_larger_than_model_exits_2_fast(tmp_path, cli_dataset, tiny_tokenizer_path):
     args = _args(tmp_path, cli_dataset, tiny_tokenizer_path)
     start = time.perf_counter()
-    result = _pretrain([*args, "--vocab-size", "512"], timeout=60)  # the tokenizer has 1024 tokens
+    result = run_pretrain([*args, "--vocab-size", "512"], timeout=60)  # the tokenizer has 1024 tokens
     elapsed = time.perf_counter() - start
     assert result.returncode == 2, result.stderr
     assert "--vocab-size" in result.stderr and "1024" in result.stderr
@@ -114,7 +96,7 @@ def test_pretrain_cli_tokenizer_larger_than_model_exits_2_fast(tmp_path, cli_dat
 
 
 def test_pretrain_help_lists_flags():
-    result = _pretrain(["--help"], timeout=60)
+    result = run_pretrain(["--help"], timeout=60)
     assert result.returncode == 0
     for flag in ("--train-iters", "--metrics-jsonl", "--fim-rate", "--save-interval"):
         assert flag in result.stdout

@@ -3,8 +3,6 @@ parallelism and the distributed optimizer, and at TP 2 x PP 2, gives the one-pro
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from megatron.parallel.testing import free_port
+from tests.e2e.runs import REPO_ROOT, launch_env, read_losses
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ITERS = 6
 # The tiny preset's model and data, cut to a few short iterations so the test stays fast.
 OVERRIDES = (
@@ -25,25 +23,10 @@ OVERRIDES = (
 LOSS_RTOL = 1e-5
 
 
-def _env() -> dict:
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 def _args(tmp_path: Path, name: str, dataset: str, tokenizer: Path) -> list[str]:
     args = ["--config", "tiny-cpu", "--data-path", dataset, "--tokenizer-file", str(tokenizer)]
     args += ["--data-cache-path", str(tmp_path / "cache"), "--metrics-jsonl", str(tmp_path / f"{name}.jsonl")]
     return args + OVERRIDES.split()
-
-
-def _losses(path: Path) -> tuple[list[float], list[float]]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    train = [r["lm_loss"] for r in records if "lm_loss" in r]
-    valid = [r["valid_lm_loss"] for r in records if "valid_lm_loss" in r]
-    return train, valid
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +36,13 @@ def single_process_losses(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_
     single = subprocess.run(
         [sys.executable, "-m", "megatron.pretrain", *args],
         cwd=REPO_ROOT,
-        env=_env(),
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    return _losses(tmp_path / "single.jsonl")
+    return read_losses(tmp_path / "single.jsonl")
 
 
 LAYOUTS = {
@@ -85,7 +68,12 @@ def test_torchrun_layout_matches_one_process(
     parallel_args = _args(tmp_path, "parallel", tiny_dataset_prefix, tiny_tokenizer_path) + flags
     parallel_args += ["--check-replicas-interval", "3", "--distributed-backend", "gloo"]
     parallel = subprocess.run(
-        [*torchrun, *parallel_args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600
+        [*torchrun, *parallel_args],
+        cwd=REPO_ROOT,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
     out = parallel.stdout
@@ -97,7 +85,7 @@ def test_torchrun_layout_matches_one_process(
         assert schedules == ["F0 B0 F1 B1 F2 B2 F3 B3"] * 2 + ["F0 F1 B0 F2 B1 F3 B2 B3"] * 2, schedules
 
     single_train, single_valid = single_process_losses
-    parallel_train, parallel_valid = _losses(tmp_path / "parallel.jsonl")
+    parallel_train, parallel_valid = read_losses(tmp_path / "parallel.jsonl")
     assert len(single_train) == len(parallel_train) == ITERS
     assert len(single_valid) == len(parallel_valid) == 3  # iterations 0, 3, 6
     for got, expected in zip(parallel_train + parallel_valid, single_train + single_valid, strict=True):

@@ -7,8 +7,6 @@ Skipped, with the reason, only where SLURM is missing and cannot be installed (n
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -18,8 +16,8 @@ import pytest
 
 from megatron.parallel.testing import free_port
 from tests.e2e import slurm_cluster as slurm
+from tests.e2e.runs import REPO_ROOT, launch_env, read_losses
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "examples" / "pretrain_tiny.slurm"
 ITERS = 6
 # As tests/e2e/test_pretrain_distributed.py: the tiny preset cut to a few short iterations.
@@ -31,19 +29,6 @@ LOSS_RTOL = 1e-5
 JOB_TIMEOUT_S = 300
 
 
-def _env(**extra: str) -> dict:
-    """The test's environment for a job or the reference run: this interpreter (PYTHON), the repository on
-    PYTHONPATH, one thread, and nothing of an outer launcher (torchrun's or an enclosing SLURM job's)."""
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, PYTHON=sys.executable)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LAUNCHER"):
-        env.pop(name, None)
-    for name in [name for name in env if name.startswith("SLURM_")]:
-        env.pop(name)
-    env.update(extra)
-    return env
-
-
 def _data_args(tmp_path: Path, dataset: str, tokenizer: Path) -> list[str]:
     return [
         "--data-path",
@@ -53,13 +38,6 @@ def _data_args(tmp_path: Path, dataset: str, tokenizer: Path) -> list[str]:
         "--data-cache-path",
         str(tmp_path / "cache"),
     ]
-
-
-def _losses(path: Path) -> tuple[list[float], list[float]]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    train = [r["lm_loss"] for r in records if "lm_loss" in r]
-    valid = [r["valid_lm_loss"] for r in records if "valid_lm_loss" in r]
-    return train, valid
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +63,15 @@ def reference_losses(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_path)
     args += ["--save", str(tmp_path / "checkpoints"), "--metrics-jsonl", str(tmp_path / "metrics.jsonl")]
     args += _data_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path) + OVERRIDES.split()
     result = subprocess.run(
-        [*torchrun, *args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S
+        [*torchrun, *args],
+        cwd=REPO_ROOT,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return _losses(tmp_path / "metrics.jsonl")
+    return read_losses(tmp_path / "metrics.jsonl")
 
 
 def _sbatch(cluster, env: dict, sbatch_args: list[str], output: Path) -> tuple[int, str, float]:
@@ -126,7 +109,7 @@ def _sbatch(cluster, env: dict, sbatch_args: list[str], output: Path) -> tuple[i
 def test_sbatch_tiny_example_matches_torchrun(
     launcher, cluster, tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, reference_losses
 ):
-    env = _env(LAUNCHER=launcher, OUTPUT_DIR=str(tmp_path / "out"))
+    env = launch_env(LAUNCHER=launcher, OUTPUT_DIR=str(tmp_path / "out"))
     script_args = _data_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path) + OVERRIDES.split()
     sbatch_args = ["--ntasks", "2", "--job-name", f"tiny-{launcher}", str(SCRIPT), *script_args]
     returncode, out, _ = _sbatch(cluster, env, sbatch_args, tmp_path / "job.out")
@@ -137,7 +120,7 @@ def test_sbatch_tiny_example_matches_torchrun(
     assert "world 2 = TP 2 x PP 1 x DP 1" in out, out[-4000:]
     assert out.count("training done") == 1, out[-4000:]  # only the main rank prints
 
-    train, valid = _losses(tmp_path / "out" / "metrics.jsonl")
+    train, valid = read_losses(tmp_path / "out" / "metrics.jsonl")
     reference_train, reference_valid = reference_losses
     assert len(train) == len(reference_train) == ITERS
     assert len(valid) == len(reference_valid) == 3  # iterations 0, 3, 6
@@ -153,7 +136,7 @@ def test_srun_without_master_addr_fails_fast(cluster, tmp_path, tiny_dataset_pre
     args += _data_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path) + OVERRIDES.split()
     wrap = " ".join(["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "megatron.pretrain", *args])
     sbatch_args = ["--ntasks", "2", "--job-name", "no-master-addr", "--wrap", wrap]
-    returncode, out, seconds = _sbatch(cluster, _env(), sbatch_args, tmp_path / "job.out")
+    returncode, out, seconds = _sbatch(cluster, launch_env(), sbatch_args, tmp_path / "job.out")
     assert returncode != 0, out[-4000:]
     assert "MASTER_ADDR" in out, out[-4000:]
     assert seconds < 60, (seconds, out[-4000:])
