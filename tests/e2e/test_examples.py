@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.runs import REPO_ROOT, launch_env, read_losses
+from tests.e2e.runs import REPO_ROOT, launch_env, read_losses, run_pretrain
 from tests.starcoder_flags import STARCODER_FLAGS
 
 EXAMPLES = REPO_ROOT / "examples"
@@ -112,14 +112,7 @@ def single_process_losses(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_
     tmp_path = tmp_path_factory.mktemp("single")
     args = _tiny_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
     args += ["--metrics-jsonl", str(tmp_path / "single.jsonl")]
-    single = subprocess.run(
-        [sys.executable, "-m", "megatron.pretrain", *args],
-        cwd=REPO_ROOT,
-        env=launch_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    single = run_pretrain(args, timeout=600)
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     return read_losses(tmp_path / "single.jsonl")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron.parallel.testing import free_port
-from tests.e2e.runs import REPO_ROOT, launch_env, read_losses
+from tests.e2e.runs import REPO_ROOT, launch_env, read_losses, run_pretrain
 
 ITERS = 6
 # The tiny preset's model and data, cut to a few short iterations so the test stays fast.
@@ -33,14 +33,7 @@ def _args(tmp_path: Path, name: str, dataset: str, tokenizer: Path) -> list[str]
 def single_process_losses(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_path):
     tmp_path = tmp_path_factory.mktemp("single")
     args = _args(tmp_path, "single", tiny_dataset_prefix, tiny_tokenizer_path)
-    single = subprocess.run(
-        [sys.executable, "-m", "megatron.pretrain", *args],
-        cwd=REPO_ROOT,
-        env=launch_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    single = run_pretrain(args, timeout=600)
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     return read_losses(tmp_path / "single.jsonl")
 
