@@ -4,6 +4,8 @@
 # distributed optimizer (no tensor or pipeline parallelism: the model fits one GPU), bf16, flash attention,
 # FIM 0.5, micro-batch 2 x 8 ranks x 32 accumulation steps = the 15.5B run's 512 x 8192 tokens per step.
 # Plan (DRY_RUN=1): about 36 GB per GPU on an A100 80GB, ~49 s per step at 40% MFU on A100.
+# Measured with NPROC_PER_NODE=1 on one H100 80GB (torch 2.11, SDPA: flash-attn not installed), micro-batch
+# 2 x 8192 tokens: 46,400 tokens/s, 54% MFU; saving a checkpoint (16 GB with the optimizer) took 51 s.
 #
 # Needs: 8 A100/H100 (40 GB is too little at micro-batch 2: use MICRO_BATCH=1 or TP=2), the package's
 # requirements (plus flash-attn; tensorboard and wandb for those logs), and:
@@ -73,4 +75,4 @@ fi
 
 mkdir -p "$CHECKPOINT_DIR"
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_NODE" \
-  -m megatron.pretrain "${ARGS[@]}" "$@"
+  -m megatron.pretrain "${ARGS[@]}" --data-parallel-size "$((NPROC_PER_NODE / (TP * PP)))" "$@"
