@@ -36,7 +36,7 @@ DERIVED_MARKER = "MEGATRON_LAUNCHER"  # set to "srun" by apply_launch when it wr
 class Launch:
     """This process's place in the job, as the launcher described it."""
 
-    launcher: str  # "torchrun" (or any launcher setting RANK/WORLD_SIZE), "srun" or "single"
+    launcher: str  # "torchrun", "srun", "RANK/WORLD_SIZE variables" (set by hand or another tool), "single"
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
