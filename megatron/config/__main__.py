@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import sys
 
-from megatron.config.cli import parse_config
+from megatron.config.cli import exit_with_error, parse_config
+from megatron.launch import apply_launch
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse and validate `argv` (exit status 2 on a user error), print the resolved YAML and notes."""
+    try:
+        apply_launch(require_rendezvous=False)  # under srun: WORLD_SIZE from SLURM_*, as megatron.pretrain
+    except ValueError as error:
+        exit_with_error(str(error), "python -m megatron.config")
     config = parse_config(argv, prog="python -m megatron.config")
     sys.stdout.write(config.to_yaml())
     for note in config.notes():

@@ -52,11 +52,33 @@ class DistributedTestError(RuntimeError):
         self.outcomes = outcomes
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
+# Ports handed out by free_port: below Linux's default ephemeral range (32768-60999), where the kernel picks
+# the local ends of client connections and bind(0) ports, so that neither another test's bind(0) nor a
+# busy machine's outgoing connections take the port between free_port() and the launcher's bind (seen
+# as a rare rendezvous failure of the two-node test); above the ports megatron.launch derives under srun.
+FREE_PORT_RANGE = (30000, 32768)
+
+
+def port_is_free(port: int) -> bool:
+    """True when 127.0.0.1:port can be bound right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port in FREE_PORT_RANGE that was free a moment ago on 127.0.0.1 (random, so that concurrent
+    test runs rarely pick the same one)."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(*FREE_PORT_RANGE)
+        if port_is_free(port):
+            return port
+    raise RuntimeError(f"no free TCP port in {FREE_PORT_RANGE[0]}-{FREE_PORT_RANGE[1] - 1} on 127.0.0.1")
 
 
 def _worker(rank: int, world_size: int, port: int, fn, args, env: dict, queue) -> None:

@@ -106,3 +106,11 @@ def test_missing_rendezvous_variables_are_named(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="MASTER_ADDR, MASTER_PORT, RANK not set"):
         ParallelState.initialize(2, 1)
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable():
+    from megatron.parallel.testing import FREE_PORT_RANGE, free_port, port_is_free
+
+    ports = {free_port() for _ in range(20)}
+    assert all(FREE_PORT_RANGE[0] <= port < FREE_PORT_RANGE[1] and port_is_free(port) for port in ports)
+    assert len(ports) > 1  # random, not one fixed port that concurrent runs would share

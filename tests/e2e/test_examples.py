@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron.parallel.testing import free_port
 from tests.e2e.runs import REPO_ROOT, launch_env, read_losses, run_pretrain
 from tests.starcoder_flags import STARCODER_FLAGS
 
@@ -33,21 +32,6 @@ OVERRIDES = (
 LOSS_RTOL = 1e-5  # same fp32 arithmetic in another order across 4 ranks
 
 PLACEHOLDERS = {"PATH", "DIR", "NAME", "FILE"}
-
-
-def _free_port() -> int:
-    """A free TCP port below Linux's default ephemeral range (32768-60999), so that neither another test's
-    bind(0) nor the local end of some client connection on this (shared, busy) machine takes it between
-    this call and the launcher's bind; a port from free_port() can be taken in that window."""
-    for _ in range(100):
-        port = random.randrange(30000, 32768)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 30000-32767")
 
 
 def _flag_pairs(text: str) -> list[tuple[str, str | None]]:
@@ -122,7 +106,7 @@ def test_two_torchrun_nodes_on_one_machine_match_one_process(
 ):
     """examples/pretrain_multinode_torchrun.sh twice (NODE_RANK 1 started first, then 0), 2 ranks each:
     TP 2 x DP 2 over two "nodes" meeting in torchrun's c10d rendezvous on 127.0.0.1."""
-    port = str(_free_port())
+    port = str(free_port())
     metrics = tmp_path / "multinode.jsonl"
     extra = ["--data-cache-path", str(tmp_path / "cache"), "--metrics-jsonl", str(metrics)]
     extra += OVERRIDES.split() + ["--distributed-backend", "gloo"]
@@ -170,7 +154,7 @@ def test_node_that_cannot_reach_the_rendezvous_fails_in_bounded_time(tmp_path):
         NODE_RANK="1",
         NPROC_PER_NODE="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),  # nothing listens there
+        MASTER_PORT=str(free_port()),  # nothing listens there
         RDZV_READ_TIMEOUT="5",
         DATA_PATH=str(tmp_path / "unused"),
         TOKENIZER_FILE=str(tmp_path / "unused.json"),
@@ -233,7 +217,7 @@ def test_starcoder_flag_set_runs_on_cpu_with_tiny_shapes(tmp_path, tiny_dataset_
             "--master-addr",
             "127.0.0.1",
             "--master-port",
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "megatron.pretrain",
         ]

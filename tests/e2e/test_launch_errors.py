@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron.parallel.testing import free_port
+from megatron.parallel.testing import free_port, port_is_free
 from tests.e2e.runs import REPO_ROOT, launch_env, read_losses, run_pretrain
 
 OVERRIDES = [
@@ -115,7 +115,7 @@ def test_srun_style_ranks_match_one_process(tmp_path, tiny_dataset_prefix, tiny_
         "2",
     ]
     job = str(free_port())  # the derived port is 20000 + job id % 10000: pick an id whose port is free
-    while not _port_free(20000 + int(job) % 10000):
+    while not port_is_free(20000 + int(job) % 10000):
         job = str(int(job) + 1)
     tasks = []
     for rank in range(2):
@@ -148,10 +148,20 @@ def test_srun_style_ranks_match_one_process(tmp_path, tiny_dataset_prefix, tiny_
         assert abs(a - b) <= 1e-5 * abs(b), (got, expected)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def test_config_check_sees_the_srun_world_size(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
+    """`python -m megatron.config` validates as megatron.pretrain does, under srun too: 3 tasks cannot
+    hold TP 2."""
+    env = launch_env(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_STEP_NUM_TASKS="3")
+    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path) + ["--tensor-model-parallel-size", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron.config", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "world size 3 (WORLD_SIZE) is not divisible by --tensor-model-parallel-size 2" in _error_line(
+        result
+    )
