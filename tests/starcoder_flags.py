@@ -1,5 +1,5 @@
-"""The Megatron-style flag set of BigCode's StarCoderBase run, verbatim from the code block of
-shared/specs/starcoder.md (placeholders PATH, DIR, NAME, FILE included): the config tests parse it, the
+"""The Megatron-style flag set of BigCode's published StarCoderBase training run, verbatim, with the
+placeholders PATH, DIR, NAME, FILE for its paths and names: the config tests parse it, the
 examples test runs it at tiny shapes and checks the 15B recipe repeats it."""
 
 STARCODER_FLAGS = """

@@ -1,6 +1,6 @@
 """Fill-in-the-Middle (FIM) on packed samples, as StarCoder trained, without the original's defects.
 
-Semantics (specs/fim.md): a sample is split at end-of-document (EOD) tokens; each non-empty segment is
+Semantics (docs/fim.md): a sample is split at end-of-document (EOD) tokens; each non-empty segment is
 transformed with probability `fim_rate`: its text is cut at two character positions drawn uniformly in
 [0, len(text)] into prefix / middle / suffix, each piece is tokenized again on its own and the pieces are
 laid out as PSM `<fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle` or, with probability

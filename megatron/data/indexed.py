@@ -1,6 +1,6 @@
 """Megatron-LM's memory-mapped indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``), read and written.
 
-The byte layout follows ``specs/data_format.md`` and Megatron-LM's ``MMapIndexedDataset`` so that data
+The byte layout follows ``docs/data-format.md`` and Megatron-LM's ``MMapIndexedDataset`` so that data
 tokenized by either tool works in the other:
 
 ``.idx`` (little-endian): magic ``b"MMIDIDX\\x00\\x00"``, uint64 version 1, uint8 dtype code, uint64 N

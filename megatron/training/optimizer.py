@@ -275,8 +275,8 @@ class MixedPrecisionOptimizer:
     def _refuse_sharded_checkpoint(self) -> None:
         if self.sharded is not None:
             raise NotImplementedError(
-                "saving or loading the distributed optimizer's sharded state is not implemented yet "
-                "(sharded checkpoints: issue 6); train without --use-distributed-optimizer to checkpoint"
+                "the single-file checkpoint format cannot hold the distributed optimizer's sharded state; "
+                "save sharded checkpoints (what --save writes) or train without --use-distributed-optimizer"
             )
 
     def state_dict(self) -> dict:

@@ -1,6 +1,6 @@
 """The launch recipes in examples/: multi-node torchrun on one machine (two torchrun invocations meeting in a
 c10d rendezvous on 127.0.0.1, through examples/pretrain_multinode_torchrun.sh) gives the one-process loss
-sequence; the StarCoder flag set of shared/specs/starcoder.md runs on CPU with tiny shapes (and is the
+sequence; the StarCoder flag set of tests/starcoder_flags.py runs on CPU with tiny shapes (and is the
 15B recipe's command line); every script parses, and the recipes' dry runs fit an 80 GB A100."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FIM: semantics of specs/fim.md and its six requirements, checked against an independent reference."""
+"""FIM: the semantics and the six guarantees of docs/fim.md, checked against an independent reference."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def corpus_stream(tiny_tokenizer, demo_corpus_path) -> np.ndarray:
 
 
 def reference_fim(sample, rng, tokenizer, *, fim_rate, spm_rate, split_id=None, fragment_rate=0.5):
-    """Straightforward FIM following specs/fim.md, re-encoding every piece in full."""
+    """Straightforward FIM following docs/fim.md, re-encoding every piece in full."""
     pieces, start = [], 0
     eods = [i for i, token in enumerate(sample) if token == tokenizer.eod]
     for end in [*eods, len(sample)]:

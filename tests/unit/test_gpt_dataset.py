@@ -1,4 +1,4 @@
-"""GPT dataset indices against a slow reference of specs/data_format.md, caching and concurrency."""
+"""GPT dataset indices against a slow reference of docs/data-format.md, caching and concurrency."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""megatron/data/indexed.py against an independent reader/writer written here from specs/data_format.md."""
+"""megatron/data/indexed.py against an independent reader/writer written here from docs/data-format.md."""
 
 from __future__ import annotations
 
