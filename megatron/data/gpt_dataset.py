@@ -1,6 +1,6 @@
 """GPT training samples over an indexed dataset: doc, sample and shuffle indices, built fast and cached.
 
-The indices follow ``specs/data_format.md`` (Megatron-LM's GPT dataset):
+The indices follow ``docs/data-format.md`` (Megatron-LM's GPT dataset):
 
 - ``num_epochs`` is the smallest e with ``(e * tokens_per_epoch - 1) // seq_length >= num_samples``.
 - ``doc_idx`` is the document range tiled ``num_epochs`` times and shuffled. When the last epoch would

@@ -32,7 +32,7 @@ SPEC_MAGIC = b"MMIDIDX\x00\x00"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Independent writer/reader of the format, from specs/data_format.md only (one item per document).
+# Independent writer/reader of the format, from docs/data-format.md only (one item per document).
 
 
 def spec_write(prefix, documents, dtype) -> None:
