@@ -1,8 +1,8 @@
 """Text generation: batched KV-cache decoding with greedy / temperature / top-k / top-p sampling.
 
 - `generate_tokens(model, prompts, ...)`: the core. Prompts (lists of ids) are left-padded into one batch,
-  prefilled in one forward and decoded one token per step through `GPTModel.forward_with_cache` (a
-  preallocated `KVCache`; multi-query caches its one K/V head), or with `use_cache=False` by re-running the
+  prefilled in one forward and decoded one token per step through `GPTModel.forward` with a preallocated
+  `KVCache` (multi-query caches its one K/V head), or with `use_cache=False` by re-running the
   whole sequence every step (the reference the cache is tested against). Positions of a left-padded row
   count its real tokens only (as `transformers`' generate does), so a padded prompt continues exactly
   as it would alone.
@@ -55,7 +55,7 @@ def generate_ids(
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     context = _context_length(model, max_context)
-    if len(prompt_ids) + max_new_tokens <= context and hasattr(model, "forward_with_cache"):
+    if len(prompt_ids) + max_new_tokens <= context and hasattr(model, "new_kv_cache"):
         stop_ids = () if stop_id is None else (stop_id,)
         return generate_tokens(
             model, [list(prompt_ids)], max_new_tokens, stop_ids=stop_ids, vocab_size=vocab_size
@@ -279,12 +279,13 @@ def _cached_steps(model, tokens, mask, positions, total):
     b = tokens.shape[0]
     cache = model.new_kv_cache(b, total)
     padded = not bool(mask.all())
-    logits = model.forward_with_cache(tokens, cache, positions=positions, attention_mask=mask, last_only=True)
+    cache.mark_padding(mask)
+    logits = model(tokens, position_ids=positions, kv_cache=cache, last_only=True)
     next_position = positions[:, -1:] + 1  # [b, 1]
     while True:
         chosen = yield logits[:, -1]
         step_positions = next_position if padded else None
-        logits = model.forward_with_cache(chosen.view(b, 1), cache, positions=step_positions)
+        logits = model(chosen.view(b, 1), position_ids=step_positions, kv_cache=cache)
         next_position += 1
 
 
@@ -362,7 +363,7 @@ def generate_text(
 def _sharded_directory(load_dir) -> Path | None:
     """The checkpoint directory when `load_dir` names a sharded (DCP) checkpoint: an iteration directory
     itself or a --save directory whose tracked iteration is one; None for a basic checkpoint."""
-    from megatron.checkpoint.basic import checkpoint_dir, read_tracker
+    from megatron.checkpoint.directory import checkpoint_dir, read_tracker
 
     root = Path(load_dir)
     if (root / "common.json").is_file() or (root / ".metadata").is_file():
@@ -381,14 +382,15 @@ def read_checkpoint_config(load_dir) -> dict:
     checkpoint under `load_dir`, sharded or basic, without reading the weights into memory."""
     directory = _sharded_directory(load_dir)
     if directory is not None:
-        from megatron.checkpoint.sharded import read_common
+        from megatron.checkpoint.verify import read_common
 
         return read_common(directory)["config"]
     return _read_basic(load_dir, mmap=True)["args"]
 
 
 def _read_basic(load_dir, *, mmap: bool = False) -> dict:
-    from megatron.checkpoint.basic import MODEL_FILENAME, checkpoint_dir, read_tracker
+    from megatron.checkpoint.directory import checkpoint_dir, read_tracker
+    from megatron.checkpoint.single_file import MODEL_FILENAME
 
     iteration = read_tracker(load_dir)
     file = checkpoint_dir(load_dir, iteration) / MODEL_FILENAME
@@ -423,7 +425,8 @@ def _model_weights(load_dir) -> tuple[dict, dict]:
     if directory is None:
         state = _read_basic(load_dir)
         return state["args"], state["model"]
-    from megatron.checkpoint.sharded import load_full_state, read_common
+    from megatron.checkpoint.readers import load_full_state
+    from megatron.checkpoint.verify import read_common
 
     _check_file_sizes(directory)
     config = read_common(directory)["config"]

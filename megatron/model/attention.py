@@ -21,6 +21,9 @@ fp16/bf16), which is what `attention_softmax_in_fp32` asks for.
 Selective recomputation (`recompute_granularity="selective"`) runs the core (`SelfAttention.core`) under
 `recompute.checkpoint`: only q, k, v are kept and the scores, probabilities and dropout mask are rebuilt
 in backward, with the dropout draws replayed (the per-rank stream under TP included).
+
+Inference with a KV cache (`megatron.model.kv_cache`) is the same forward given a layer's cache: the new
+positions' keys and values are appended to it and `cached_attention` attends over every cached position.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron import kernels
+from megatron.config import ModelConfig
 from megatron.model import layers, recompute
-from megatron.parallel.layers import ColumnParallelLinear
+from megatron.model.kv_cache import LayerKVCache
 
 try:  # optional accelerator
     from flash_attn import flash_attn_func
@@ -189,7 +194,9 @@ class SelfAttention(nn.Module):
     it takes and returns this rank's sequence chunk [b, s / TP, h] (the projections gather the sequence,
     the row-parallel `dense` reduce-scatters it back)."""
 
-    def __init__(self, config, layer_number: int, parallel_state=None, device=None, dtype=None) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_number: int, parallel_state=None, device=None, dtype=None
+    ) -> None:
         super().__init__()
         h, std = config.hidden_size, config.init_method_std
         tp = 1 if parallel_state is None else parallel_state.tensor_model_parallel_size
@@ -203,7 +210,7 @@ class SelfAttention(nn.Module):
         self.multi_query = config.attention_head_type == "multiquery"
         self.num_kv_heads = 1 if self.multi_query else self.num_heads
         self.dropout_p = config.attention_dropout
-        self.use_flash_attn = getattr(config, "use_flash_attn", False)
+        self.use_flash_attn = config.use_flash_attn
         # the attention probabilities of this rank's heads are split across TP: their dropout masks
         # must differ per rank, so they come from the per-rank stream
         self.rng = parallel_state.rng if tp > 1 else None
@@ -217,14 +224,24 @@ class SelfAttention(nn.Module):
         output_std = std / math.sqrt(2.0 * config.num_layers)
         self.dense = layers.row_linear(proj, h, init_std=output_std, **kw)
         self.mqa_matmul = MultiQueryMatmulAttention()
-        self.recompute_core = getattr(config, "recompute_granularity", None) == "selective"
+        self.recompute_core = config.recompute_granularity == "selective"
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
         """x [b, s, h] -> [b, s, h] ([b, s/tp, h] under sequence parallelism). attention_mask: None
-        (causal) or bool [b, 1, s, s] over the whole sequence, True = masked."""
-        q, k, v = self._project(x)  # q [b, s, nh, d], k/v [b, s, nkv, d] (whole sequence, local heads)
+        (causal) or bool [b, 1, s, s] over the whole sequence, True = masked. With `kv_cache` (inference,
+        TP 1): x holds the positions after the cached ones, whose keys and values are appended; the
+        cache's own mask (causal, padding keys masked) applies and `attention_mask` must be None."""
+        q, k, v = self._project(x, kv_cache)  # q [b, s, nh, d], k/v [b, s, nkv, d] (whole sequence)
         b, s = q.shape[:2]
-        if self.recompute_core:  # selective recomputation: keep q, k, v; rerun the core in backward
+        if kv_cache is not None:
+            keys, values = kv_cache.append(k, v)  # [b, L, nkv, d]: every position so far
+            out = cached_attention(q, keys, values, kv_cache.bias)
+        elif self.recompute_core:  # selective recomputation: keep q, k, v; rerun the core in backward
             out = recompute.checkpoint(self.core, q, k, v, attention_mask, rng_tracker=self.rng)
         else:
             out = self.core(q, k, v, attention_mask)
@@ -242,17 +259,17 @@ class SelfAttention(nn.Module):
                 return self.mqa_matmul(q, k, v, attention_mask, dropout_p)
             return sdpa_attention(q, k, v, attention_mask, dropout_p)
 
-    def _project(self, x: torch.Tensor):
+    def _project(self, x: torch.Tensor, kv_cache: LayerKVCache | None):
         if self.multi_query:
-            return self._project_multi_query(x)
+            return self._project_multi_query(x, kv_cache)
         qkv = self.query_key_value(x)  # [b, s, nh * 3d]: head-major, this rank's heads
         b, s = qkv.shape[:2]
         return qkv.view(b, s, self.num_heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
 
-    def _project_multi_query(self, x: torch.Tensor):
+    def _project_multi_query(self, x: torch.Tensor, kv_cache: LayerKVCache | None):
         # One GEMM for query and key/value: the [h -> 2d] projection alone is a thin, slow GEMM, and one
         # output gradient saves a GEMM and an add in backward (the weight concat is a cheap copy, rebuilt
-        # in backward rather than kept).
+        # in backward rather than kept; a KV cache keeps it for the whole generation instead).
         #
         # Under TP the fused GEMM runs on the TP region's input (`gather_input`: a copy with a backward
         # all-reduce, or the sequence-parallel all-gather with a backward reduce-scatter). Each rank's K/V
@@ -263,95 +280,25 @@ class SelfAttention(nn.Module):
         # and without sequence parallelism). Equivalent to summing the K/V output gradient over TP before
         # the GEMM's backward, without a second collective and while keeping the one fused GEMM.
         d = self.head_dim
-        if isinstance(self.query, ColumnParallelLinear):
-            x_region = self.query.gather_input(x)  # [b, s, h]
-        else:  # TP 1: the plain layer
-            x_region = x
+        gather_input = getattr(self.query, "gather_input", None)  # only the tensor-parallel layer has one
+        x_region = x if gather_input is None else gather_input(x)  # [b, s, h]
         b, s = x_region.shape[:2]
-        # [b, s, nh*d + 2d] from the weight [nh*d + 2d, h], whose concatenation is not kept for backward
-        qkv = layers.concat_linear(
-            x_region, self.query.weight, self.query.bias, self.key_value.weight, self.key_value.bias
-        )
+        if kv_cache is None:
+            # [b, s, nh*d + 2d] from the weight [nh*d + 2d, h], whose concatenation is not kept for backward
+            qkv = kernels.concat_linear(
+                x_region, self.query.weight, self.query.bias, self.key_value.weight, self.key_value.bias
+            )
+        else:
+            qkv = kernels.linear(x_region, *kv_cache.fused_projection(self.query, self.key_value))
         q, k, v = qkv.split([self.num_heads * d, d, d], dim=-1)
         return q.view(b, s, self.num_heads, d), k.view(b, s, 1, d), v.view(b, s, 1, d)
 
 
-class KVCache:
-    """Preallocated keys and values of every layer for incremental decoding (one process, TP 1).
-
-    Per layer `keys[i]` and `values[i]` are [b, max_length, num_kv_heads, d]: multi-query caches its ONE
-    shared K/V head ([b, max_length, 1, d]), multi-head every head. `length` positions are filled;
-    `key_padding` (bool [b, max_length], True = a real token) masks the left padding of batched prompts.
-    Also holds, per layer, the fused multi-query projection weight (query rows then key/value rows), built
-    once per cache: the training path concatenates it on every call, which at one token per step would
-    copy the weights as often as it reads them.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        batch_size: int,
-        max_length: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
-        dtype=torch.float32,
-        device=None,
-    ) -> None:
-        shape = (num_layers, batch_size, max_length, num_kv_heads, head_dim)
-        self._keys = torch.zeros(shape, dtype=dtype, device=device)
-        self._values = torch.zeros(shape, dtype=dtype, device=device)
-        self.keys, self.values = list(self._keys.unbind(0)), list(self._values.unbind(0))
-        self.key_padding = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
-        # the padding mask as an additive bias (0 / -inf), kept in step with key_padding: a decoding
-        # step's mask is a slice of it, not a rebuilt tensor
-        self.key_bias = torch.zeros(batch_size, max_length, dtype=dtype, device=device)
-        self.padded = False
-        self.batch_size, self.max_length, self.length = batch_size, max_length, 0
-        self.fused_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def reset(self) -> None:
-        """Forget the cached positions (the buffers are kept)."""
-        self.length = 0
-        self.key_padding.fill_(True)
-        self.key_bias.zero_()
-        self.padded = False
-
-    def mark_padding(self, start: int, attention_mask: torch.Tensor) -> None:
-        """Record which of positions [start, start + t) are real tokens (bool [b, t], True = real)."""
-        end = start + attention_mask.shape[1]
-        self.key_padding[:, start:end] = attention_mask
-        self.key_bias[:, start:end] = 0.0
-        self.key_bias[:, start:end].masked_fill_(~attention_mask, -math.inf)
-        self.padded = self.padded or not bool(attention_mask.all())
-
-    def attention_bias(self, start: int, num_new: int) -> torch.Tensor | None:
-        """The additive mask for new positions [start, start + num_new) against all keys so far:
-        None for one unpadded position (nothing to mask), a slice of `key_bias` [b, 1, L] for one
-        position of a padded batch, else `cached_attention_bias` [b, t, L]."""
-        if num_new == 1:
-            return self.key_bias[:, None, : start + 1] if self.padded else None
-        return cached_attention_bias(self, start, num_new, self.key_bias)
-
-
-def cached_attention_bias(cache: KVCache, start: int, num_new: int, like: torch.Tensor) -> torch.Tensor:
-    """Additive mask (0 / -inf) [b, num_new, start + num_new] for new positions [start, start + num_new)
-    against every cached key: causal, and padding keys masked except a position's own key, so a padding
-    query still has one key to attend to (its output is never used) and the softmax never sees a row of
-    -inf only."""
-    end = start + num_new
-    query_pos = torch.arange(start, end, device=like.device)[:, None]  # [t, 1]
-    key_pos = torch.arange(end, device=like.device)[None, :]  # [1, L]
-    masked = (key_pos > query_pos)[None] | (~cache.key_padding[:, None, :end] & (key_pos != query_pos)[None])
-    bias = torch.zeros(masked.shape, dtype=like.dtype, device=like.device)
-    return bias.masked_fill_(masked, -math.inf)  # [b, t, L]
-
-
-def _cached_core(
+def cached_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """q [b, t, nh, d] against the cached k/v [b, L, nkv, d]; bias [b, t, L] or None (no masking) ->
-    [b, t, nh, d]."""
+    """Inference core: q [b, t, nh, d] (the new positions) against the cached k/v [b, L, nkv, d]; bias
+    additive [b, t, L] or [b, 1, L], or None (nothing to mask) -> [b, t, nh, d]. No dropout."""
     b, t, num_heads, d = q.shape
     L = k.shape[1]
     if k.shape[2] == 1:  # multi-query: every query head of every new position is one row against one head
@@ -370,37 +317,3 @@ def _cached_core(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
     )
     return out.transpose(1, 2)  # [b, t, nh, d]
-
-
-def _project_for_cache(attention: SelfAttention, x2d: torch.Tensor, cache: KVCache, layer: int):
-    """x2d [b*t, h] -> q [b*t, nh*d], k, v [b*t, nkv*d] with the fast CPU GEMM (no autograd)."""
-    nh_d = attention.num_heads * attention.head_dim
-    if attention.multi_query:
-        if layer not in cache.fused_weights:
-            cache.fused_weights[layer] = (
-                torch.cat([attention.query.weight, attention.key_value.weight]),
-                torch.cat([attention.query.bias, attention.key_value.bias]),
-            )
-        weight, bias = cache.fused_weights[layer]
-        d = attention.head_dim
-        return layers.matmul_nt(x2d, weight, bias).split([nh_d, d, d], dim=-1)
-    qkv = layers.matmul_nt(x2d, attention.query_key_value.weight, attention.query_key_value.bias)
-    qkv = qkv.view(x2d.shape[0], attention.num_heads, 3 * attention.head_dim)  # head-major
-    return [part.reshape(x2d.shape[0], nh_d) for part in qkv.split(attention.head_dim, dim=-1)]
-
-
-def attention_with_cache(
-    attention: SelfAttention, x: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """Inference forward of one SelfAttention (TP 1) that appends this call's keys and values to `cache`
-    at positions [cache.length, cache.length + t) and attends over everything cached so far.
-    x [b, t, h] -> [b, t, h]; bias from `cached_attention_bias` (None: no padding and t == 1)."""
-    b, t, h = x.shape
-    start, d = cache.length, attention.head_dim
-    q, k, v = _project_for_cache(attention, x.reshape(b * t, h), cache, layer)
-    keys, values = cache.keys[layer], cache.values[layer]  # [b, max_length, nkv, d]
-    keys[:, start : start + t] = k.view(b, t, -1, d)
-    values[:, start : start + t] = v.view(b, t, -1, d)
-    out = _cached_core(q.view(b, t, -1, d), keys[:, : start + t], values[:, : start + t], bias)
-    dense = attention.dense
-    return layers.matmul_nt(out.reshape(b * t, -1), dense.weight, dense.bias).view(b, t, h)

@@ -1,5 +1,7 @@
 """Parameter count, training FLOPs per token and device peak FLOP/s (for TFLOP/s and MFU logging).
 
+The GPU peak table itself lives in `megatron.config.gpus` (the planner reads it too).
+
 FLOPs per token (forward + backward = 3x forward, one multiply-add = 2 FLOPs), `flops_per_token`:
 
     6 * N_matmul + 6 * L * s * h_attn        (h_attn = num_attention_heads * kv_channels)
@@ -9,8 +11,8 @@ FLOPs per token (forward + backward = 3x forward, one multiply-add = 2 FLOPs), `
   plus the logits matmul V * h (the tied embedding lookup itself is free).
 - attention scores QK^T and the weighted sum PV: 2 * 2 * s * h_attn FLOPs per token per layer forward,
   x3 for training -> 12 * L * s * h_attn. This is the usual Megatron/PaLM convention that counts the full
-  s x s product (causal masking is ignored), the same "6N + 12*L*h*s" the StarCoder efficiency figure
-  (specs/starcoder.md) uses. Activation recomputation is not counted (model FLOPs, not hardware FLOPs).
+  s x s product (causal masking is ignored), the same "6N + 12*L*h*s" the StarCoder paper's efficiency
+  figure uses. Activation recomputation is not counted (model FLOPs, not hardware FLOPs).
 """
 
 from __future__ import annotations
@@ -20,18 +22,8 @@ import time
 
 import torch
 
-from megatron.model import layers
-
-# Dense peak FLOP/s per device name fragment (first match wins; checked in order), by dtype class.
-_GPU_PEAKS = (
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12}),
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12, "tf32": 378e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "tf32": 156e12}),
-    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12, "tf32": 35e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12, "tf32": 183e12}),
-    ("V100", {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12, "tf32": 15.7e12}),
-)
+from megatron import kernels
+from megatron.config.gpus import gpu_peak_flops
 
 
 def _non_embedding_matmul_params(config) -> int:
@@ -77,15 +69,15 @@ def device_peak_flops(device, dtype=torch.float32) -> tuple[float, str]:
     CUDA devices: the dense (non-sparse) datasheet peak looked up by `torch.cuda.get_device_name`; 0.0 with
     a description saying so when the device is unknown. CPU: the fp32 matmul rate measured now with the
     current thread count (the best of a few 2048-square matmuls through torch.mm and through the model's
-    `layers.matmul_nt`; cached per process and thread count).
+    `kernels.matmul_nt`; cached per process and thread count).
     """
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         kind = _dtype_class(dtype)
-        for fragment, peaks in _GPU_PEAKS:
-            if fragment in name:
-                return peaks[kind], f"{name} {kind} dense peak"
+        peak = gpu_peak_flops(name, kind)
+        if peak is not None:
+            return peak, f"{name} {kind} dense peak"
         return 0.0, f"{name}: not in the peak table (MFU not reported)"
     threads = torch.get_num_threads()
     return _measured_cpu_peak(threads), f"CPU fp32 matmul peak measured with {threads} threads"
@@ -96,10 +88,10 @@ def _measured_cpu_peak(threads: int, size: int = 2048, repeats: int = 5) -> floa
     a = torch.randn(size, size)
     b = torch.randn(size, size)
     out = torch.empty(size, size)
-    # the best of torch.mm (MKL) and the model's own GEMM (oneDNN where available, see layers.matmul_nt)
-    kernels = (lambda: torch.mm(a, b, out=out), lambda: layers.matmul_nt(a, b))
+    # the best of torch.mm (MKL) and the model's own GEMM (oneDNN where available, see kernels.matmul_nt)
+    candidates = (lambda: torch.mm(a, b, out=out), lambda: kernels.matmul_nt(a, b))
     best = float("inf")
-    for kernel in kernels:
+    for kernel in candidates:
         kernel()  # warm-up (thread pool, page faults)
         for _ in range(repeats):
             start = time.perf_counter()

@@ -1,5 +1,11 @@
 """GPT-2 decoder with multi-query attention (StarCoder): embedding -> pre-LN blocks -> LN -> tied head.
 
+    x = embedding(tokens)                      # word + position embeddings, dropout: [b, s, h]
+    for layer in layers:                       # TransformerLayer (pre-LN)
+        x = x + dropout(attention(LN(x)))      #   attention.py: causal multi-query or multi-head
+        x = x + dropout(mlp(LN(x)))            #   h -> 4h -> GELU -> h
+    loss or logits = head(final_layernorm(x))  # x @ word_embeddings.T, fused with the cross-entropy
+
 Parameter names and their Hugging Face GPTBigCode (`GPTBigCodeForCausalLM`) counterparts:
 
 | ours                                             | GPTBigCode                                      |
@@ -23,31 +29,22 @@ Parameter names and their Hugging Face GPTBigCode (`GPTBigCodeForCausalLM`) coun
 multi_query, activation_function "gelu_pytorch_tanh" for gelu_tanh or "gelu" for gelu, layer_norm_epsilon.)
 
 Tensor and sequence parallelism (a `parallel_state` with tensor_model_parallel_size > 1) live in the leaf
-layers (`megatron.model.layers`) and at the two ends of the model:
+layers (`megatron.model.layers`; at TP 1 they are plain `Linear` / `nn.Embedding` / `nn.LayerNorm`) and in
+the few calls of `megatron.parallel.mappings` below, each of which returns its input at TP 1:
 - embedding: vocabulary-parallel word lookup (all-reduced) + positions, whole on every TP rank; under
   sequence parallelism split along the sequence, each rank keeping [b, s / tp, h].
 - blocks: the residual stream is replicated on every TP rank, or under sequence parallelism this rank's
   sequence chunk; attention and MLP enter their TP region through column-parallel layers and leave it
   through row-parallel ones.
-- output: the final LayerNorm's output enters the TP region (sequence all-gathered under sequence
+- head: the final LayerNorm's output enters the TP region (sequence all-gathered under sequence
   parallelism) and feeds the vocabulary-parallel fused loss; the logits path gathers the vocabulary.
 Dropout on activations every TP rank holds whole draws from torch's default stream (the same on every
 TP rank); dropout on split activations (attention probabilities of this rank's heads, the residual
-stream's sequence chunk) from the per-rank stream `parallel_state.rng`.
-Parameter names are the logical ones at every layout; each parameter's `full_shape`, `partition_dim`
-and `tensor_model_parallel` say how this rank's tensor sits in the full one.
+stream's sequence chunk) from the per-rank stream `parallel_state.rng`. docs/parallelism.md has the
+whole design.
 
-Pipeline parallelism (`parallel_state.pipeline_model_parallel_size` > 1): each stage builds only its
-part, so every name stays logical and `init_weights` gives a stage the one-process model's same-named
-weights. The decoder layers a rank holds (one range per model chunk, `partition.pipeline_layer_ranges`)
-sit in `layers` under their global index (`layers.5.attention.query.weight`). The first stage holds the
-embedding, the last the final LayerNorm and the output layer. With tied embeddings a last stage that is
-not also the first holds its own copy of the word embedding under the same name
-(`embedding.word_embeddings.weight`, identical init) with the attribute `pipeline_duplicate = True`;
-both copies carry `embedding_group_reduce = True`: their gradients are summed over
-`parallel_state.embedding_group` after backward so they stay identical (neither attribute exists at
-PP 1). `forward_chunk` runs one chunk: tokens -> hidden on the first, hidden -> hidden in the middle,
-hidden -> loss (or logits) on the last.
+Pipeline parallelism: `megatron.model.stage.build_model` gives each pipeline rank a `GPTStage` holding its
+part of this model under the same parameter names, built from the blocks below.
 
 Activation recomputation (`config.recompute_granularity`, `megatron.model.recompute`): "full" reruns
 groups of layers in backward, "selective" only the attention core; dropout draws are replayed, so the
@@ -56,7 +53,6 @@ gradients are bit-identical to no recomputation.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import nullcontext
 
@@ -64,12 +60,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model import layers, partition, recompute
-from megatron.model.attention import KVCache, SelfAttention, attention_with_cache
+from megatron import kernels
+from megatron.config import ModelConfig
+from megatron.model import init, layers, recompute
+from megatron.model.attention import SelfAttention
+from megatron.model.kv_cache import KVCache, LayerKVCache
 from megatron.model.loss import linear_cross_entropy
 from megatron.parallel import mappings
-from megatron.parallel.collectives import TRIVIAL
-from megatron.parallel.cross_entropy import vocab_parallel_linear_cross_entropy
+from megatron.parallel.collectives import TRIVIAL, Group
 
 
 def _split_activation_rng(parallel_state):
@@ -85,7 +83,9 @@ def _fork(rng, device):
 class Embedding(nn.Module):
     """Word + learned absolute position embeddings, then dropout (Megatron's embedding dropout)."""
 
-    def __init__(self, config, vocab_size: int, parallel_state=None, device=None, dtype=None) -> None:
+    def __init__(
+        self, config: ModelConfig, vocab_size: int, parallel_state=None, device=None, dtype=None
+    ) -> None:
         super().__init__()
         h, std = config.hidden_size, config.init_method_std
         positions = config.max_position_embeddings or config.seq_length
@@ -100,19 +100,20 @@ class Embedding(nn.Module):
         self.sequence_parallel = layers.sequence_parallel(parallel_state)
         self.rng = _split_activation_rng(parallel_state)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, start: int = 0):
         """tokens [b, s] -> [b, s, h], or this rank's sequence chunk [b, s / tp, h] under sequence
-        parallelism."""
+        parallelism. Positions are `position_ids` [b, s], default start..start+s-1."""
         s = tokens.shape[1]
-        if s > self.position_embeddings.num_embeddings:
+        if start + s > self.position_embeddings.num_embeddings:
             raise ValueError(
-                f"sequence length {s} exceeds max_position_embeddings={self.position_embeddings.num_embeddings}"
+                f"sequence length {start + s} exceeds "
+                f"max_position_embeddings={self.position_embeddings.num_embeddings}"
             )
         if self.sequence_parallel:
             mappings.check_sequence_split(s, self.tp_group)
         words = self.word_embeddings(tokens)  # [b, s, h] (whole on every TP rank)
-        if position_ids is None:  # 0..s-1: a slice, cheaper than a lookup forward and backward
-            positions = self.position_embeddings.weight[:s]  # [s, h]
+        if position_ids is None:  # consecutive: a slice, cheaper than a lookup forward and backward
+            positions = self.position_embeddings.weight[start : start + s]  # [s, h]
         else:
             positions = self.position_embeddings(position_ids)  # [b, s, h]
         x = words + positions  # [b, s, h]
@@ -126,7 +127,7 @@ class Embedding(nn.Module):
 class MLP(nn.Module):
     """h -> ffn (column-parallel) -> GELU -> h (row-parallel)."""
 
-    def __init__(self, config, parallel_state=None, device=None, dtype=None) -> None:
+    def __init__(self, config: ModelConfig, parallel_state=None, device=None, dtype=None) -> None:
         super().__init__()
         h, std = config.hidden_size, config.init_method_std
         ffn = config.ffn_hidden_size or 4 * h
@@ -135,10 +136,9 @@ class MLP(nn.Module):
         self.dense_4h_to_h = layers.row_linear(
             ffn, h, init_std=std / math.sqrt(2.0 * config.num_layers), **kw
         )
-        activation = getattr(config, "activation", "gelu_tanh")
-        if activation not in ("gelu_tanh", "gelu"):
-            raise ValueError(f"activation={activation!r} is not supported; use 'gelu_tanh' or 'gelu'")
-        self.approximate = "tanh" if activation == "gelu_tanh" else "none"
+        if config.activation not in ("gelu_tanh", "gelu"):
+            raise ValueError(f"activation={config.activation!r} is not supported; use 'gelu_tanh' or 'gelu'")
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[b, s, h] -> [b, s, ffn] -> [b, s, h]."""
@@ -148,7 +148,9 @@ class MLP(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-LN block: x + dropout(attention(LN(x))), then x + dropout(mlp(LN(x)))."""
 
-    def __init__(self, config, layer_number: int, parallel_state=None, device=None, dtype=None) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_number: int, parallel_state=None, device=None, dtype=None
+    ) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.layernorm_epsilon
         kw = dict(parallel_state=parallel_state, device=device, dtype=dtype)
@@ -159,9 +161,14 @@ class TransformerLayer(nn.Module):
         self.hidden_dropout = config.hidden_dropout
         self.rng = _split_activation_rng(parallel_state)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
         """[b, s, h] -> [b, s, h] (this rank's chunk [b, s/tp, h] under sequence parallelism)."""
-        x = x + self._dropout(self.attention(self.input_layernorm(x), attention_mask))
+        x = x + self._dropout(self.attention(self.input_layernorm(x), attention_mask, kv_cache))
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,8 +178,8 @@ class TransformerLayer(nn.Module):
 
 
 class LayerDict(nn.ModuleDict):
-    """The decoder layers a model holds, keyed by their global (logical) index, so that parameter names
-    are `layers.{i}.*` at every pipeline layout; `layers[i]` takes that index as an int too."""
+    """Decoder layers keyed by their global (logical) index, so that parameter names are `layers.{i}.*`
+    at every pipeline layout; `layers[i]` takes that index as an int too."""
 
     def __getitem__(self, key) -> nn.Module:
         return super().__getitem__(str(key))
@@ -181,194 +188,131 @@ class LayerDict(nn.ModuleDict):
         return super().__contains__(str(key))
 
 
-class OutputEmbedding(nn.Module):
-    """The last pipeline stage's copy of the tied word embedding, used as the output weight: the same
-    logical name (`embedding.word_embeddings.weight`) and init as the first stage's, marked
-    `pipeline_duplicate` (see the module docstring)."""
+def run_layers(
+    layer_dict: LayerDict, start: int, end: int, x: torch.Tensor, attention_mask, config: ModelConfig, rng
+) -> torch.Tensor:
+    """Layers [start, end) in order. Under full recomputation their groups (`recompute.layer_groups`) keep
+    only their input and rerun in backward, replaying the per-rank stream `rng` (None: default only)."""
 
-    def __init__(self, config, vocab_size: int, parallel_state=None, device=None, dtype=None) -> None:
-        super().__init__()
-        self.word_embeddings = layers.vocab_embedding(
-            vocab_size,
-            config.hidden_size,
-            init_std=config.init_method_std,
-            parallel_state=parallel_state,
-            device=device,
-            dtype=dtype,
-        )
+    def run(group_start: int, group_end: int, x: torch.Tensor) -> torch.Tensor:
+        for i in range(group_start, group_end):
+            x = layer_dict[i](x, attention_mask)  # [b, s, h] ([b, s/tp, h])
+        return x
+
+    groups = recompute.layer_groups(
+        start, end, config.recompute_granularity, config.recompute_method, config.recompute_num_layers
+    )
+    for group_start, group_end, checkpointed in groups:
+        if checkpointed:
+            x = recompute.checkpoint(run, group_start, group_end, x, rng_tracker=rng)
+        else:
+            x = run(group_start, group_end, x)
+    return x
+
+
+def language_model_head(
+    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None, tp_group: Group, sequence_parallel
+) -> torch.Tensor:
+    """The final LayerNorm's output [b, s(/tp), h] -> logits [b, s, V] (model dtype), or with labels [b, s]
+    the per-token cross-entropy float32 [b, s]. `weight` [V(/tp), h] is the output projection (this
+    rank's vocabulary rows under TP)."""
+    if sequence_parallel:
+        x = mappings.gather_from_sequence_parallel_region(x, tp_group)  # [b, s, h]
+    else:  # the TP region's input: identity forward, backward sums the hidden gradient over TP
+        x = mappings.copy_to_tensor_parallel_region(x, tp_group)  # [b, s, h]
+    b, s, h = x.shape
+    if labels is None:
+        logits = kernels.linear(x, weight)  # [b, s, V/tp]
+        return mappings.gather_from_tensor_parallel_region(logits, tp_group)  # [b, s, V]
+    loss = linear_cross_entropy(x.reshape(b * s, h), weight, labels.reshape(b * s), tp_group)  # [b*s]
+    return loss.view(b, s)  # the same on every TP rank
 
 
 class GPTModel(nn.Module):
-    """StarCoder-style GPT: see the module docstring for the parameter names.
+    """StarCoder-style GPT, the whole model (every layer; any tensor-parallel size): see the module
+    docstring for the parameter names.
 
-    `GPTModel(config, vocab_size, parallel_state=None, *, device=None, dtype=None, parallel_config=None)`:
-    `config` is a `ModelConfig` (attribute names as in the contract), `vocab_size` the padded vocabulary.
-    Under pipeline parallelism the model holds only this rank's part: the layer ranges of
-    `partition.pipeline_layer_ranges` for `parallel_state`'s pipeline rank and the layout flags of
-    `parallel_config` (a `ParallelConfig`; None: an even split, not interleaved), run chunk by chunk with
-    `forward_chunk`. Build with `device="meta"` to count parameters without allocating. Construction
-    leaves PyTorch's default init; call `init_weights(seed)` for the model's own (layout-invariant)
-    initialisation.
+    `config` is the run's `ModelConfig`, `vocab_size` the padded vocabulary. Build with `device="meta"` to
+    count parameters without allocating. Construction leaves PyTorch's default init; call
+    `init_weights(seed)` for the model's own layout-invariant initialisation (`megatron.model.init`).
     """
 
     def __init__(
-        self, config, vocab_size: int, parallel_state=None, *, device=None, dtype=None, parallel_config=None
+        self, config: ModelConfig, vocab_size: int, parallel_state=None, *, device=None, dtype=None
     ) -> None:
         super().__init__()
         self.config = config
         self.vocab_size = vocab_size
         self.tp_group = TRIVIAL if parallel_state is None else parallel_state.tp_group
         self.sequence_parallel = layers.sequence_parallel(parallel_state)
-        self.tensor_model_parallel_rank = (
-            0 if parallel_state is None else parallel_state.tensor_model_parallel_rank
-        )
         self.rng = None if parallel_state is None else parallel_state.rng  # replayed by recomputation
-        pp, pp_rank = _pipeline_position(parallel_state)
-        self.chunk_ranges = tuple(
-            partition.pipeline_layer_ranges(
-                config.num_layers, pp, pp_rank, **partition.pipeline_layout(parallel_config)
-            )
-        )
-        self.is_first_stage, self.is_last_stage = pp_rank == 0, pp_rank == pp - 1
-        tied = not config.untie_embeddings_and_output_weights
-        kw = dict(device=device, dtype=dtype)
-        self.embedding = self.final_layernorm = self.output_layer = None
-        if self.is_first_stage:
-            self.embedding = Embedding(config, vocab_size, parallel_state, **kw)
-        elif self.is_last_stage and tied:
-            self.embedding = OutputEmbedding(config, vocab_size, parallel_state, **kw)
+        kw = dict(parallel_state=parallel_state, device=device, dtype=dtype)
+        self.embedding = Embedding(config, vocab_size, **kw)
         self.layers = LayerDict(
-            {
-                str(i): TransformerLayer(config, i + 1, parallel_state, **kw)
-                for start, end in self.chunk_ranges
-                for i in range(start, end)
-            }
+            {str(i): TransformerLayer(config, i + 1, **kw) for i in range(config.num_layers)}
         )
-        if self.is_last_stage:
-            self.final_layernorm = layers.layer_norm(
-                config.hidden_size, eps=config.layernorm_epsilon, parallel_state=parallel_state, **kw
-            )
-            if not tied:
-                self.output_layer = layers.vocab_embedding(
-                    vocab_size,
-                    config.hidden_size,
-                    init_std=config.init_method_std,
-                    parallel_state=parallel_state,
-                    **kw,
-                )
-        if pp > 1 and tied and self.embedding is not None:  # first and last stage: keep both copies equal
-            self.embedding.word_embeddings.weight.embedding_group_reduce = True
-            if not self.is_first_stage:
-                self.embedding.word_embeddings.weight.pipeline_duplicate = True
-
-    @property
-    def num_chunks(self) -> int:
-        """Model chunks this rank holds (virtual pipeline stages; 1 unless interleaved)."""
-        return len(self.chunk_ranges)
-
-    def chunk_is_first(self, chunk: int) -> bool:
-        """Chunk `chunk` holds the embedding (takes tokens): the first pipeline stage's chunk 0."""
-        return self.is_first_stage and chunk == 0
-
-    def chunk_is_last(self, chunk: int) -> bool:
-        """Chunk `chunk` holds the final LayerNorm and the output layer (returns the loss or logits):
-        the last pipeline stage's last chunk."""
-        return self.is_last_stage and chunk == self.num_chunks - 1
-
-    def pipeline_hidden_shape(self, micro_batch_size: int, seq_length: int) -> tuple[int, int, int]:
-        """The shape of the hidden states passed between stages: [b, s, h], [b, s / tp, h] under
-        sequence parallelism."""
-        s = seq_length // self.tp_group.size if self.sequence_parallel else seq_length
-        return (micro_batch_size, s, self.config.hidden_size)
+        self.final_layernorm = final_layer_norm(config, **kw)
+        self.output_layer = None
+        if config.untie_embeddings_and_output_weights:
+            self.output_layer = output_embedding(config, vocab_size, **kw)
 
     @property
     def output_weight(self) -> nn.Parameter:
-        """The [V, h] output projection ([V / tp, h] shard under TP): the word embedding itself unless
-        untied. Only on the last pipeline stage."""
-        if self.output_layer is not None:
-            return self.output_layer.weight
-        if not self.is_last_stage:
-            raise AttributeError("output_weight: only the last pipeline stage holds the output layer")
-        return self.embedding.word_embeddings.weight
+        """The [V, h] output projection ([V / tp, h] shard under TP): the word embedding unless untied."""
+        return (
+            self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        )
 
-    def forward(self, tokens, position_ids=None, attention_mask=None, labels=None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """tokens int64 [b, s] -> logits [b, s, V] (model dtype), or with labels [b, s] the per-token
         cross-entropy float32 [b, s]. attention_mask: None = causal, else bool [b, 1, s, s] with
         True = masked out. Under TP every rank passes the same inputs and gets the same whole result.
-        Only for a model that holds every layer (pipeline parallel size 1): see `forward_chunk`."""
-        if not (self.num_chunks == 1 and self.chunk_is_first(0) and self.chunk_is_last(0)):
-            raise RuntimeError(
-                "GPTModel.forward runs the whole model, but this pipeline stage holds layers "
-                f"{self.chunk_ranges} only; run its chunks with forward_chunk (megatron.parallel.pipeline)"
-            )
-        return self.forward_chunk(
-            0, tokens=tokens, position_ids=position_ids, attention_mask=attention_mask, labels=labels
+
+        Inference: with `kv_cache` (from `new_kv_cache`; eval mode, TP 1) the tokens continue the
+        positions the cache holds, whose keys and values they attend to and extend; left padding is
+        marked with `kv_cache.mark_padding` beforehand. `last_only`: logits of the last position only.
+        """
+        start = 0 if kv_cache is None else self._begin_cached(kv_cache, tokens, attention_mask)
+        x = self.embedding(tokens, position_ids, start)  # [b, s, h] ([b, s/tp, h] under SP)
+        if kv_cache is None:
+            x = run_layers(self.layers, 0, len(self.layers), x, attention_mask, self.config, self.rng)
+        else:  # each layer attends over, and appends to, its part of the cache
+            for i, layer in enumerate(self.layers.values()):
+                x = layer(x, kv_cache=kv_cache.layers[i])
+            kv_cache.end()
+        if last_only:
+            x = x[:, -1:]  # [b, 1, h]
+        return language_model_head(
+            self.final_layernorm(x), self.output_weight, labels, self.tp_group, self.sequence_parallel
         )
 
-    def forward_chunk(
-        self, chunk: int, *, tokens=None, hidden=None, position_ids=None, attention_mask=None, labels=None
-    ) -> torch.Tensor:
-        """Run model chunk `chunk` (its layers `chunk_ranges[chunk]`).
-
-        Input: `tokens` int64 [b, s] (and `position_ids`) when `chunk_is_first(chunk)`, else `hidden`, the
-        previous stage's output [b, s, h] ([b, s/tp, h] under sequence parallelism). `attention_mask` as
-        in `forward`, on every chunk. Output: on the last chunk the per-token loss float32 [b, s] when
-        `labels` are given, else the logits [b, s, V] (vocabulary gathered); otherwise the hidden states
-        for the next stage [b, s(/tp), h].
-        """
-        first = self.chunk_is_first(chunk)
-        if (tokens is None) == first or (hidden is None) != first:
-            wanted = "tokens (it holds the embedding)" if first else "hidden (the previous stage's output)"
-            raise ValueError(f"forward_chunk({chunk}) takes {wanted}")
-        start, end = self.chunk_ranges[chunk]
-        # [b, s, h] ([b, s/tp, h] under sequence parallelism) from here on
-        x = self.embedding(tokens, position_ids) if first else hidden
-        for group_start, group_end, checkpointed in recompute.layer_groups(
-            start,
-            end,
-            getattr(self.config, "recompute_granularity", None),
-            getattr(self.config, "recompute_method", None),
-            getattr(self.config, "recompute_num_layers", None),
-        ):
-            if checkpointed:
-                x = recompute.checkpoint(
-                    self._run_layers, group_start, group_end, x, attention_mask, rng_tracker=self.rng
-                )
-            else:
-                x = self._run_layers(group_start, group_end, x, attention_mask)
-        if not self.chunk_is_last(chunk):
-            return x
-        return self._output(self.final_layernorm(x), labels)
-
-    def _run_layers(self, start: int, end: int, x: torch.Tensor, attention_mask) -> torch.Tensor:
-        for i in range(start, end):
-            x = self.layers[i](x, attention_mask)  # [b, s, h] ([b, s/tp, h])
-        return x
-
-    def _output(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The final LayerNorm's output [b, s(/tp), h] -> logits or per-token loss."""
-        if not self.tp_group.is_trivial:
-            return self._tensor_parallel_output(x, labels)
-        b, s = x.shape[:2]
-        if labels is None:
-            return F.linear(x, self.output_weight)  # [b, s, V]
-        loss = linear_cross_entropy(x.reshape(b * s, -1), self.output_weight, labels.reshape(b * s))  # [b*s]
-        return loss.view(b, s)
-
     def new_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
-        """An empty `KVCache` for `forward_with_cache`: `max_length` positions (default and at most
-        max_position_embeddings) for `batch_size` sequences, in the model's dtype and device."""
-        self._check_whole_model("forward_with_cache")
+        """An empty `KVCache` for `batch_size` sequences of `max_length` positions (default and at most
+        max_position_embeddings), in the model's dtype and device."""
+        if not self.tp_group.is_trivial:
+            raise RuntimeError(
+                "the KV cache runs at tensor parallel size 1: load the checkpoint into one process "
+                "(megatron.inference.generate.load_model_from_checkpoint)"
+            )
         positions = self.embedding.position_embeddings.num_embeddings
         max_length = positions if max_length is None else max_length
         if not 0 < max_length <= positions:
             raise ValueError(
                 f"KV cache max_length={max_length}: must be in 1..max_position_embeddings={positions}"
             )
-        attention = self.layers[self.chunk_ranges[0][0]].attention
+        attention = self.layers[0].attention
         weight = self.embedding.word_embeddings.weight
         return KVCache(
-            self.config.num_layers,
+            len(self.layers),
             batch_size,
             max_length,
             attention.num_kv_heads,
@@ -377,139 +321,38 @@ class GPTModel(nn.Module):
             device=weight.device,
         )
 
-    @torch.no_grad()
-    def forward_with_cache(
-        self, tokens: torch.Tensor, cache: KVCache, *, positions=None, attention_mask=None, last_only=False
-    ) -> torch.Tensor:
-        """Incremental inference: tokens int64 [b, t] continue the `cache.length` positions `cache` holds
-        (their keys and values are appended) -> logits [b, t, V] ([b, 1, V] with `last_only`).
-
-        `positions` int64 [b, t] are the position-embedding indices (default cache.length + 0..t-1);
-        `attention_mask` bool [b, t], True = a real token, marks left padding (its keys are masked for
-        every later query). Eval only, TP 1 and PP 1: checkpoints of any layout load into one process.
-        """
-        self._check_whole_model("forward_with_cache")
+    def _begin_cached(self, kv_cache: KVCache, tokens: torch.Tensor, attention_mask) -> int:
         if self.training:
-            raise RuntimeError("forward_with_cache is for inference: call model.eval() first")
-        b, t = tokens.shape
-        start = cache.length
-        if start + t > cache.max_length:
-            raise ValueError(f"KV cache holds {cache.max_length} positions; {start} used + {t} new exceed it")
+            raise RuntimeError("the KV cache is for inference: call model.eval() first")
         if attention_mask is not None:
-            cache.mark_padding(start, attention_mask)
-        if positions is None:
-            x = (
-                self.embedding.word_embeddings(tokens)
-                + self.embedding.position_embeddings.weight[start : start + t]
-            )
-        else:
-            x = self.embedding.word_embeddings(tokens) + self.embedding.position_embeddings(
-                positions
-            )  # [b, t, h]
-        bias = cache.attention_bias(start, t)  # None, [b, 1, L] or [b, t, L]
-        for i in range(self.config.num_layers):
-            layer = self.layers[i]
-            x = x + attention_with_cache(layer.attention, layer.input_layernorm(x), cache, i, bias)
-            x = x + _mlp_inference(layer.mlp, layer.post_attention_layernorm(x))  # [b, t, h]
-        cache.length = start + t
-        if last_only:
-            x = x[:, -1:]
-        x = self.final_layernorm(x)
-        return layers.matmul_nt(x.reshape(-1, x.shape[-1]), self.output_weight).view(b, x.shape[1], -1)
+            raise ValueError("with a KV cache, mark padding with kv_cache.mark_padding, not attention_mask")
+        return kv_cache.begin(tokens.shape[1])
 
-    def _check_whole_model(self, what: str) -> None:
-        if not (self.num_chunks == 1 and self.chunk_is_first(0) and self.chunk_is_last(0)):
-            raise RuntimeError(f"{what} needs the whole model in one process (pipeline parallel size 1)")
-        if not self.tp_group.is_trivial:
-            raise RuntimeError(
-                f"{what} runs at tensor parallel size 1: load the checkpoint into one process "
-                "(megatron.inference.generate.load_model_from_checkpoint)"
-            )
-
-    def chunk_named_parameters(self, chunk: int) -> list[tuple[str, nn.Parameter]]:
-        """(logical name, parameter) of the parameters chunk `chunk` uses, in model order; the chunks'
-        lists partition `named_parameters()`."""
-        start, end = self.chunk_ranges[chunk]
-        prefixes = tuple(f"layers.{i}." for i in range(start, end))
-        if self.chunk_is_first(chunk) or self.chunk_is_last(chunk):
-            prefixes += ("embedding.",)
-        if self.chunk_is_last(chunk):
-            prefixes += ("final_layernorm.", "output_layer.")
-        return [(name, param) for name, param in self.named_parameters() if name.startswith(prefixes)]
-
-    def _tensor_parallel_output(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The output layer on this rank's vocabulary shard: enter the TP region (backward: sum the hidden
-        gradient over TP), then the vocabulary-parallel loss, or the logits gathered over TP."""
-        if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x, self.tp_group)  # [b, s, h]
-        else:
-            x = mappings.copy_to_tensor_parallel_region(x, self.tp_group)  # [b, s, h]
-        b, s = x.shape[:2]
-        if labels is None:
-            logits = F.linear(x, self.output_weight)  # [b, s, V/tp]
-            return mappings.gather_from_tensor_parallel_region(logits, self.tp_group)  # [b, s, V]
-        loss = vocab_parallel_linear_cross_entropy(
-            x.reshape(b * s, -1), self.output_weight, labels.reshape(b * s), self.tp_group
-        )  # [b*s], the same on every TP rank
-        return loss.view(b, s)
-
-    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Draw every parameter from its own generator seeded by (seed, parameter name).
-
-        Normal(0, init_std) for weights (init_method_std; attention.dense and mlp.dense_4h_to_h use
-        init_method_std / sqrt(2 * num_layers)), zeros for biases, ones for LayerNorm weights. The full
-        (logical, `full_shape`) tensor is drawn on the CPU in fp32 and this rank's tensor-parallel slice
-        copied in, so the result does not depend on build order, device, dtype, the global RNG or the
-        parallel layout: gathered over TP it is the TP 1 model's weight, bit for bit.
-        """
-        for name, param in self.named_parameters():
-            init_parameter(param, seed, name, tensor_model_parallel_rank=self.tensor_model_parallel_rank)
+        """Draw every parameter from its own generator seeded by (seed, parameter name); see
+        `megatron.model.init`."""
+        init.init_weights(self, seed, self.tp_group.rank)
 
 
-def _mlp_inference(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
-    """`mlp(x)` without the autograd wrapper of the training linears (the same GEMMs and GELU)."""
-    b, t, h = x.shape
-    up, down = mlp.dense_h_to_4h, mlp.dense_4h_to_h
-    hidden = F.gelu(layers.matmul_nt(x.reshape(b * t, h), up.weight, up.bias), approximate=mlp.approximate)
-    return layers.matmul_nt(hidden, down.weight, down.bias).view(b, t, h)
+def final_layer_norm(config: ModelConfig, parallel_state=None, device=None, dtype=None) -> nn.LayerNorm:
+    """The LayerNorm after the last block (`final_layernorm`)."""
+    return layers.layer_norm(
+        config.hidden_size,
+        eps=config.layernorm_epsilon,
+        parallel_state=parallel_state,
+        device=device,
+        dtype=dtype,
+    )
 
 
-def _pipeline_position(parallel_state) -> tuple[int, int]:
-    """(pipeline parallel size, this rank's pipeline rank); (1, 0) for one process."""
-    if parallel_state is None:
-        return 1, 0
-    return parallel_state.pipeline_model_parallel_size, parallel_state.pipeline_model_parallel_rank
-
-
-def parameter_seed(seed: int, name: str) -> int:
-    """A 63-bit generator seed that depends only on (seed, parameter name)."""
-    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def init_parameter(param: nn.Parameter, seed: int, name: str, *, tensor_model_parallel_rank: int = 0) -> None:
-    """Initialise one parameter per its `init_method`/`init_std` attributes (set in layers.py): draw the
-    full tensor and keep the slice of tensor-parallel rank `tensor_model_parallel_rank`."""
-    method = getattr(param, "init_method", None)
-    if method == "zeros":
-        param.zero_()
-    elif method == "ones":
-        param.fill_(1.0)
-    elif method == "normal":
-        generator = torch.Generator(device="cpu").manual_seed(parameter_seed(seed, name))
-        shape = getattr(param, "full_shape", tuple(param.shape))
-        full = torch.empty(shape, dtype=torch.float32).normal_(0.0, param.init_std, generator=generator)
-        param.copy_(local_shard(full, param, tensor_model_parallel_rank))
-    else:
-        raise AssertionError(f"parameter {name} has no init_method attribute")
-
-
-def local_shard(full: torch.Tensor, param: nn.Parameter, tensor_model_parallel_rank: int) -> torch.Tensor:
-    """The slice of the full tensor `full` that tensor-parallel rank `tensor_model_parallel_rank` holds as
-    `param` (contiguous chunks along `partition_dim`, rank order); `full` itself when not split."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim = param.partition_dim
-    size = param.shape[dim]
-    return full.narrow(dim, tensor_model_parallel_rank * size, size)
+def output_embedding(config: ModelConfig, vocab_size: int, parallel_state=None, device=None, dtype=None):
+    """A [V, h] matrix laid out as the word embedding (vocabulary rows split over TP): the untied output
+    layer, or a pipeline stage's copy of the tied word embedding."""
+    return layers.vocab_embedding(
+        vocab_size,
+        config.hidden_size,
+        init_std=config.init_method_std,
+        parallel_state=parallel_state,
+        device=device,
+        dtype=dtype,
+    )

@@ -4,7 +4,7 @@ Every linear, embedding and LayerNorm of `GPTModel` is built by a factory here. 
 (or without a `parallel_state`) they return plain `Linear` / `nn.Embedding` / `nn.LayerNorm`, exactly the
 single-process model; at TP > 1 the column- and row-parallel linears and the vocabulary-parallel
 embedding of `megatron.parallel.layers`, which hold this rank's shard and compute with the same kernels
-(`linear`, `matmul_nt` below).
+(`megatron.kernels`).
 
 Each parameter carries the facts the optimizer, gradient-norm, checkpoint and parallel code read (nobody
 re-derives them from names):
@@ -17,123 +17,16 @@ re-derives them from names):
   backward: the multi-query key/value projection at TP > 1, and under sequence parallelism every
   LayerNorm weight/bias and row-parallel bias. Always False at TP=1.
 - `no_weight_decay` (bool): True on biases and LayerNorm parameters.
-- `init_method` (str) and `init_std` (float): how `GPTModel.init_weights` draws it ("normal" with std,
+- `init_method` (str) and `init_std` (float): how `megatron.model.init` draws it ("normal" with std,
   "zeros" or "ones"); the full tensor is drawn and this rank's slice kept.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megatron.kernels import Linear
 from megatron.parallel import layers as parallel_layers
-
-
-def _has_onednn_linear() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
-        return False
-
-
-_ONEDNN_LINEAR = _has_onednn_linear()
-
-
-def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`a @ b.T (+ bias)` for 2-D a, b; fp32 on the CPU (outside autocast) through oneDNN's GEMM.
-
-    The default CPU matmul calls MKL, which on the benchmark machine (AMD, AVX-512) measured 10-25%
-    slower than oneDNN's fp32 GEMM at every forward and input-gradient shape of bench/train_step.py
-    (b contiguous, or the transpose of a contiguous matrix for `a @ W` = `matmul_nt(a, W.t())`). Both
-    are ieee fp32; only the summation order differs. For the weight gradients (`grad.T @ x`) MKL was
-    the faster one, so those stay `@`.
-    """
-    onednn = _ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
-    if onednn and not torch.is_autocast_enabled("cpu"):
-        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
-    return a @ b.t() if bias is None else torch.addmm(bias, a, b.t())
-
-
-class _CPULinear(torch.autograd.Function):
-    """x @ W^T + b whose backward reduces the bias gradient with a GEMV (ones @ grad).
-
-    On the CPU `grad.sum(0)` over [tokens, features] runs at a small fraction of memory bandwidth for
-    most shapes (measured 7 ms vs 0.2-0.7 ms for [1024, 768..3072]); the forward and the two
-    gradient matmuls are what `F.linear`'s autograd does (the forward and input-gradient GEMMs through
-    `matmul_nt`)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        x2d = x.reshape(-1, x.shape[-1])
-        return matmul_nt(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = matmul_nt(grad_2d, weight.t()).view(x.shape)  # grad @ W
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[2]:
-            grad_bias = torch.mv(grad_2d.t(), torch.ones(grad_2d.shape[0], dtype=grad_2d.dtype))
-        return grad_x, grad_weight, grad_bias
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, with the faster bias gradient on the CPU outside autocast."""
-    if x.device.type == "cpu" and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu"):
-        return _CPULinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class _ConcatLinear(torch.autograd.Function):
-    """x @ [W1; W2]^T + [b1; b2] as one GEMM that saves x, W1 and W2 for backward, not the concatenated
-    weight: `linear(x, torch.cat(...))` would keep a weight-sized copy alive per layer and per micro-batch
-    in flight. The concatenation is rebuilt for the input-gradient GEMM and freed right after. The
-    forward and gradient GEMMs are the ones `linear` runs on the concatenated weight."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        ctx.save_for_backward(x, w1, w2)
-        weight = torch.cat([w1, w2])
-        bias = torch.cat([b1, b2])
-        return matmul_nt(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w1, w2 = ctx.saved_tensors
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out1 + out2]
-        sizes = [w1.shape[0], w2.shape[0]]
-        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
-        if ctx.needs_input_grad[0]:
-            grad_x = matmul_nt(grad_2d, torch.cat([w1, w2]).t()).view(x.shape)  # grad @ W
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            grad_w1, grad_w2 = (grad_2d.t() @ x.reshape(-1, x.shape[-1])).split(sizes)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
-            ones = torch.ones(grad_2d.shape[0], dtype=grad_2d.dtype, device=grad_2d.device)
-            grad_b1, grad_b2 = torch.mv(grad_2d.t(), ones).split(sizes)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
-
-
-def concat_linear(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
-) -> torch.Tensor:
-    """`linear(x, cat([w1, w2]), cat([b1, b2]))` in one GEMM without saving the concatenated weight (see
-    `_ConcatLinear`). Under autocast (which a custom Function would bypass) it is that expression."""
-    if torch.is_autocast_enabled(x.device.type) or not x.dtype == w1.dtype == w2.dtype:
-        return linear(x, torch.cat([w1, w2]), torch.cat([b1, b2]))
-    return _ConcatLinear.apply(x, w1, b1, w2, b2)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (with bias) whose forward is `linear` above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 def _tensor_parallel_size(parallel_state) -> int:
@@ -240,7 +133,7 @@ def replicated_linear(in_features, out_features, *, init_std, parallel_state=Non
 
     At TP > 1 each rank's output gradient only holds its own query heads' share, so the weight and bias
     gradients are partial sums (`tp_grad_reduce`; the reasoning is in `SelfAttention._project_multi_query`). A
-    missing sum here was the defect of the original implementation, see specs/starcoder.md.
+    missing sum here was a defect of the original StarCoder training code (docs/parallelism.md).
     """
     return _linear(
         in_features,

@@ -1,35 +1,55 @@
-"""Output layer fused with the per-token cross-entropy.
+"""The output layer fused with the per-token cross-entropy: one implementation for every layout.
 
-`linear_cross_entropy(hidden, weight, labels)` equals
-`F.cross_entropy((hidden @ weight.T).float(), labels, reduction="none")` but holds a single fp32 [N, V]
-buffer: the logits are turned into exp(logit - max) in place, kept for backward and turned into the
-logit gradient in place there: four passes over [N, V] in place of log_softmax + nll_loss and their
-backwards (which also allocate and zero-fill two more [N, V] tensors). (Passes over row blocks that fit
-in L2 were slower with 2 threads under CPU contention: many small ops, each a thread rendezvous.)
-The logits and hidden-gradient GEMMs go through `layers.matmul_nt` (oneDNN for fp32 on the CPU).
-The vocabulary-parallel version (logits split over TP ranks) comes with the tensor-parallel issue.
+`linear_cross_entropy(hidden, weight, labels, group)` equals
+`F.cross_entropy((hidden @ full_weight.T).float(), labels, reduction="none")`, where `weight` is this rank's
+vocabulary shard of `full_weight` (rows [rank * V / tp, (rank + 1) * V / tp) of the tensor-parallel
+`group`). At tensor-parallel size 1 the group is trivial, `weight` is the whole [V, h] matrix and the two
+all-reduces below return their input: the one-process loss is this code with nothing exchanged.
+
+Memory: it holds a single fp32 [N, V / tp] buffer. The logits are turned into exp(logit - max) in place,
+kept for backward and turned into the logit gradient in place there: four passes over the buffer in place
+of log_softmax + nll_loss and their backwards (which also allocate and zero-fill two more [N, V] tensors).
+The full vocabulary is never gathered. (Passes over row blocks that fit in L2 were slower with 2 threads
+under CPU contention: many small ops, each a thread rendezvous.)
+
+Communication (tp > 1): two all-reduces of [N] vectors in forward: the max logit (max), then the target
+logit (held by one rank, zeros elsewhere) together with the sum of exp(logit - max) (sum) in one call. The
+per-token loss, log(sum_exp) + max - target, is then the same bits on every rank. Backward needs none: the
+logit gradient softmax - onehot is local to each shard, each rank's weight gradient is complete for its
+rows, and the hidden gradient is this shard's partial sum, which the caller's input mapping
+(`copy_to_tensor_parallel_region` or the sequence-parallel gather) sums over the group.
+
+The logits and hidden-gradient GEMMs go through `kernels.matmul_nt` (oneDNN for fp32 on the CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron.model import layers
+from megatron import kernels
+from megatron.parallel import collectives
+from megatron.parallel.collectives import TRIVIAL, Group
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels):
-        logits = layers.matmul_nt(hidden, weight)  # [N, V] in the model (or autocast) dtype
+    def forward(ctx, hidden, weight, labels, group):
+        logits = kernels.matmul_nt(hidden, weight)  # [N, V/tp] in the model (or autocast) dtype
         ctx.compute_dtype = logits.dtype
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the softmax and the saved buffer are fp32
+        local_labels = labels - group.rank * weight.shape[0]
+        here = (local_labels >= 0) & (local_labels < weight.shape[0])  # [N]: this rank holds the label
+        local_labels = local_labels.masked_fill(~here, 0)
         rows = torch.arange(logits.shape[0], device=logits.device)
-        target = logits[rows, labels]  # [N]
-        max_logit = logits.amax(dim=1)  # [N]
+        target = logits[rows, local_labels].masked_fill_(~here, 0.0)  # [N]
+        max_logit = collectives.all_reduce(logits.amax(dim=1), group, op="max")  # [N]
         sum_exp = logits.sub_(max_logit[:, None]).exp_().sum(dim=1)  # exp(logit - max) in place; [N]
+        if not group.is_trivial:
+            totals = collectives.all_reduce(torch.stack([target, sum_exp]), group)  # [2, N]
+            target, sum_exp = totals[0], totals[1]
         loss = sum_exp.log().add_(max_logit).sub_(target)
-        ctx.save_for_backward(hidden, weight, labels, logits, sum_exp)
+        ctx.save_for_backward(hidden, weight, local_labels, here, logits, sum_exp)
         return loss
 
     @staticmethod
@@ -39,27 +59,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 "linear_cross_entropy supports one backward pass (retain_graph=True is not supported)"
             )
         ctx.consumed = True
-        hidden, weight, labels, exp_logits, sum_exp = ctx.saved_tensors
+        hidden, weight, local_labels, here, exp_logits, sum_exp = ctx.saved_tensors
         # d loss_i / d logit_ij = softmax_ij - [j == label_i]; the saved buffer becomes the gradient
         grad_logits = exp_logits
         grad_loss = grad_loss.to(sum_exp.dtype)
         grad_logits.mul_((grad_loss / sum_exp)[:, None])  # softmax * grad_loss
         rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
-        grad_logits.index_put_((rows, labels), -grad_loss, accumulate=True)
+        onehot = torch.where(here, -grad_loss, torch.zeros_like(grad_loss))  # labels other ranks hold: 0
+        grad_logits.index_put_((rows, local_labels), onehot, accumulate=True)
         dtype = ctx.compute_dtype  # the forward matmul's dtype (bf16 under autocast), not fp32
         grad_logits = grad_logits.to(dtype)
         grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = layers.matmul_nt(grad_logits, weight.to(dtype).t()).to(hidden.dtype)  # grad @ W
+        if ctx.needs_input_grad[0]:  # this shard's share; the caller's input mapping sums it over TP
+            grad_hidden = kernels.matmul_nt(grad_logits, weight.to(dtype).t()).to(hidden.dtype)  # grad @ W
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_logits.t() @ hidden.to(dtype)).to(weight.dtype)
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy (fp32) of the logits `hidden @ weight.T` against `labels`.
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, group: Group = TRIVIAL
+) -> torch.Tensor:
+    """Per-token cross-entropy (fp32) of the logits `hidden @ full_weight.T` against `labels`.
 
-    hidden [N, h] (model dtype), weight [V, h], labels int64 [N] in [0, V) -> loss float32 [N].
-    Backward may run once (the saved buffer is overwritten by it).
+    hidden [N, h] (model dtype; identical on every rank of `group`), weight [V / tp, h] (this rank's
+    vocabulary rows; the whole [V, h] at tp 1), labels int64 [N] in [0, V) -> loss float32 [N], identical
+    on every rank. Backward may run once (the saved buffer is overwritten by it).
     """
-    return _LinearCrossEntropy.apply(hidden, weight, labels)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, group)

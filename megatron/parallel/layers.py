@@ -13,9 +13,8 @@
 Every parameter carries the sharding facts the optimizer, gradient norm, checkpoint and debug code read
 (see `set_sharding_attributes`); `megatron.model.layers` adds the init and weight-decay facts.
 
-The local GEMMs use the model's CPU kernels (`megatron.model.layers.linear`: oneDNN forward, GEMV bias
-gradient), so a shard computes with the same kernels as the whole layer at TP 1. They are imported when
-first used: `megatron.model` imports this module to build its layers.
+The local GEMMs use the CPU kernels of `megatron.kernels` (oneDNN forward, GEMV bias gradient), as the
+plain layers at TP 1 do, so a shard computes with the same kernels as the whole layer.
 """
 
 from __future__ import annotations
@@ -26,14 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron import kernels
 from megatron.parallel import collectives, mappings
 from megatron.parallel.collectives import TRIVIAL, Group
-
-
-def _kernels():
-    from megatron.model import layers  # late: megatron.model.layers imports this module
-
-    return layers
 
 
 def set_sharding_attributes(
@@ -79,31 +73,6 @@ def _uniform_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> N
             bias.uniform_(-bound, bound)
 
 
-class _AddBias(torch.autograd.Function):
-    """x + bias whose bias gradient is a GEMV (ones @ grad); see `megatron.model.layers._CPULinear`."""
-
-    @staticmethod
-    def forward(ctx, x, bias):
-        return x + bias
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_bias = None
-        if ctx.needs_input_grad[1]:
-            grad_2d = grad.reshape(-1, grad.shape[-1])
-            ones = torch.ones(grad_2d.shape[0], dtype=grad_2d.dtype, device=grad_2d.device)
-            grad_bias = torch.mv(grad_2d.t(), ones)
-        return grad, grad_bias
-
-
-def add_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`x + bias` (bias in x's dtype, as `F.linear` under autocast), with the GEMV bias gradient on the
-    CPU outside autocast."""
-    if x.device.type == "cpu" and x.dtype == bias.dtype and not torch.is_autocast_enabled("cpu"):
-        return _AddBias.apply(x, bias)
-    return x + bias.to(x.dtype)
-
-
 class ColumnParallelLinear(nn.Module):
     """Linear with its output features split across TP ranks: [b, s(/tp), in] -> [b, s, out / tp]."""
 
@@ -133,7 +102,7 @@ class ColumnParallelLinear(nn.Module):
         return mappings.copy_to_tensor_parallel_region(x, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _kernels().linear(self.gather_input(x), self.weight, self.bias)
+        return kernels.linear(self.gather_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tp={self.group.size}"
@@ -166,12 +135,12 @@ class RowParallelLinear(nn.Module):
         _uniform_(self.weight, self.bias, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = _kernels().linear(x, self.weight, None)  # [b, s, out], this rank's share of the sum
+        partial = kernels.linear(x, self.weight, None)  # [b, s, out], this rank's share of the sum
         if self.sequence_parallel:
             total = mappings.reduce_scatter_to_sequence_parallel_region(partial, self.group)  # [b, s/tp, out]
         else:
             total = mappings.reduce_from_tensor_parallel_region(partial, self.group)  # [b, s, out]
-        return add_bias(total, self.bias)
+        return kernels.add_bias(total, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tp={self.group.size}"
