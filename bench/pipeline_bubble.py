@@ -2,7 +2,7 @@
 micro-batch counts, next to the theory, (p - 1) / (m + p - 1) and (p - 1) / (v * m + p - 1).
 
 Each of `--stages` gloo ranks runs a stage of a synthetic model through the real schedules and p2p
-(`megatron.parallel.pipeline.forward_backward`): every stage's forward of a micro-batch sleeps
+(`megatron.training.step.forward_backward`): every stage's forward of a micro-batch sleeps
 `--forward-ms` and its backward twice that (split evenly over the v chunks when interleaved), inside a
 custom autograd function, so the stages are exactly equal and 4 stages fit on 2 cores (sleeping uses no
 CPU). A stage's idle fraction is 1 - (time it spent in that work) / (wall time of the step, from a
@@ -19,9 +19,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 HIDDEN = 16
 MICRO_BATCH = 1
@@ -82,8 +79,8 @@ def _stage(runs: list[tuple[int, int]], forward_s: float, repeats: int) -> dict:
     for each (num_chunks, micro-batches) of `runs`."""
     import torch
 
-    from megatron.parallel import pipeline
     from megatron.parallel.state import ParallelState
+    from megatron.training.step import forward_backward
 
     state = ParallelState.initialize(1, int(os.environ["WORLD_SIZE"]), backend="gloo")
     pp, rank = state.pipeline_model_parallel_size, state.pipeline_model_parallel_rank
@@ -100,7 +97,7 @@ def _stage(runs: list[tuple[int, int]], forward_s: float, repeats: int) -> dict:
             model.busy_seconds = 0.0
             state.barrier()
             start = time.perf_counter()
-            pipeline.forward_backward(model, None, [batch] * m, state)
+            forward_backward(model, None, [batch] * m, state)
             state.barrier()
             if repeat:
                 steps.append(time.perf_counter() - start)

@@ -1,23 +1,22 @@
 """Pipeline parallelism: the schedules that run this rank's model chunks over the micro-batches of a step,
-and the point-to-point messages between stages.
+and the point-to-point messages between stages. (Without pipelining, training/step.py runs the
+micro-batches itself; it calls `run_schedule` when the pipeline-parallel size is above 1.)
 
 Layout. Pipeline rank r of P holds `model.num_chunks` chunks (V, virtual stages); virtual stage v * P + r
 is rank r's chunk v (Megatron's order), so without interleaving (V = 1) rank r is stage r, and with it
 the activations go round the ring of ranks V times: rank P - 1's chunk v feeds rank 0's chunk v + 1.
-`model.forward_chunk(c, tokens=... | hidden=..., labels=...)` runs one chunk: rank 0's chunk 0 embeds the
-tokens, rank P - 1's last chunk returns the per-token loss, every other chunk maps hidden states to
-hidden states (see megatron/model/gpt.py).
+`model.forward_chunk(c, tokens=... | hidden=..., labels=...)` runs one chunk (`megatron.model.stage`):
+rank 0's chunk 0 embeds the tokens, rank P - 1's last chunk returns the per-token loss, every other chunk
+maps hidden states to hidden states.
 
-Schedules (`forward_backward` picks one; m micro-batches):
-- no pipelining (P = 1): forward and backward of each micro-batch in turn, the gradients accumulating:
-  exactly the loop training/step.py always ran, so the numbers are bit-identical to before.
-- 1F1B (P > 1, V = 1): rank r runs min(P - r - 1, m) warm-up forwards, then alternates one forward and
-  one backward (steady state), then runs the remaining backwards (cool-down). At most P - r micro-batches
+Schedules (m micro-batches):
+- 1F1B (V = 1): rank r runs min(P - r - 1, m) warm-up forwards, then alternates one forward and one
+  backward (steady state), then runs the remaining backwards (cool-down). At most P - r micro-batches
   are in flight on rank r (activations held for their backward), against m when all forwards run first.
   Idle ("bubble") fraction of a step with equal stages: (P - 1) / (m + P - 1).
-- interleaved 1F1B (P > 1, V > 1): Megatron's schedule. Forwards run in groups of P micro-batches
-  through chunk 0, the same P through chunk 1, ..., then the next P; backwards likewise from the last
-  chunk down. Warm-up (P - r - 1) * 2 + (V - 1) * P forwards (every forward when m == P), then 1F1B, then
+- interleaved 1F1B (V > 1): Megatron's schedule. Forwards run in groups of P micro-batches through
+  chunk 0, the same P through chunk 1, ..., then the next P; backwards likewise from the last chunk
+  down. Warm-up (P - r - 1) * 2 + (V - 1) * P forwards (every forward when m == P), then 1F1B, then
   cool-down. Needs m % P == 0. Bubble (P - 1) / (V * m + P - 1), for V times as many messages.
 
 Point to point. Every message has one known shape, `model.pipeline_hidden_shape(b, s)` ([b, s, h], or
@@ -30,34 +29,33 @@ with tag 0 and gradients with tag 1, and a step posts its operations in one fixe
 receive previous, send previous, receive next): with P = 2, where the next and the previous rank are the
 same, the two directions cannot be confused, with tags (gloo) or by order (NCCL ignores tags).
 
-Gradients. The last chunk's backward starts from sum(token_loss * loss_mask) / loss tokens of the global
-batch, multiplied by the fp16 loss scale in `optimizer.backward`; every other chunk backpropagates the
-gradient received from the next virtual stage (already scaled) through its output and sends its input's
-gradient back. `last_micro_batch` is True exactly for the last backward of each chunk, so with
---overlap-grad-reduce a chunk's data-parallel bucket reductions start as soon as that chunk is done.
+Gradients. The last chunk's backward starts from the micro-batch's loss sum / loss tokens of the global
+batch (training/step.py defines the loss), multiplied by the fp16 loss scale in `optimizer.backward`;
+every other chunk backpropagates the gradient received from the next virtual stage (already scaled)
+through its output and sends its input's gradient back. `last_micro_batch` is True exactly for the last
+backward of each chunk, so with --overlap-grad-reduce a chunk's data-parallel bucket reductions start as
+soon as that chunk is done.
 
-Failure. A rank that raises inside the schedule writes "rank R: <error>" into the default process
-group's store, then re-raises. A rank whose p2p operation (or anything else in the schedule) fails - its
-neighbour exited, or the wait ran past the process group's timeout - raises `PipelineError` quoting
-what the other ranks wrote. So every rank exits with an error within the distributed timeout, naming
-the rank that started it. (The store is served by global rank 0's process: when rank 0 is the one that
-failed and has exited, its message cannot be read, and the others report only their own failure.)
+Failure. The schedule runs under `error_store.run_guarded`: a rank that fails records why in the process
+group's store, and a rank whose p2p operation then fails raises `PipelineError` naming the rank that
+started it, within the distributed timeout.
 
 Trace. Pass a list as `trace` and the schedule appends ("F" or "B", micro_batch, chunk) in the order this
-rank ran them; `expected_1f1b_order`, `expected_interleaved_order`, `max_in_flight` and
-`in_flight_limit` are the references a test compares it with, and `format_trace` prints it for a log.
+rank ran them; `format_trace` prints it for a log, and `in_flight_limit` is the bound on the activation
+sets held that the planner uses (tests compare traces with orders written independently).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from megatron.parallel.collectives import COMM_TIMER, all_reduce
+from megatron.parallel import error_store
+from megatron.parallel.collectives import COMM_TIMER
+from megatron.parallel.error_store import PipelineError
 from megatron.parallel.state import ParallelState
 
 ACTIVATION_TAG = 0  # forward messages: hidden states, to the next stage
@@ -69,94 +67,61 @@ PIPELINE_INTERFACE = (
     "forward_chunk",
     "pipeline_hidden_shape",
 )
-_ERROR_COUNT_KEY = "megatron/pipeline/num_errors"
-_ERROR_KEY = "megatron/pipeline/error/"
-_MAX_ERROR_CHARS = 2000
 
 Trace = list[tuple[str, int, int]]
-
-
-class PipelineError(RuntimeError):
-    """Pipeline communication failed, or this rank failed after another rank had (named in the message)."""
-
-
-# --------------------------------------------------------------------------- loss over micro-batches
-def count_loss_tokens(micro_batches: list[dict], parallel_state: ParallelState) -> torch.Tensor:
-    """Loss tokens in the global batch (summed over data-parallel ranks), as an fp32 scalar >= 1."""
-    local = torch.stack([batch["loss_mask"].sum(dtype=torch.float32) for batch in micro_batches]).sum()
-    return parallel_state.all_reduce_data_parallel(local).clamp(min=1.0)
-
-
-def masked_loss_sum(token_losses: torch.Tensor, batch: dict) -> torch.Tensor:
-    """sum(token_loss * loss_mask) in fp32 (differentiable); token_losses [b, s]."""
-    return (token_losses.float() * batch["loss_mask"]).sum()
-
-
-def micro_batch_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """sum(token_loss * loss_mask) over one micro-batch through the whole model, in fp32."""
-    token_losses = model(
-        batch["tokens"],
-        position_ids=batch.get("position_ids"),
-        attention_mask=batch.get("attention_mask"),
-        labels=batch["labels"],
-    )  # [b, s] fp32
-    return masked_loss_sum(token_losses, batch)
+LossFunction = Callable[[torch.Tensor, dict], torch.Tensor]
+__all__ = [
+    "PipelineError",
+    "backward_step",
+    "check_model",
+    "format_trace",
+    "in_flight_limit",
+    "record",
+    "run_schedule",
+]
 
 
 # --------------------------------------------------------------------------- entry point
-def forward_backward(
+def run_schedule(
     model: torch.nn.Module,
     optimizer,
     micro_batches: list[dict],
     parallel_state: ParallelState,
     *,
+    loss_fn: LossFunction,
+    total_tokens: torch.Tensor,
     forward_only: bool = False,
     trace: Trace | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward (and unless `forward_only`, backward) of this rank's part of the model over `micro_batches`,
-    accumulating the gradient of the global-batch token-mean loss (see training/step.py).
+) -> torch.Tensor:
+    """Run 1F1B (one chunk per rank) or interleaved 1F1B over `micro_batches` on this rank's pipeline
+    stage; returns this rank's loss sum (fp32 scalar, zero except on the last stage).
 
-    Returns (loss sum, loss tokens): fp32 scalars, the same on every rank of the job (the loss is
-    computed on the last stage and summed over the pipeline, then over data-parallel ranks). `optimizer`:
-    a `MixedPrecisionOptimizer` (loss scaling, gradient buffer) or None for plain autograd; unused when
-    `forward_only` (which runs under no_grad). `trace`: see the module docstring.
+    `loss_fn(per_token_loss, batch)` turns the last chunk's output into the micro-batch's loss sum, whose
+    backward starts from `loss_sum / total_tokens`. `optimizer`: a `MixedPrecisionOptimizer` (loss
+    scaling, gradient buffer) or None for plain autograd; unused when `forward_only` (the caller runs
+    that under no_grad). Failures are shared through the process group's store (`error_store`).
+    Call `check_model` first, before any collective of the step.
     """
-    if not micro_batches:
-        raise ValueError("forward_backward needs at least one micro-batch")
-    pipelined = parallel_state.pipeline_model_parallel_size > 1
-    if pipelined:
-        _check_pipeline_model(model, parallel_state, micro_batches)
-    total_tokens = count_loss_tokens(micro_batches, parallel_state)
-    with torch.no_grad() if forward_only else nullcontext():
-        if pipelined:
-            loss_sum = _run_guarded(
-                parallel_state,
-                lambda: _pipelined(
-                    model, optimizer, micro_batches, parallel_state, total_tokens, forward_only, trace
-                ),
-            )
-        else:
-            loss_sum = _no_pipelining(model, optimizer, micro_batches, total_tokens, forward_only, trace)
-    loss_sum = all_reduce(loss_sum, parallel_state.pp_group)  # non-zero on the last stage only
-    return parallel_state.all_reduce_data_parallel(loss_sum), total_tokens
+    return error_store.run_guarded(
+        parallel_state,
+        lambda: _pipelined(
+            model, optimizer, micro_batches, parallel_state, loss_fn, total_tokens, forward_only, trace
+        ),
+    )
 
 
-def _no_pipelining(model, optimizer, micro_batches, total_tokens, forward_only, trace) -> torch.Tensor:
-    """Gradient accumulation over the micro-batches through `model(...)` (the whole model)."""
-    loss_sum = torch.zeros((), dtype=torch.float32, device=total_tokens.device)
-    last = len(micro_batches) - 1
-    for index, batch in enumerate(micro_batches):
-        _record(trace, "F", index, 0)
-        micro_sum = micro_batch_loss_sum(model, batch)
-        if not forward_only:
-            _record(trace, "B", index, 0)
-            # the last backward may start the gradient reductions (--overlap-grad-reduce)
-            _backward(optimizer, micro_sum / total_tokens, None, last_micro_batch=index == last)
-        loss_sum += micro_sum.detach()
-    return loss_sum
+def backward_step(
+    optimizer, output: torch.Tensor, grad: torch.Tensor | None, *, last_micro_batch: bool
+) -> None:
+    """Backward of `output` (`grad`: its gradient, None for a scalar loss) through the optimizer (loss
+    scaling, gradient reductions started on the last micro-batch) or plain autograd (optimizer None)."""
+    if optimizer is None:
+        torch.autograd.backward(output, grad_tensors=grad)
+    else:
+        optimizer.backward(output, grad=grad, last_micro_batch=last_micro_batch)
 
 
-def _check_pipeline_model(model, parallel_state: ParallelState, micro_batches: list[dict]) -> None:
+def check_model(model, parallel_state: ParallelState, micro_batches: list[dict]) -> None:
     """User errors before anything is sent (every rank raises the same)."""
     missing = [name for name in PIPELINE_INTERFACE if not hasattr(model, name)]
     if missing:
@@ -175,12 +140,12 @@ def _check_pipeline_model(model, parallel_state: ParallelState, micro_batches: l
     _micro_batch_shape(micro_batches)
 
 
-def _pipelined(model, optimizer, micro_batches, parallel_state, total_tokens, forward_only, trace):
+def _pipelined(model, optimizer, micro_batches, parallel_state, loss_fn, total_tokens, forward_only, trace):
     """Run 1F1B or interleaved 1F1B on this rank; returns the (local) loss sum."""
     b, s = _micro_batch_shape(micro_batches)
     p2p = PipelineP2P(parallel_state, model.pipeline_hidden_shape(b, s), _model_dtype(model))
     stage = _StageRunner(
-        model, optimizer, micro_batches, total_tokens, forward_only=forward_only, trace=trace
+        model, optimizer, micro_batches, loss_fn, total_tokens, forward_only=forward_only, trace=trace
     )
     if model.num_chunks == 1:
         _run_1f1b(stage, p2p, len(micro_batches), forward_only)
@@ -203,16 +168,10 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _record(trace: Trace | None, kind: str, micro_batch: int, chunk: int) -> None:
+def record(trace: Trace | None, kind: str, micro_batch: int, chunk: int) -> None:
+    """Append (kind, micro_batch, chunk) to `trace` unless it is None."""
     if trace is not None:
         trace.append((kind, micro_batch, chunk))
-
-
-def _backward(optimizer, output: torch.Tensor, grad: torch.Tensor | None, *, last_micro_batch: bool) -> None:
-    if optimizer is None:
-        torch.autograd.backward(output, grad_tensors=grad)
-    else:
-        optimizer.backward(output, grad=grad, last_micro_batch=last_micro_batch)
 
 
 # --------------------------------------------------------------------------- one rank's chunks
@@ -220,10 +179,13 @@ class _StageRunner:
     """Runs this rank's chunks forward and backward one micro-batch at a time, holding what each
     backward needs (the received input, the output) from its forward until then."""
 
-    def __init__(self, model, optimizer, micro_batches, total_tokens, *, forward_only: bool, trace) -> None:
+    def __init__(
+        self, model, optimizer, micro_batches, loss_fn, total_tokens, *, forward_only: bool, trace
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.micro_batches = micro_batches
+        self.loss_fn = loss_fn
         self.total_tokens = total_tokens
         self.forward_only = forward_only
         self.trace = trace
@@ -234,7 +196,7 @@ class _StageRunner:
     def forward(self, chunk: int, micro_batch: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
         """Run `chunk` on a micro-batch (`hidden`: what the previous virtual stage sent, None for the
         first); returns the hidden states to send on, or None from the last chunk (the loss)."""
-        _record(self.trace, "F", micro_batch, chunk)
+        record(self.trace, "F", micro_batch, chunk)
         model, batch = self.model, self.micro_batches[micro_batch]
         first, last = model.chunk_is_first(chunk), model.chunk_is_last(chunk)
         assert first == (hidden is None), f"chunk {chunk}: input hidden states given={hidden is not None}"
@@ -249,7 +211,7 @@ class _StageRunner:
             labels=batch["labels"] if last else None,
         )
         if last:
-            micro_sum = masked_loss_sum(output, batch)  # output: per-token loss [b, s]
+            micro_sum = self.loss_fn(output, batch)  # output: per-token loss [b, s]
             self.loss_sum += micro_sum.detach()
             output = micro_sum / self.total_tokens
         if not self.forward_only:
@@ -259,11 +221,11 @@ class _StageRunner:
     def backward(self, chunk: int, micro_batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward of a micro-batch's forward through `chunk` (`grad`: the gradient of its output from
         the next virtual stage, None for the last chunk); returns its input's gradient, None for the first."""
-        _record(self.trace, "B", micro_batch, chunk)
+        record(self.trace, "B", micro_batch, chunk)
         hidden, output = self.saved.pop((chunk, micro_batch))
         assert (grad is None) == self.model.chunk_is_last(chunk), f"chunk {chunk}: output gradient mismatch"
         self.backwards_left[chunk] -= 1
-        _backward(self.optimizer, output, grad, last_micro_batch=self.backwards_left[chunk] == 0)
+        backward_step(self.optimizer, output, grad, last_micro_batch=self.backwards_left[chunk] == 0)
         if hidden is None:
             return None
         if hidden.grad is None:
@@ -502,123 +464,10 @@ class _Interleaved:
                 self.grads[next_chunk].append(grad)
 
 
-# --------------------------------------------------------------------------- error propagation
-def _run_guarded(parallel_state: ParallelState, run: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """`run()`; on an exception, record it in the store and raise it, or a `PipelineError` quoting the
-    errors other ranks recorded first (this rank's failure is then most likely their consequence)."""
-    try:
-        return run()
-    except Exception as error:
-        causes = _errors_from_other_ranks(parallel_state.rank)
-        _record_error(parallel_state.rank, error)
-        if causes:
-            raise PipelineError(
-                f"rank {parallel_state.rank}: the pipeline failed on another rank: {' | '.join(causes)} "
-                f"(this rank then failed with {_describe(error)})"
-            ) from error
-        raise
-
-
-def _describe(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
-
-
-def _default_store():
-    """The default process group's key-value store, or None (no process group, or none to be had)."""
-    try:
-        if dist.is_available() and dist.is_initialized():
-            return dist.distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001 - a private API: without it, errors just are not shared
-        pass
-    return None
-
-
-def _record_error(rank: int, error: BaseException) -> None:
-    """Append "rank R: <error>" to the store's list, marked as a consequence when it is a
-    `PipelineError` (a failed p2p or another rank's failure), else as a cause."""
-    store = _default_store()
-    if store is None:
-        return
-    kind = "consequence" if isinstance(error, PipelineError) else "cause"
-    try:
-        index = store.add(_ERROR_COUNT_KEY, 1)
-        store.set(f"{_ERROR_KEY}{index}", f"{kind}\nrank {rank}: {_describe(error)}")
-    except Exception:  # noqa: BLE001 - the store's host may be gone; the error itself is raised anyway
-        pass
-
-
-def _errors_from_other_ranks(rank: int) -> list[str]:
-    """What other ranks recorded, oldest first: their causes, or when there are none their
-    consequences (empty when the store is unreachable)."""
-    store = _default_store()
-    if store is None:
-        return []
-    recorded: dict[str, list[str]] = {"cause": [], "consequence": []}
-    try:
-        for index in range(1, store.add(_ERROR_COUNT_KEY, 0) + 1):
-            key = f"{_ERROR_KEY}{index}"
-            if store.check([key]):
-                kind, message = store.get(key).decode(errors="replace").split("\n", 1)
-                if not message.startswith(f"rank {rank}: "):
-                    recorded[kind].append(message)
-    except Exception:  # noqa: BLE001 - best effort, as above
-        pass
-    return recorded["cause"] or recorded["consequence"]
-
-
-# --------------------------------------------------------------------------- references for tests and logs
-def _one_f_one_b_order(forwards: list, backwards: list, warmup: int) -> Trace:
-    """`warmup` forwards, then alternately one forward and one backward, then the remaining backwards."""
-    steady = len(forwards) - warmup
-    order = list(forwards[:warmup])
-    for i in range(steady):
-        order += [forwards[warmup + i], backwards[i]]
-    return order + list(backwards[steady:])
-
-
-def expected_1f1b_order(pp: int, rank: int, num_micro_batches: int, *, forward_only: bool = False) -> Trace:
-    """The (kind, micro_batch, chunk) order 1F1B runs on pipeline rank `rank` of `pp`."""
-    forwards = [("F", i, 0) for i in range(num_micro_batches)]
-    if forward_only:
-        return forwards
-    backwards = [("B", i, 0) for i in range(num_micro_batches)]
-    return _one_f_one_b_order(forwards, backwards, min(pp - rank - 1, num_micro_batches))
-
-
-def expected_interleaved_order(
-    pp: int, rank: int, num_micro_batches: int, num_chunks: int, *, forward_only: bool = False
-) -> Trace:
-    """The order interleaved 1F1B runs on pipeline rank `rank`: groups of `pp` micro-batches through
-    chunk 0, 1, ... forward, and through the last chunk down to 0 backward."""
-    groups = range(num_micro_batches // pp)
-    forwards = [("F", g * pp + i, c) for g in groups for c in range(num_chunks) for i in range(pp)]
-    if forward_only:
-        return forwards
-    backwards = [
-        ("B", g * pp + i, num_chunks - 1 - c) for g in groups for c in range(num_chunks) for i in range(pp)
-    ]
-    warmup = interleaved_warmup(pp, rank, num_micro_batches, num_chunks)
-    return _one_f_one_b_order(forwards, backwards, warmup)
-
-
-def max_in_flight(trace: Trace) -> int:
-    """The most (micro_batch, chunk) forwards whose backward had not run yet, at any point of `trace`:
-    the number of activation sets the rank held at its peak."""
-    live: set[tuple[int, int]] = set()
-    peak = 0
-    for kind, micro_batch, chunk in trace:
-        if kind == "F":
-            live.add((micro_batch, chunk))
-            peak = max(peak, len(live))
-        else:
-            live.discard((micro_batch, chunk))
-    return peak
-
-
+# --------------------------------------------------------------------------- bounds and logs
 def in_flight_limit(pp: int, rank: int, num_micro_batches: int, num_chunks: int = 1) -> int:
-    """The schedule's bound on `max_in_flight` for pipeline rank `rank`: min(pp - rank, m) for 1F1B, its
-    warm-up plus one (at most every forward) for interleaved 1F1B."""
+    """The most activation sets (forwards whose backward has not run) pipeline rank `rank` holds at once:
+    min(pp - rank, m) for 1F1B, its warm-up plus one (at most every forward) for interleaved 1F1B."""
     if num_chunks == 1:
         return min(pp - rank, num_micro_batches)
     warmup = interleaved_warmup(pp, rank, num_micro_batches, num_chunks)

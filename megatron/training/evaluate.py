@@ -3,7 +3,7 @@
 Each evaluation starts a fresh pass from the start of the set, so every evaluation of a run scores the
 same held-out samples and the losses are comparable across iterations. Evaluation runs in eval mode (no
 dropout) and under a forked RNG so it never changes the training random stream. The micro-batches go
-through the training schedule forward only (`pipeline.forward_backward`), so under pipeline parallelism
+through the training schedule forward only (`step.forward_backward`), so under pipeline parallelism
 the last stage computes the loss and every rank reports it.
 """
 
@@ -13,9 +13,8 @@ import math
 
 import torch
 
-from megatron.parallel import pipeline
 from megatron.parallel.state import ParallelState
-from megatron.training.step import next_micro_batches
+from megatron.training.step import forward_backward, next_micro_batches
 
 
 def _rng_devices(parallel_state: ParallelState) -> list:
@@ -42,7 +41,7 @@ def evaluate(
         data_iterator = iter(loader)
         for _ in range(eval_iters):
             batches = next_micro_batches(data_iterator, num_micro_batches, parallel_state.device)
-            batch_sum, batch_tokens = pipeline.forward_backward(
+            batch_sum, batch_tokens = forward_backward(
                 model, None, batches, parallel_state, forward_only=True
             )  # both the same on every rank: summed over the pipeline and data-parallel ranks
             loss_sum += batch_sum.double().cpu()

@@ -9,19 +9,22 @@ accumulation steps equals micro 4 x 1 up to floating-point summation order. (Meg
 each micro-batch's token mean, which weights tokens unequally when micro-batches hold different numbers
 of loss tokens, e.g. with FIM padding or --eod-mask-loss.) With data parallelism the total token count is
 summed over ranks before the backward, and the gradients are then summed (not averaged) over ranks.
-Under pipeline parallelism the loss is computed on the last stage and its sum reaches every rank (see
-megatron/parallel/pipeline.py, which runs the micro-batches in every layout).
+
+Schedules: without pipeline parallelism `forward_backward` runs forward and backward of each micro-batch
+in turn, the gradients accumulating; with it, the pipeline schedules of `megatron.parallel.pipeline` run
+this rank's stage, the loss is computed on the last stage and its sum reaches every rank.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from megatron.parallel import pipeline
-from megatron.parallel.pipeline import count_loss_tokens, micro_batch_loss_sum  # noqa: F401 - re-exported
+from megatron.parallel.collectives import all_reduce
 from megatron.parallel.state import ParallelState
 from megatron.training.optimizer import MixedPrecisionOptimizer
 
@@ -53,18 +56,82 @@ def next_micro_batches(data_iterator, num_micro_batches: int, device: torch.devi
     return batches
 
 
+def count_loss_tokens(micro_batches: list[dict], parallel_state: ParallelState) -> torch.Tensor:
+    """Loss tokens in the global batch (summed over data-parallel ranks), as an fp32 scalar >= 1."""
+    local = torch.stack([batch["loss_mask"].sum(dtype=torch.float32) for batch in micro_batches]).sum()
+    return parallel_state.all_reduce_data_parallel(local).clamp(min=1.0)
+
+
+def masked_loss_sum(token_losses: torch.Tensor, batch: dict) -> torch.Tensor:
+    """sum(token_loss * loss_mask) in fp32 (differentiable); token_losses [b, s]."""
+    return (token_losses.float() * batch["loss_mask"]).sum()
+
+
+def micro_batch_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """sum(token_loss * loss_mask) over one micro-batch through the whole model, in fp32."""
+    token_losses = model(
+        batch["tokens"],
+        position_ids=batch.get("position_ids"),
+        attention_mask=batch.get("attention_mask"),
+        labels=batch["labels"],
+    )  # [b, s] fp32
+    return masked_loss_sum(token_losses, batch)
+
+
 def forward_backward(
-    model,
-    optimizer: MixedPrecisionOptimizer,
+    model: torch.nn.Module,
+    optimizer: MixedPrecisionOptimizer | None,
     micro_batches: list[dict],
     parallel_state: ParallelState,
     *,
+    forward_only: bool = False,
     trace: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate the gradient of the global-batch token mean through the pipeline schedule for this
-    layout (`megatron.parallel.pipeline.forward_backward`, which appends the order it ran to `trace`);
-    returns (loss sum, loss tokens), the same on every rank."""
-    return pipeline.forward_backward(model, optimizer, micro_batches, parallel_state, trace=trace)
+    """Forward (and unless `forward_only`, backward) of this rank's model over `micro_batches`,
+    accumulating the gradient of the global-batch token-mean loss.
+
+    Returns (loss sum, loss tokens): fp32 scalars, the same on every rank of the job. `optimizer`: a
+    `MixedPrecisionOptimizer` (loss scaling, gradient buffer) or None for plain autograd; unused when
+    `forward_only` (which runs under no_grad). `trace`: a list that receives the (kind, micro_batch,
+    chunk) order the schedule ran (`pipeline.format_trace` prints it).
+    """
+    if not micro_batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    pipelined = parallel_state.pipeline_model_parallel_size > 1
+    if pipelined:
+        pipeline.check_model(model, parallel_state, micro_batches)
+    total_tokens = count_loss_tokens(micro_batches, parallel_state)
+    with torch.no_grad() if forward_only else nullcontext():
+        if pipelined:
+            loss_sum = pipeline.run_schedule(
+                model,
+                optimizer,
+                micro_batches,
+                parallel_state,
+                loss_fn=masked_loss_sum,
+                total_tokens=total_tokens,
+                forward_only=forward_only,
+                trace=trace,
+            )
+        else:
+            loss_sum = _no_pipelining(model, optimizer, micro_batches, total_tokens, forward_only, trace)
+    loss_sum = all_reduce(loss_sum, parallel_state.pp_group)  # non-zero on the last stage only
+    return parallel_state.all_reduce_data_parallel(loss_sum), total_tokens
+
+
+def _no_pipelining(model, optimizer, micro_batches, total_tokens, forward_only, trace) -> torch.Tensor:
+    """Gradient accumulation over the micro-batches through `model(...)` (the whole model)."""
+    loss_sum = torch.zeros((), dtype=torch.float32, device=total_tokens.device)
+    last = len(micro_batches) - 1
+    for index, batch in enumerate(micro_batches):
+        pipeline.record(trace, "F", index, 0)
+        micro_sum = micro_batch_loss_sum(model, batch)
+        if not forward_only:
+            pipeline.record(trace, "B", index, 0)
+            # the last backward may start the gradient reductions (--overlap-grad-reduce)
+            pipeline.backward_step(optimizer, micro_sum / total_tokens, None, last_micro_batch=index == last)
+        loss_sum += micro_sum.detach()
+    return loss_sum
 
 
 def train_step(
@@ -79,8 +146,7 @@ def train_step(
 
     A non-finite loss skips the optimizer (the caller stops or counts, per --skip-nonfinite); a
     non-finite gradient norm likewise. Under fp16 an inf/nan gradient is a loss-scale overflow: the step
-    is skipped and the scale adapted, which is normal. `trace`: a list to receive the schedule's
-    (kind, micro_batch, chunk) order (`pipeline.format_trace` prints it).
+    is skipped and the scale adapted, which is normal. `trace`: see `forward_backward`.
     """
     model.train()
     optimizer.zero_grad()
