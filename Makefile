@@ -22,6 +22,7 @@ test: setup lint
 lint: setup
 	$(BIN)/ruff check megatron tools tests bench
 	$(BIN)/ruff format --check megatron tools tests bench
+	$(BIN)/lint-imports --no-cache
 
 format: setup
 	$(BIN)/ruff check --fix megatron tools tests bench
