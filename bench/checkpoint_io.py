@@ -2,7 +2,7 @@
 the same bytes, and the training stall of an async save against a synchronous one.
 
 Throughput: a GPT model (fp32, default about 60M parameters, so model + Adam moments are about 0.7 GB)
-is checkpointed with `megatron.checkpoint.sharded.Checkpointer` (one process) and loaded back into fresh
+is checkpointed with `megatron.checkpoint.Checkpointer` (one process) and loaded back into fresh
 objects; the reference writes the same tensors' bytes to one file with plain `write` calls (then fsync)
 and reads them back into preallocated tensors with `readinto`. Both sides are timed in the same run,
 alternating, `--repeats` times (median shown). GB/s counts tensor bytes (the same numerator for both;
@@ -186,7 +186,7 @@ def plain_read(targets: list[torch.Tensor], path: Path) -> float:
 
 
 def checkpoint_save(state: State, root: Path, iteration: int) -> float:
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(state.parallel_state)
     start = time.perf_counter()
@@ -205,7 +205,7 @@ def checkpoint_save(state: State, root: Path, iteration: int) -> float:
 
 
 def checkpoint_load(state: State, root: Path) -> float:
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(state.parallel_state)
     start = time.perf_counter()
@@ -270,7 +270,7 @@ def measure_throughput(args, shape, workdir: Path) -> None:
 
 def training_loop(state: State, args, root: Path | None, async_save: bool) -> dict:
     """`args.steps` training steps, saving every `args.save_every` (none when `root` is None)."""
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(state.parallel_state, async_save=async_save) if root else None
     step_seconds, save_seconds = [], []

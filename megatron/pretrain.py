@@ -22,7 +22,10 @@ import sys
 
 from megatron.config import ConfigError, exit_with_error, parse_config
 from megatron.launch import apply_launch
+from megatron.log import get_logger, set_logging
 from megatron.training.vocab import checked_tokenizer
+
+logger = get_logger(__name__)
 
 
 def _summary_line(summary) -> str:
@@ -43,7 +46,6 @@ def _summary_line(summary) -> str:
 def _initialize(cfg):
     """Join the process group and build the tensor/data-parallel groups (after every input check)."""
     from megatron.parallel.state import ParallelState
-    from megatron.training.metrics import set_logging
 
     parallel = cfg.parallel
     state = ParallelState.initialize(
@@ -99,7 +101,7 @@ def _dry_run(cfg) -> int:
 
 
 def _error(error: Exception, status: int) -> int:
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    logger.error(f"error: {error}")
     return status
 
 
@@ -116,8 +118,7 @@ def _train(cfg, tokenizer, state) -> int:
         return _error(error, 1)
     finally:
         run.metrics.close()
-    if state.is_main_rank:
-        print(_summary_line(summary), flush=True)
+    logger.info(_summary_line(summary))  # printed by the main rank only (set_logging)
     return 0
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from megatron.checkpoint.basic import TRACKER_FILENAME, checkpoint_dir, read_tracker  # noqa: E402
+from megatron.checkpoint.directory import TRACKER_FILENAME, checkpoint_dir, read_tracker  # noqa: E402
 
 METADATA_FILENAME = ".metadata"
 
@@ -69,11 +69,11 @@ class VerificationError(ValueError):
 
 def read_metadata(directory: str | os.PathLike):
     """The checkpoint's DCP `Metadata` (shapes, dtypes, chunks). DCP pickles `.metadata`; it is read
-    with `megatron.checkpoint.sharded`'s allow-listed unpickler, so a crafted file runs nothing."""
-    from megatron.checkpoint import sharded
+    with `megatron.checkpoint`'s allow-listed unpickler, so a crafted file runs nothing."""
+    from megatron.checkpoint import read_metadata as read_dcp_metadata
 
     try:
-        return sharded.read_metadata(directory)
+        return read_dcp_metadata(directory)
     except ValueError as error:
         raise VerificationError(str(error)) from error
 
@@ -162,7 +162,7 @@ def _model_line(config: dict) -> str:
 
 def describe(directory: Path, *, list_tensors: bool = False) -> list[str]:
     """The lines `info` prints for one checkpoint directory."""
-    from megatron.checkpoint.sharded import read_common
+    from megatron.checkpoint import read_common
 
     common = read_common(directory)
     metadata = read_metadata(directory)
@@ -196,7 +196,7 @@ def describe(directory: Path, *, list_tensors: bool = False) -> list[str]:
 
 
 def _other_checkpoints(root: Path, shown: Path) -> list[str]:
-    from megatron.checkpoint.sharded import find_checkpoints
+    from megatron.checkpoint import find_checkpoints
 
     tracked = read_tracker(root) if (root / TRACKER_FILENAME).is_file() else None
     lines = []
@@ -224,7 +224,7 @@ def cmd_info(args) -> int:
 
 def _verify_one(directory: Path) -> str | None:
     """None when `directory` verifies, else the problem."""
-    from megatron.checkpoint.sharded import verify_checkpoint
+    from megatron.checkpoint import verify_checkpoint
 
     try:
         read_metadata(directory)  # also refuses a crafted .metadata before anything else reads it
@@ -236,7 +236,7 @@ def _verify_one(directory: Path) -> str | None:
 
 def cmd_verify(args) -> int:
     if args.all:
-        from megatron.checkpoint.sharded import find_checkpoints
+        from megatron.checkpoint import find_checkpoints
 
         directories = [directory for _, directory in find_checkpoints(args.checkpoint)]
         if not directories:
@@ -291,7 +291,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def _stream_tensors(directory: Path, prefix: str):
     """(checkpoint key, tensor) one at a time, from the team's streaming reader."""
-    from megatron.checkpoint.sharded import iter_tensors
+    from megatron.checkpoint import iter_tensors
 
     for name, tensor in iter_tensors(directory, prefix):
         yield (name if name.startswith(prefix) else prefix + name), tensor
@@ -400,7 +400,7 @@ def cmd_consolidate(args) -> int:
         problem = _verify_one(directory)
         if problem is not None:
             raise VerificationError(f"{problem} (--skip-verify consolidates anyway)")
-    from megatron.checkpoint.sharded import read_common
+    from megatron.checkpoint import read_common
 
     common = read_common(directory)
     metadata = {

@@ -76,7 +76,7 @@ def parse_size(text: str) -> int:
 
 def checkpoint_directory(load) -> Path:
     """The sharded checkpoint directory `--load` names (an iteration directory or a --save root)."""
-    from megatron.checkpoint.basic import checkpoint_dir, read_tracker
+    from megatron.checkpoint.directory import checkpoint_dir, read_tracker
 
     root = Path(load)
     if (root / "common.json").is_file():
@@ -261,8 +261,8 @@ class _ShardWriter:
 def convert(args) -> Path:
     import torch
 
+    from megatron.checkpoint import iter_tensors, read_common, tensor_metadata, verify_checkpoint
     from megatron.checkpoint.gpt_bigcode import gpt_bigcode_shapes, hf_names_of
-    from megatron.checkpoint.sharded import iter_tensors, read_common, tensor_metadata, verify_checkpoint
     from megatron.config import ModelConfig
 
     max_bytes = parse_size(args.max_shard_size)

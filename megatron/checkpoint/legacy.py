@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from megatron.checkpoint.basic import TRACKER_FILENAME
+from megatron.checkpoint.directory import TRACKER_FILENAME
 
 MODEL_FILENAME = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -253,7 +253,7 @@ def save_converted_checkpoint(
     checking every name and shape against a GPTModel of `model_config` first (ValueError naming the
     key). Written into a temporary sibling, with `files` (name -> source path) copied beside the
     tracker, then renamed to `save`: a failure leaves nothing. `save` must not exist or be empty."""
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint.checkpointer import Checkpointer
     from megatron.model import GPTModel
     from megatron.parallel.state import ParallelState
 

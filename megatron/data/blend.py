@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
 import math
 import os
 import re
@@ -37,8 +36,9 @@ import numpy as np
 from megatron.config.data import weights_and_prefixes
 from megatron.data import indexed as indexed_lib
 from megatron.data.gpt_dataset import GPTDataset, _small_pages
+from megatron.log import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 SAMPLES_MARGIN = 1.005  # each blended dataset gets 0.5% more samples than its share, as Megatron-LM
 

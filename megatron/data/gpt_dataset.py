@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import sys
@@ -46,7 +45,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from megatron.log import get_logger
+
+logger = get_logger(__name__)
 
 INDEX_FORMAT_VERSION = 1
 LAST_EPOCH_FRACTION = 0.80  # Megatron-LM's threshold for shuffling the last epoch separately
@@ -468,7 +469,7 @@ def load_or_build_indices(
             return cached
         started = time.perf_counter()
         arrays = build_indices(sizes, document_range, num_samples, seq_length, seed)
-        logger.info("built %s indices in %.2f s", split_name, time.perf_counter() - started)
+        logger.debug("built %s indices in %.2f s", split_name, time.perf_counter() - started)
         try:
             for part in IndexArrays._fields:
                 _publish(paths[part], getattr(arrays, part))

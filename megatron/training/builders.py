@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron.log import get_logger
 from megatron.parallel.state import ParallelState
 from megatron.training.grad_scaler import build_grad_scaler
-from megatron.training.metrics import log
 from megatron.training.optimizer import PRECISION_DTYPES, MixedPrecisionOptimizer, build_optimizer
 from megatron.training.schedule import LRScheduler, build_scheduler
+
+logger = get_logger(__name__)
 
 
 def set_seed(seed: int, parallel_state: ParallelState) -> None:
@@ -181,4 +183,4 @@ def log_config_notes(cfg) -> None:
     lines = notes() if callable(notes) else (notes or [])
     for line in lines:
         if not line.startswith(_NOTES_REPORTED_ELSEWHERE):
-            log(f"NOTE: {line}")
+            logger.info(f"NOTE: {line}")

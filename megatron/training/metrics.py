@@ -14,19 +14,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-_LOGGING = {"enabled": True}
+from megatron.log import get_logger
 
-
-def set_logging(enabled: bool) -> None:
-    """Turn `log` on or off for this process (on only on the main rank of a multi-process run)."""
-    _LOGGING["enabled"] = enabled
-
-
-def log(message: str) -> None:
-    """Print one log line immediately (progress must stay visible when piped); silent on ranks other
-    than the main one (see `set_logging`)."""
-    if _LOGGING["enabled"]:
-        print(message, flush=True)
+logger = get_logger(__name__)
 
 
 def _json_value(value):
@@ -212,7 +202,7 @@ def _optional_writer(label: str, module: str, factory):
     try:
         __import__(module)
     except ImportError:
-        log(
+        logger.info(
             f"WARNING: {label} logging was asked for but `{module}` is not installed; "
             f"install the `logging` extra (pip install -e .[logging]) to enable it. Continuing without it."
         )
@@ -254,7 +244,7 @@ def build_metrics_logger(
     jsonl = metrics_jsonl_path(logging_config, save_dir)
     if jsonl:
         writers.append(JsonlWriter(jsonl))
-        log(f"> writing metrics to {jsonl}")
+        logger.info(f"> writing metrics to {jsonl}")
     if logging_config.tensorboard_dir:
         writers.append(
             _optional_writer(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron.log import get_logger
 from megatron.parallel.collectives import all_reduce
 from megatron.parallel.debug import check_replicas
 from megatron.parallel.state import ParallelState
@@ -27,11 +28,12 @@ from megatron.training.metrics import (
     build_metrics_logger,
     format_training_line,
     interval_metrics,
-    log,
 )
 from megatron.training.optimizer import PRECISION_DTYPES
 from megatron.training.step import StepOutput, next_micro_batches, train_step
 from megatron.training.vocab import checked_tokenizer
+
+logger = get_logger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -70,7 +72,7 @@ class Run:
     valid_history: list[dict] = field(default_factory=list)
     eval_loaders: dict = field(default_factory=dict)
     schedule_logged: bool = False  # --log-pipeline-schedule prints the first iteration only
-    checkpointer: object | None = None  # megatron.checkpoint.sharded.Checkpointer with --save / --load
+    checkpointer: object | None = None  # megatron.checkpoint.Checkpointer with --save / --load
     stop_requested: bool = False  # SIGTERM arrived: save and exit after the current iteration
 
 
@@ -99,7 +101,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
         from megatron.config import check_vocab_size
 
         vocab_size = check_vocab_size(cfg, tokenizer.vocab_size)
-    log(f"> tokenizer {tokenizer.name}: {tokenizer.vocab_size} tokens, model vocabulary {vocab_size}")
+    logger.info(f"> tokenizer {tokenizer.name}: {tokenizer.vocab_size} tokens, model vocabulary {vocab_size}")
     data = builders.build_data(cfg, tokenizer, parallel_state)
     model = builders.build_model(cfg, vocab_size, parallel_state)
     optimizer, scheduler, scaler = builders.build_optimization(cfg, model, parallel_state)
@@ -128,7 +130,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     # CPU peak measurement runs only once per process); a resumed run then restores it from the checkpoint.
     builders.set_seed(cfg.training.seed, parallel_state)
     if cfg.checkpoint.save or cfg.checkpoint.load:
-        from megatron.checkpoint.sharded import Checkpointer
+        from megatron.checkpoint.checkpointer import Checkpointer
 
         run.checkpointer = Checkpointer(
             parallel_state, async_save=cfg.checkpoint.async_save, keep_last_k=cfg.checkpoint.keep_last_k
@@ -152,7 +154,9 @@ def _maybe_load(run: Run) -> None:
         load_rng=not ckpt.no_load_rng,
     )
     if loaded is None:
-        log(f"WARNING: --load {ckpt.load} holds no checkpoint (no tracker file); starting from scratch")
+        logger.info(
+            f"WARNING: --load {ckpt.load} holds no checkpoint (no tracker file); starting from scratch"
+        )
         return
     run.state.iteration = loaded.iteration
     run.state.consumed_samples = loaded.consumed_samples
@@ -162,7 +166,7 @@ def _maybe_load(run: Run) -> None:
         if ckpt.finetune
         else f"iteration {loaded.iteration}"
     )
-    log(f"> loaded checkpoint {loaded.directory}: {what}")
+    logger.info(f"> loaded checkpoint {loaded.directory}: {what}")
 
 
 def save(run: Run) -> None:
@@ -182,9 +186,11 @@ def save(run: Run) -> None:
     )
     seconds = time.perf_counter() - start
     if run.cfg.checkpoint.async_save:
-        log(f"> started saving checkpoint {directory} in the background ({seconds:.2f} s of training stall)")
+        logger.info(
+            f"> started saving checkpoint {directory} in the background ({seconds:.2f} s of training stall)"
+        )
     else:
-        log(f"> saved checkpoint {directory} in {seconds:.2f} s")
+        logger.info(f"> saved checkpoint {directory} in {seconds:.2f} s")
 
 
 def finish_saving(run: Run) -> None:
@@ -192,7 +198,7 @@ def finish_saving(run: Run) -> None:
     if run.checkpointer is not None:
         directory = run.checkpointer.wait()
         if directory is not None and run.cfg.checkpoint.async_save:
-            log(f"> saved checkpoint {directory} (background write complete)")
+            logger.info(f"> saved checkpoint {directory} (background write complete)")
 
 
 def _interval_metrics(run: Run, stats: IntervalStats) -> dict:
@@ -237,7 +243,7 @@ def run_evaluation(run: Run, *, split: str = "valid") -> list[dict]:
             f"{split}_ppl": perplexity(loss),
             f"{split}_loss_tokens": tokens,
         }
-        log(
+        logger.info(
             f" {split} loss at iteration {run.state.iteration} [{name}] | lm loss: {loss:.6E} | "
             f"lm loss PPL: {perplexity(loss):.3f}"
         )
@@ -258,7 +264,7 @@ def _handle_nonfinite(run: Run, output: StepOutput) -> None:
             "Lower --lr, check the data, or pass --skip-nonfinite to skip such steps"
         )
     run.state.nonfinite_iterations += 1
-    log(
+    logger.info(
         f"WARNING: iteration {iteration}: non-finite {output.nonfinite} ({value}); step skipped "
         f"(--skip-nonfinite), {run.state.nonfinite_iterations} so far"
     )
@@ -300,7 +306,7 @@ def _print_schedule(state: ParallelState, trace: list) -> None:
 
 def _log_interval(run: Run, stats: IntervalStats) -> None:
     metrics = _interval_metrics(run, stats)
-    log(format_training_line(metrics))
+    logger.info(format_training_line(metrics))
     run.metrics.write(metrics, run.state.iteration)
     stats.reset()
 
@@ -317,7 +323,7 @@ def _periodic(run: Run, stats: IntervalStats) -> bool:
     check = cfg.parallel.check_replicas_interval
     if check and it % check == 0:
         compared = check_replicas(run.model, run.parallel_state, iteration=it)
-        log(f"> replica check at iteration {it}: {compared} parameter replicas bit-identical")
+        logger.info(f"> replica check at iteration {it}: {compared} parameter replicas bit-identical")
     exit_interval = cfg.training.exit_interval
     return bool(exit_interval and it % exit_interval == 0)
 
@@ -398,13 +404,13 @@ def _stop_requested(run: Run) -> bool:
 def _log_start(run: Run) -> None:
     cfg, tp = run.cfg, run.throughput
     num_params = logical_num_parameters(run.model, run.parallel_state)
-    log(f"> parallel layout: {run.parallel_state.describe()}")
-    log(
+    logger.info(f"> parallel layout: {run.parallel_state.describe()}")
+    logger.info(
         f"> model: {num_params:,} parameters, {tp.flops_per_token / 1e9:.3f} GFLOP per token (fwd+bwd); "
         f"{cfg.training.precision} on {run.parallel_state.device}"
     )
-    log(f"> MFU reference: {tp.peak_name}, peak {tp.peak_flops / 1e12:.3f} TFLOP/s")
-    log(
+    logger.info(f"> MFU reference: {tp.peak_name}, peak {tp.peak_flops / 1e12:.3f} TFLOP/s")
+    logger.info(
         f"> training {run.train_iters} iterations from iteration {run.state.iteration}: global batch "
         f"{run.global_batch_size} = micro batch {cfg.training.micro_batch_size} x {run.num_micro_batches} "
         f"accumulation steps x data-parallel {run.parallel_state.data_parallel_size}, seq length "
@@ -439,12 +445,12 @@ def _finish(run: Run, exited) -> None:
         save(run)
     finish_saving(run)
     if exited == "signal":
-        log(
+        logger.info(
             f"> SIGTERM: stopped at iteration {it}"
             + (" after saving a checkpoint" if cfg.checkpoint.save else "")
         )
     elif exited:
-        log(f"> exiting at iteration {it} (--exit-interval {cfg.training.exit_interval})")
+        logger.info(f"> exiting at iteration {it} (--exit-interval {cfg.training.exit_interval})")
 
 
 def _summary(run: Run, seconds: float, exited: bool) -> TrainSummary:

@@ -105,7 +105,7 @@ def _same(a: dict, b: dict) -> bool:
 
 def _round_trip(root: Path, *, distributed_optimizer: bool, dtype, async_save: bool) -> dict:
     """TP 2 x DP 2: 2 steps, save, 2 steps (reference); fresh build, load, the same 2 steps."""
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
 
     state = ParallelState.initialize(2, 1, backend="gloo")
     model, optimizer = build(state, distributed_optimizer=distributed_optimizer, dtype=dtype)
@@ -146,7 +146,7 @@ def _local_optimizer_state(model, optimizer) -> dict:
 
 def _save_tp2_pp2(root: Path) -> dict:
     """TP 2 x PP 2 in bf16: 3 steps, save, then the next loss (the reference for resharded loads)."""
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
     from megatron.parallel.layers import full_state_dict
 
     state = ParallelState.initialize(2, 2, backend="gloo")
@@ -164,7 +164,7 @@ def _save_tp2_pp2(root: Path) -> dict:
 
 def _load_dp4(root: Path) -> dict:
     """DP 4 with the distributed optimizer: load the TP 2 x PP 2 checkpoint; report the fragments."""
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
 
     state = ParallelState.initialize(1, 1, backend="gloo")
     model, optimizer = build(state, distributed_optimizer=True, dtype=torch.bfloat16, dropout=0.0)
@@ -195,7 +195,7 @@ def _failing_background_write(root: Path) -> dict:
     """Rank 1's shard write fails during an async save: every rank's wait() must raise."""
     import torch.distributed.checkpoint as dcp
 
-    from megatron.checkpoint.sharded import Checkpointer, CheckpointError
+    from megatron.checkpoint import Checkpointer, CheckpointError
 
     state = ParallelState.initialize(2, 1, backend="gloo")
     model, optimizer = build(state)
@@ -222,7 +222,7 @@ def _failing_background_write(root: Path) -> dict:
 
 def _corrupt_shard_fallback(root: Path) -> dict:
     """Two checkpoints; rank 3's shard of the newest is bit-flipped: every rank falls back together."""
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
 
     state = ParallelState.initialize(2, 1, backend="gloo")
     model, optimizer = build(state)
@@ -334,7 +334,7 @@ def test_reshard_tp2_pp2_to_dp4_with_distributed_optimizer(results):
 
 
 def test_reshard_tp2_pp2_to_one_process(results):
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
 
     per_rank, root = results
     torch.set_num_threads(1)

@@ -1,7 +1,7 @@
 """Kill tests through the real CLI (`python -m megatron.pretrain`, one process, CPU).
 
 - SIGKILL during a save, at the two worst moments (`MEGATRON_CHECKPOINT_FAULT`, the fault-injection hook
-  in `megatron.checkpoint.sharded`, makes the saving process SIGKILL itself there): after every shard is
+  in `megatron.checkpoint.files`, makes the saving process SIGKILL itself there): after every shard is
   written but before the rename, and after the rename but before the tracker update. The previous
   checkpoint must stay tracked and loadable, and a rerun with --load resumes from it and finishes.
 - SIGTERM (SLURM's preemption notice) to a training process: a final checkpoint, exit status 0.
@@ -69,7 +69,7 @@ def previous_checkpoint(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_pa
 
 
 def _model_tensors(directory: Path) -> dict:
-    from megatron.checkpoint.sharded import load_full_state
+    from megatron.checkpoint import load_full_state
 
     return load_full_state(directory, "model/")
 
@@ -78,7 +78,7 @@ def _model_tensors(directory: Path) -> dict:
 def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_works(
     tmp_path, previous_checkpoint, tiny_dataset_prefix, tiny_tokenizer_path, fault
 ):
-    from megatron.checkpoint.sharded import verify_checkpoint
+    from megatron.checkpoint import verify_checkpoint
 
     shutil.copytree(previous_checkpoint / "ckpt", tmp_path / "ckpt")
     shutil.copytree(previous_checkpoint / "cache", tmp_path / "cache")
@@ -130,7 +130,7 @@ def _train_records(metrics: Path) -> list[dict]:
 def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(
     tmp_path, tiny_dataset_prefix, tiny_tokenizer_path
 ):
-    from megatron.checkpoint.sharded import verify_checkpoint
+    from megatron.checkpoint import verify_checkpoint
 
     args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, 100_000, save_interval=None)
     ckpt, log = tmp_path / "ckpt", tmp_path / "stdout.txt"

@@ -18,9 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.checkpoint import basic
-from megatron.checkpoint.sharded import (
-    FAULT_ENV,
+from megatron.checkpoint import (
     Checkpointer,
     CheckpointError,
     find_checkpoints,
@@ -30,6 +28,8 @@ from megatron.checkpoint.sharded import (
     tensor_metadata,
     verify_checkpoint,
 )
+from megatron.checkpoint import single_file as basic
+from megatron.checkpoint.files import FAULT_ENV
 from megatron.config import ModelConfig, OptimizerConfig
 from megatron.model import GPTModel
 from megatron.parallel.state import ParallelState
@@ -427,7 +427,7 @@ def test_metadata_is_never_unpickled_freely(trained, tmp_path):
 
 
 def manifest_entry(path: Path) -> dict:
-    from megatron.checkpoint.sharded import _file_entry
+    from megatron.checkpoint.files import file_entry as _file_entry
 
     return _file_entry(path)
 
@@ -441,7 +441,7 @@ sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
 from test_checkpoint_sharded import build, save
-from megatron.checkpoint.sharded import Checkpointer
+from megatron.checkpoint import Checkpointer
 state, model, optimizer, scheduler = build()
 checkpointer = Checkpointer(state)
 save(checkpointer, {root!r}, 1, model, optimizer)

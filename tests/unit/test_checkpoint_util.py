@@ -1,6 +1,6 @@
 """tools/checkpoint_util.py (info, verify, consolidate) and generation from sharded checkpoints.
 
-Checkpoints are written by `megatron.checkpoint.sharded.Checkpointer` from a tiny model after one real
+Checkpoints are written by `megatron.checkpoint.Checkpointer` from a tiny model after one real
 training step (so Adam moments exist), in one process and, for the layout-free reading, at TP 2 (two
 gloo ranks). Consolidated tensors must equal the saved ones exactly: consolidation only copies bytes.
 """
@@ -79,7 +79,7 @@ def _trained(parallel_state):
 
 
 def _save(parallel_state, root, config: dict):
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
 
     model, optimizer, scheduler = _trained(parallel_state)
     Checkpointer(parallel_state).save(
@@ -227,7 +227,7 @@ def test_consolidate_safetensors_equals_the_model(tool, saved, tmp_path, capsys)
 def test_consolidate_streams_one_tensor_at_a_time(tool, saved, tmp_path, monkeypatch):
     # Stand in for the checkpoint reader: hand out fresh tensors and check that each one handed out
     # before is already freed when the next is requested (the writer keeps none of them).
-    import megatron.checkpoint.sharded as sharded
+    import megatron.checkpoint as sharded
 
     root, _, _ = saved
     full = sharded.load_full_state(_iteration_dir(root), "model/")
@@ -324,7 +324,7 @@ def test_generate_refuses_a_truncated_shard(saved, tmp_path):
 
 
 def test_generate_tool_end_to_end_on_sharded_and_basic(saved, tmp_path, capsys, tiny_tokenizer_path):
-    from megatron.checkpoint.basic import save_checkpoint
+    from megatron.checkpoint.single_file import save_checkpoint
 
     root, model, _ = saved
     generate = load_tool("generate")

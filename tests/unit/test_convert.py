@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.checkpoint.sharded import Checkpointer, load_full_state
+from megatron.checkpoint import Checkpointer, load_full_state
 from megatron.config import Config, ModelConfig
 from megatron.model import GPTModel
 from megatron.parallel.state import ParallelState
@@ -149,7 +149,7 @@ def test_to_hf_logits_match_transformers(
 
 def test_to_hf_streams_tensors_one_at_a_time(tmp_path, to_hf, tiny_tokenizer_path, monkeypatch):
     """The converter never materialises the whole checkpoint (load_full_state) but streams it."""
-    from megatron.checkpoint import sharded
+    import megatron.checkpoint as sharded
 
     config = tiny_config()
     model = GPTModel(config, TINY_VOCAB_SIZE)

@@ -227,7 +227,7 @@ def test_stop_strings_and_end_of_document(tiny_tokenizer):
 
 
 def _saved_checkpoint(tmp_path, tokenizer):
-    from megatron.checkpoint.basic import save_checkpoint
+    from megatron.checkpoint.single_file import save_checkpoint
     from megatron.config import Config
 
     model = tiny_model(vocab=tokenizer.padded_vocab_size)

@@ -167,7 +167,7 @@ class _Exploit:
 def crafted_checkpoint(tmp_path):
     """A one-process checkpoint whose `.metadata` is an exploit, with the manifest updated to match
     (so verification passes and the unpickler itself must refuse it); returns (root, marker path)."""
-    from megatron.checkpoint.sharded import Checkpointer
+    from megatron.checkpoint import Checkpointer
     from megatron.config import ModelConfig
     from megatron.model import GPTModel
     from megatron.parallel.state import ParallelState
@@ -191,7 +191,7 @@ def crafted_checkpoint(tmp_path):
 
 
 def test_crafted_dcp_metadata_is_refused_everywhere(crafted_checkpoint):
-    from megatron.checkpoint import sharded
+    import megatron.checkpoint as sharded
     from megatron.model import GPTModel
     from megatron.parallel.state import ParallelState
 

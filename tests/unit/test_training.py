@@ -307,7 +307,8 @@ def test_greedy_generate_matches_argmax_and_stops():
 
 # --------------------------------------------------------------------------- checkpoint (unit level)
 def test_basic_checkpoint_roundtrip(tmp_path):
-    from megatron.checkpoint.basic import TRACKER_FILENAME, load_checkpoint, save_checkpoint
+    from megatron.checkpoint.directory import TRACKER_FILENAME
+    from megatron.checkpoint.single_file import load_checkpoint, save_checkpoint
 
     model = _tiny_model()
     scaler = DynamicGradScaler(initial_scale=64.0, min_scale=1.0, growth_interval=10, hysteresis=2)
@@ -341,7 +342,7 @@ def test_basic_checkpoint_roundtrip(tmp_path):
 
 
 def test_generate_from_a_saved_checkpoint(tmp_path):
-    from megatron.checkpoint.basic import save_checkpoint
+    from megatron.checkpoint.single_file import save_checkpoint
     from megatron.config import Config
     from megatron.inference.generate import generate_ids, load_model_from_checkpoint
 

@@ -1,6 +1,7 @@
-"""Basic single-process checkpoints in Megatron's directory layout (replaced by sharded checkpoints later).
+"""The single-file checkpoint format: one process, one torch file per iteration (superseded by the sharded
+format, which still loads these at world size 1).
 
-Layout under the `--save`/`--load` directory:
+Layout under the `--save`/`--load` directory (see `directory` and docs/checkpoints.md):
 ```
 latest_checkpointed_iteration.txt     # "1000" (or "release")
 iter_0001000/mp_rank_00/model_optim_rng.pt
@@ -18,31 +19,31 @@ import dataclasses
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+from megatron.checkpoint.directory import (
+    TRACKER_FILENAME,
+    LoadedCheckpoint,
+    checkpoint_dir,
+    fsync_dir,
+    read_tracker,
+)
+
 MODEL_FILENAME = os.path.join("mp_rank_00", "model_optim_rng.pt")
 CHECKPOINT_VERSION = 3.0
 
 
-def checkpoint_dir(root: str | os.PathLike, iteration: int | str) -> Path:
-    """`root/iter_XXXXXXX` (or `root/release`)."""
-    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-    return Path(root) / name
-
-
-def _plain(value):
-    """A config value as plain Python (safe for `weights_only` loading)."""
+def plain(value):
+    """A config value as plain Python (safe for `weights_only` loading and for JSON)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+        return {field.name: plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
+        return {str(key): plain(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
@@ -86,14 +87,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -101,7 +94,7 @@ def _write_atomic_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(
@@ -135,8 +128,8 @@ def save_checkpoint(
         "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
         "rng_state": get_rng_state(),
-        "args": _plain(config),
-        "extra": _plain(extra or {}),
+        "args": plain(config),
+        "extra": plain(extra or {}),
     }
     file = tmp / MODEL_FILENAME
     file.parent.mkdir(parents=True)
@@ -149,22 +142,9 @@ def save_checkpoint(
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _write_atomic_text(root / TRACKER_FILENAME, str(iteration))
     return final
-
-
-def read_tracker(path) -> int | str | None:
-    """The iteration named by `path/latest_checkpointed_iteration.txt`; None when there is none."""
-    tracker = Path(path) / TRACKER_FILENAME
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if text == "release":
-        return "release"
-    if not text.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number or 'release', found {text!r}")
-    return int(text)
 
 
 def read_checkpoint(path) -> dict | None:
@@ -183,16 +163,6 @@ def read_checkpoint(path) -> dict | None:
     state = torch.load(file, map_location="cpu", weights_only=True)
     state["path"] = str(file)
     return state
-
-
-@dataclass
-class LoadedCheckpoint:
-    """Where a loaded checkpoint puts the run: the iteration and samples to continue from."""
-
-    iteration: int
-    consumed_samples: int
-    directory: Path
-    extra: dict
 
 
 def load_checkpoint(

@@ -1,0 +1,162 @@
+"""Loading, per rank: which DCP keys this rank reads at which logical shapes, the checks that run before
+anything is written into the model, and copying the loaded CPU buffers into the model, the optimizer
+(exact AdamW state) and the random generators. See docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron.checkpoint.dcp_io import CheckpointGroup, TensorLayout, dcp_load, logical_shape
+from megatron.checkpoint.files import MOMENTS, rng_json_name, rng_key
+from megatron.log import get_logger
+from megatron.parallel.state import ParallelState
+
+logger = get_logger(__name__)
+
+
+def load_object_state(obj, state) -> None:
+    if obj is not None and state is not None:
+        obj.load_state_dict(state)
+
+
+class LoadPlan:
+    """What one rank loads: keys, their expected logical shapes, the CPU buffers DCP fills."""
+
+    def __init__(self, model, optimizer, parallel_state: ParallelState, restore_rng: bool) -> None:
+        self.parallel_state = parallel_state
+        self.params = list(model.named_parameters())
+        self.optimizer = optimizer
+        self.restore_rng = restore_rng
+        self.entries: dict[str, tuple[torch.nn.Parameter | None, tuple[int, ...], torch.dtype]] = {}
+        for name, param in self.params:
+            self.entries[f"model/{name}"] = (param, logical_shape(param), param.dtype)
+
+    def check(self, directory: Path, metadata, group: CheckpointGroup) -> None:
+        """Add the optimizer and RNG keys the checkpoint holds; ValueError on every rank (before anything
+        is written) when a key is missing, a shape differs or the checkpoint has parameters the model
+        lacks."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        saved = {
+            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        }
+        self._add_optional_keys(saved)
+        problems = []
+        for key, (_, shape, _) in self.entries.items():
+            if key not in saved:
+                problems.append(f"{key} is not in the checkpoint")
+            elif tuple(saved[key].size) != shape:
+                problems.append(
+                    f"{key} has shape {list(saved[key].size)} in the checkpoint but {list(shape)} in the model"
+                )
+        names = {name for name, _ in self.params}
+        all_names = set().union(*group.all_gather(names))
+        extra = sorted(
+            key for key in saved if key.startswith("model/") and key[len("model/") :] not in all_names
+        )
+        if extra:
+            problems.append(f"the checkpoint holds parameters the model does not: {', '.join(extra[:5])}")
+        problems = sorted({p for rank_problems in group.all_gather(problems) for p in rank_problems})
+        if problems:
+            raise ValueError(f"checkpoint {directory} does not fit the model: " + "; ".join(problems))
+
+    def _add_optional_keys(self, saved: dict) -> None:
+        if self.optimizer is not None and "optimizer/step" not in saved:
+            logger.info(
+                "NOTE: the checkpoint holds no optimizer state: fresh AdamW moments, masters from the weights"
+            )
+            self.optimizer = None
+        if self.optimizer is not None:
+            self.entries["optimizer/step"] = (None, (), torch.float32)
+            for name, param in self.params:
+                for kind in MOMENTS + ("master",):
+                    key = f"optimizer/{kind}/{name}"
+                    if kind in MOMENTS or (param.dtype != torch.float32 and key in saved):
+                        self.entries[key] = (param, logical_shape(param), torch.float32)
+        if self.restore_rng:
+            for what in ("torch", "cuda", "tracker_cpu", "tracker_cuda"):
+                key = rng_key(self.parallel_state.rank, what)
+                if key in saved:
+                    self.entries[key] = (None, tuple(saved[key].size), saved[key].properties.dtype)
+
+    def load(self, directory: Path, layout: TensorLayout, pg) -> dict[str, torch.Tensor]:
+        """Read every planned key into fresh CPU tensors (this rank's local part); key -> tensor."""
+        local, state = {}, {}
+        for key, (param, shape, dtype) in self.entries.items():
+            if param is None:
+                local[key] = state[key] = torch.empty(shape, dtype=dtype)
+            else:
+                local[key] = torch.empty(param.shape, dtype=dtype)
+                state[key] = layout.wrap(local[key], param)
+        dcp_load(state, directory, pg)
+        return local
+
+    @torch.no_grad()
+    def apply_model(self, model, loaded: dict) -> None:
+        for name, param in self.params:
+            param.copy_(loaded[f"model/{name}"])
+
+    @torch.no_grad()
+    def apply_optimizer(self, optimizer, loaded: dict) -> None:
+        """Exact AdamW state: the masters (or from the model's weights where none were saved), both
+        moments and the step of every parameter this rank steps on."""
+        if self.optimizer is None:  # the checkpoint had no optimizer state
+            optimizer.reload_model_params()
+            return
+        optimizer.reload_model_params()  # masters of fp32 parameters and any not saved
+        names = {id(param): name for name, param in self.params}
+        groups = {id(main): group for group in optimizer.param_groups for main in group["params"]}
+        step = float(loaded["optimizer/step"])
+        for param, offset, main in optimizer.main_param_pieces():
+            name, end = names[id(param)], offset + main.numel()
+            state = optimizer.optimizer.state[main]
+            if not state:
+                state.update(_fresh_adam_state(groups[id(main)], main))
+            state["step"] = torch.full_like(state["step"], step)
+            for kind in MOMENTS:
+                state[kind].view(-1).copy_(loaded[f"optimizer/{kind}/{name}"].view(-1)[offset:end])
+            master = loaded.get(f"optimizer/master/{name}")
+            if master is not None:
+                main.view(-1).copy_(master.view(-1)[offset:end])
+
+
+def _fresh_adam_state(group: dict, main: torch.nn.Parameter) -> dict:
+    """The state AdamW creates at its first step for `main` of param group `group` (same dtypes and
+    devices, so the run continues as if it had never stopped)."""
+    on_device = group.get("fused") or group.get("capturable")
+    dtype = (
+        torch.float32 if group.get("fused") or torch.get_default_dtype() != torch.float64 else torch.float64
+    )
+    step = torch.zeros((), dtype=dtype, device=main.device if on_device else "cpu")
+    zeros = {kind: torch.zeros_like(main, memory_format=torch.preserve_format) for kind in MOMENTS}
+    return {"step": step, **zeros}
+
+
+def restore_generators(parallel_state: ParallelState, directory: Path, loaded: dict) -> None:
+    """Python, numpy, torch (CPU and CUDA) and the tensor-parallel tracker of this rank."""
+    rank = parallel_state.rank
+    path = directory / rng_json_name(rank)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable random state ({exc})") from None
+    version, internal, gauss = record["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = record["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(loaded[rng_key(rank, "torch")])
+    cuda = loaded.get(rng_key(rank, "cuda"))
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+    states = {"cpu": loaded[rng_key(rank, "tracker_cpu")]} if rng_key(rank, "tracker_cpu") in loaded else {}
+    tracker_cuda = loaded.get(rng_key(rank, "tracker_cuda"))
+    if tracker_cuda is not None and torch.cuda.is_available():
+        states["cuda"] = tracker_cuda
+    if states:
+        parallel_state.rng.load_state_dict({"seed_value": record["tracker_seed"], "states": states})
