@@ -16,7 +16,7 @@ from megatron.inference.generate import (
     generate_tokens,
 )
 from megatron.model import GPTModel
-from tests.conftest import load_tool
+from tests.helpers import load_tool
 
 VOCAB = 128
 NEW_TOKENS = 32
@@ -58,8 +58,9 @@ def test_incremental_logits_equal_full_forward(head_type):
     model = tiny_model(head_type)
     tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     cache = model.new_kv_cache(2)
-    steps = [model.forward_with_cache(tokens[:, :12], cache)]
-    steps += [model.forward_with_cache(tokens[:, i : i + 1], cache) for i in range(12, 20)]
+    with torch.no_grad():
+        steps = [model(tokens[:, :12], kv_cache=cache)]
+        steps += [model(tokens[:, i : i + 1], kv_cache=cache) for i in range(12, 20)]
     # same math, different GEMM shapes (summation order): fp32 rounding only
     torch.testing.assert_close(torch.cat(steps, 1), model(tokens), rtol=0, atol=1e-5)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron import kernels
 from megatron.checkpoint.gpt_bigcode import gpt_bigcode_config_kwargs, to_gpt_bigcode_state_dict
 from megatron.config import ModelConfig
 from megatron.model import GPTModel, device_peak_flops, flops_per_token, layers, num_parameters
@@ -194,14 +195,14 @@ def test_fused_linear_cross_entropy_gradients():
 def test_matmul_nt_is_full_fp32(monkeypatch, onednn):
     # oneDNN's GEMM must be ieee fp32 (only the summation order may differ from MKL): errors against a
     # float64 reference stay near fp32 rounding, far below what bf16/tf32 inputs (~1e-3) would give
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", onednn and layers._ONEDNN_LINEAR)
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", onednn and kernels._ONEDNN_LINEAR)
     generator = torch.Generator().manual_seed(0)
     a, w, bias = (torch.randn(*shape, generator=generator) for shape in ((64, 256), (48, 256), (48,)))
     grad = torch.randn(64, 48, generator=generator)
     cases = [
-        (layers.matmul_nt(a, w), a.double() @ w.double().t()),
-        (layers.matmul_nt(a, w, bias), a.double() @ w.double().t() + bias.double()),
-        (layers.matmul_nt(grad, w.t()), grad.double() @ w.double()),  # the input-gradient form
+        (kernels.matmul_nt(a, w), a.double() @ w.double().t()),
+        (kernels.matmul_nt(a, w, bias), a.double() @ w.double().t() + bias.double()),
+        (kernels.matmul_nt(grad, w.t()), grad.double() @ w.double()),  # the input-gradient form
     ]
     for got, want in cases:
         assert got.dtype == torch.float32 and got.shape == want.shape
@@ -218,7 +219,7 @@ def test_fp32_linear_and_loss_gradients_match_float64():
     labels = torch.randint(0, 40, (15,), generator=generator)
     leaves = (x, linear.weight, linear.bias, vocab)
 
-    def ours():  # fp32: layers.linear and the fused loss
+    def ours():  # fp32: kernels.linear and the fused loss
         loss = linear_cross_entropy(linear(x).flatten(0, 1), vocab, labels)
         return loss, torch.autograd.grad(loss.sum(), leaves)
 
@@ -366,6 +367,11 @@ def _preset_model_config(path: Path) -> ModelConfig:
     return ModelConfig(**{name: value for (section, name), value in values.items() if name in fields})
 
 
+def test_the_presets_are_there():
+    # the parametrized test below would be skipped, not failed, if configs/ lost its presets
+    assert sorted(CONFIGS_DIR.glob("*.yaml")), f"no preset (*.yaml) in {CONFIGS_DIR}"
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_preset_parameter_counts(path):
     config = _preset_model_config(path)
@@ -453,7 +459,6 @@ def test_bf16_model_on_cuda_matches_fp32():
 def test_concat_linear_matches_linear_on_the_concatenation_without_saving_it():
     """The fused multi-query projection: same output and gradients as `linear(x, cat(W), cat(b))`
     (bit-identical: the same GEMMs), and autograd keeps no weight-sized copy of the concatenation."""
-    from megatron.model import layers as model_layers
 
     torch.manual_seed(0)
     x = torch.randn(2, 16, 32, requires_grad=True)
@@ -462,7 +467,7 @@ def test_concat_linear_matches_linear_on_the_concatenation_without_saving_it():
     grad = torch.randn(2, 16, 40)
     leaves = (x, w1, b1, w2, b2)
 
-    reference = model_layers.linear(x, torch.cat([w1, w2]), torch.cat([b1, b2]))
+    reference = kernels.linear(x, torch.cat([w1, w2]), torch.cat([b1, b2]))
     expected = torch.autograd.grad(reference, leaves, grad)
     saved = []
 
@@ -471,7 +476,7 @@ def test_concat_linear_matches_linear_on_the_concatenation_without_saving_it():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fused = model_layers.concat_linear(*leaves)
+        fused = kernels.concat_linear(*leaves)
     got = torch.autograd.grad(fused, leaves, grad)
     assert torch.equal(fused, reference)
     for a, b in zip(got, expected, strict=True):

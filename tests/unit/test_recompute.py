@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.config import ModelConfig
-from megatron.model import GPTModel
+from megatron.model import GPTModel, GPTStage, build_model
 from megatron.model import attention as attention_module
 from megatron.model.memory import SavedActivationCounter
 from megatron.model.recompute import checkpoint, layer_groups
@@ -54,7 +54,7 @@ def train_step(
 ) -> dict:
     """One forward + backward in train mode (dropout on) from fixed seeds: the loss, every gradient, the
     peak bytes saved for backward (parameters excluded) and the default stream's next draw."""
-    model = GPTModel(model_config, VOCAB, parallel_state, parallel_config=parallel_config)
+    model = build_model(model_config, VOCAB, parallel_state, parallel_config)
     model.init_weights(3)
     model.to(device=device, dtype=dtype).train()
     generator = torch.Generator().manual_seed(0)
@@ -72,8 +72,11 @@ def train_step(
     }
 
 
-def _run_chunks(model: GPTModel, tokens, labels):
-    """Every chunk of a model holding the whole network (several under interleaving), in order."""
+def _run_chunks(model: GPTModel | GPTStage, tokens, labels):
+    """The whole network: GPTModel's forward, or every chunk of a pipeline stage holding every layer
+    (several under interleaving), in order."""
+    if isinstance(model, GPTModel):
+        return model(tokens, labels=labels)
     x = model.forward_chunk(0, tokens=tokens, labels=labels if model.num_chunks == 1 else None)
     for chunk in range(1, model.num_chunks):
         x = model.forward_chunk(chunk, hidden=x, labels=labels if model.chunk_is_last(chunk) else None)
@@ -175,7 +178,7 @@ def test_recomputation_on_interleaved_pipeline_chunks():
             hidden_dropout=0.3,
             **recompute,
         )
-        model = GPTModel(cfg, VOCAB, state, parallel_config=layout).train()
+        model = build_model(cfg, VOCAB, state, layout).train()
         model.init_weights(3)
         assert model.chunk_ranges == ((2, 4), (6, 8)) and model.num_chunks == 2
         hidden = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
