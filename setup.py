@@ -21,6 +21,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron", "megatron.*"]),
+    # the C source of the blend kernel, compiled at run time (megatron/data/blend.py)
+    package_data={"megatron.data": ["*.c"]},
     # torch is a range here (GPU machines bring their own build); requirements.txt pins the CPU build.
     install_requires=["torch>=2.4", "numpy>=1.24", "tokenizers>=0.19", "pyyaml>=6.0", "tqdm>=4.60"],
     extras_require={

@@ -34,9 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
+import torch
 
 # name: (num_layers, hidden_size, num_attention_heads, seq_length, vocab_size)
 SHAPES = {

@@ -21,12 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from megatron.data.fim import FIMTransform, sample_rng, undecodable_edges  # noqa: E402
-from megatron.data.tokenizer import build_tokenizer  # noqa: E402
+from megatron.data.fim import FIMTransform, sample_rng, undecodable_edges
+from megatron.data.tokenizer import build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

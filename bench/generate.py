@@ -17,16 +17,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from megatron.checkpoint.gpt_bigcode import gpt_bigcode_config_kwargs, to_gpt_bigcode_state_dict  # noqa: E402
-from megatron.config import ModelConfig  # noqa: E402
-from megatron.inference.generate import generate_tokens, left_pad  # noqa: E402
-from megatron.model import GPTModel  # noqa: E402
+from megatron.checkpoint.gpt_bigcode import gpt_bigcode_config_kwargs, to_gpt_bigcode_state_dict
+from megatron.config import ModelConfig
+from megatron.inference.generate import generate_tokens, left_pad
+from megatron.model import GPTModel
 
 
 def build_parser() -> argparse.ArgumentParser:

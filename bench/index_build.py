@@ -16,13 +16,10 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from megatron.data import blend, gpt_dataset  # noqa: E402
+from megatron.data import blend, gpt_dataset
 
 INDEX_TARGET_S = 8.0
 BLEND_TARGET_S = 1.0

@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LAYOUTS = [  # (label, world size, tensor-parallel size, extra parallel flags)
     ("TP1 DP1", 1, 1, {}),

@@ -23,20 +23,18 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from megatron.config import load_config  # noqa: E402
-from megatron.model.flops import flops_per_token  # noqa: E402
-from megatron.model.memory import SavedActivationCounter  # noqa: E402
-from megatron.parallel.pipeline import micro_batch_loss_sum  # noqa: E402
-from megatron.parallel.state import ParallelState  # noqa: E402
-from megatron.planner import GPUS, layer_activation_bytes, plan  # noqa: E402
-from megatron.training.builders import build_model, build_optimization  # noqa: E402
-from megatron.training.step import train_step  # noqa: E402
+from megatron.config import load_config
+from megatron.config.gpus import PLANNER_GPU_MEMORY, gpu_peak_flops
+from megatron.model.flops import flops_per_token
+from megatron.model.memory import SavedActivationCounter
+from megatron.parallel.pipeline import micro_batch_loss_sum
+from megatron.parallel.state import ParallelState
+from megatron.planner import layer_activation_bytes, plan
+from megatron.training.builders import build_model, build_optimization
+from megatron.training.step import train_step
 
 TINY = [
     *("--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"),
@@ -53,7 +51,9 @@ def parse_args(argv):
     parser.add_argument(
         "--config", default=None, help="preset, e.g. starcoderbase-1b (default: a tiny model)"
     )
-    parser.add_argument("--gpu", default="H100", choices=sorted(GPUS), help="peak table entry for the plan")
+    parser.add_argument(
+        "--gpu", default="H100", choices=sorted(PLANNER_GPU_MEMORY), help="peak table entry for the plan"
+    )
     parser.add_argument("--seq-length", type=int, default=None, help="override the preset's sequence length")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step")
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     tokens = cfg.training.global_batch_size * cfg.model.seq_length
     flops = flops_per_token(cfg.model, cfg.model.vocab_size) * tokens
     if device.type == "cuda":
-        peak = GPUS[args.gpu][0]
+        peak = gpu_peak_flops(args.gpu, "bf16")
         # the plan's time assumes 40% MFU: the ratio says how far this device is from that assumption
         rows.append(("step time (s) vs the plan at 40% MFU", seconds, planned["iteration_seconds"]))
     else:

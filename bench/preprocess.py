@@ -25,10 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megatron.data.indexed import IndexedDatasetWriter, best_dtype  # noqa: E402
-from megatron.data.tokenizer import STARCODER_SPECIAL_TOKENS  # noqa: E402
+from megatron.data.indexed import IndexedDatasetWriter, best_dtype
+from megatron.data.tokenizer import STARCODER_SPECIAL_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,16 +26,13 @@ import ctypes
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from megatron.checkpoint.gpt_bigcode import gpt_bigcode_config_kwargs, to_gpt_bigcode_state_dict  # noqa: E402
-from megatron.config import ModelConfig  # noqa: E402
-from megatron.model import GPTModel, device_peak_flops, flops_per_token  # noqa: E402
-from megatron.model.flops import _measured_cpu_peak  # noqa: E402
+from megatron.checkpoint.gpt_bigcode import gpt_bigcode_config_kwargs, to_gpt_bigcode_state_dict
+from megatron.config import ModelConfig
+from megatron.model import GPTModel, device_peak_flops, flops_per_token
+from megatron.model.flops import _measured_cpu_peak
 
 # name: (num_layers, hidden_size, num_attention_heads, seq_length, vocab_size, micro_batch_size)
 SHAPES = {

@@ -31,7 +31,8 @@ Per GPU (one rank of the stage), in bytes:
   allocator fragmentation and temporaries such as gradient-reduction buckets).
 
 Time: FLOPs per iteration = flops_per_token x global batch x seq (`megatron.model.flops`); iteration time
-= that / (world size x MFU x peak bf16 dense FLOP/s of the named GPU); days = iterations x time.
+= that / (world size x MFU x peak bf16 dense FLOP/s of the named GPU, `megatron.config.gpus`); days =
+iterations (`Config.num_train_iters`, as the run computes them) x time.
 """
 
 from __future__ import annotations
@@ -40,11 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-GPUS = {  # name: (peak dense bf16 FLOP/s, memory bytes)
-    "A100": (312e12, 80e9),
-    "H100": (989e12, 80e9),
-    "H200": (989e12, 141e9),
-}
+from megatron.config.gpus import PLANNER_GPU_MEMORY, gpu_peak_flops
+
 MEMORY_MARGIN = 0.9  # usable fraction of the device memory
 
 GB = 1e9
@@ -143,97 +141,151 @@ def all_stage_layers(model_cfg, parallel_cfg, pp: int) -> list[list[int]]:
     ]
 
 
-def plan(cfg, gpu: str = "A100", mfu: float = 0.4) -> dict:
-    """The plan as a dict: per-stage `StagePlan`s plus batch, bubble, FLOPs, time and fit fields."""
-    from megatron.model.flops import flops_per_token
-    from megatron.model.gpt import GPTModel
+@dataclass(frozen=True)
+class _Layout:
+    """What the estimates read from the config, derived once."""
 
+    tp: int
+    pp: int
+    dp: int
+    sp: bool  # sequence parallelism in effect (needs TP > 1)
+    micro_batch_size: int
+    element: int  # bytes per activation element
+    flash: bool  # flash attention in effect (16-bit only)
+    recompute: str | None
+    micro_batches: int
+    vpp: int | None  # model chunks per stage (interleaved schedule)
+
+
+def _layout(cfg) -> _Layout:
     m, par, train = cfg.model, cfg.parallel, cfg.training
-    if m.vocab_size is None:
-        raise ValueError("--dry-run needs --vocab-size (no tokenizer is loaded)")
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    dp = cfg.data_parallel_size
-    sp = bool(par.sequence_parallel and tp > 1)
-    b, s, h = train.micro_batch_size, m.seq_length, m.hidden_size
     element = 4 if train.precision == "fp32" else 2
-    flash = bool(getattr(m, "use_flash_attn", False)) and element == 2
-    recompute = m.recompute_granularity
-    micro_batches = train.global_batch_size // (b * dp)
     vpp = None
     if par.num_layers_per_virtual_pipeline_stage:
         vpp = m.num_layers // (pp * par.num_layers_per_virtual_pipeline_stage)
+    return _Layout(
+        tp=tp,
+        pp=pp,
+        dp=cfg.data_parallel_size,
+        sp=bool(par.sequence_parallel and tp > 1),
+        micro_batch_size=train.micro_batch_size,
+        element=element,
+        flash=bool(getattr(m, "use_flash_attn", False)) and element == 2,
+        recompute=m.recompute_granularity,
+        micro_batches=cfg.num_micro_batches,
+        vpp=vpp,
+    )
 
-    stages = []
-    total_params = 0
-    for stage in range(pp):
-        state = _fake_state(tp, pp, stage, dp, sp)
-        model = GPTModel(m, m.vocab_size, state, device="meta", parallel_config=par)
-        params = sum(p.numel() for p in model.parameters())
-        # logical parameters (a pipeline-duplicated tied embedding counted once)
-        total_params += sum(
-            _full_numel(p) for p in model.parameters() if not getattr(p, "pipeline_duplicate", False)
-        )
-        layers_here = len(model.layers)
-        per_layer = layer_activation_bytes(
-            m, b=b, tp=tp, sp=sp, element=element, recompute=recompute, flash=flash
-        )
-        act = per_layer * layers_here
-        if recompute == "full" and layers_here:
-            act += layer_activation_bytes(m, b=b, tp=tp, sp=sp, element=element, recompute=None, flash=flash)
-        if stage == 0 and m.hidden_dropout > 0:
-            act += s * b * h // (tp if sp else 1)
-        if stage == pp - 1:
-            act += s * b * h * element // (tp if sp else 1) + s * b * m.vocab_size * 4 // tp
-        stages.append(
-            StagePlan(
-                stage=stage,
-                params=params,
-                weights=params * element,
-                grads=params * 4,
-                optimizer=params * 12,
-                optimizer_distributed=-(-params * 12 // dp),
-                activations_per_micro_batch=act,
-                in_flight=_in_flight(pp, stage, micro_batches, vpp),
-            )
-        )
-    peak, memory = GPUS[gpu]
-    world = tp * pp * dp
-    tokens_per_iter = train.global_batch_size * s
-    flops_iter = flops_per_token(m, m.vocab_size) * tokens_per_iter
-    iter_seconds = flops_iter / (world * mfu * peak)
-    iterations = train.train_iters
-    if iterations is None:
-        iterations = -(-train.train_samples // train.global_batch_size)
-    if vpp:
-        bubble = (pp - 1) / (vpp * micro_batches + pp - 1)
-    else:
-        bubble = (pp - 1) / (micro_batches + pp - 1)
-    distributed = bool(par.use_distributed_optimizer)
-    worst = max(st.total(distributed) for st in stages)
-    layers_first = len(all_stage_layers(m, par, pp)[0]) if pp > 1 else m.num_layers
-    alternatives = {  # decoder-layer activations of stage 0 per micro-batch, for each setting
-        (sp_option, option): layers_first
-        * layer_activation_bytes(m, b=b, tp=tp, sp=sp_option, element=element, recompute=option, flash=flash)
-        for sp_option in ((False, True) if tp > 1 else (False,))
+
+def _layer_bytes(model_cfg, layout: _Layout, *, sp: bool, recompute) -> int:
+    return layer_activation_bytes(
+        model_cfg,
+        b=layout.micro_batch_size,
+        tp=layout.tp,
+        sp=sp,
+        element=layout.element,
+        recompute=recompute,
+        flash=layout.flash,
+    )
+
+
+def _stage_activation_bytes(model_cfg, layout: _Layout, stage: int, num_layers: int) -> int:
+    """Bytes one micro-batch leaves saved for backward on `stage` (holding `num_layers` layers)."""
+    m, tp, sp = model_cfg, layout.tp, layout.sp
+    sbh = m.seq_length * layout.micro_batch_size * m.hidden_size
+    act = _layer_bytes(m, layout, sp=sp, recompute=layout.recompute) * num_layers
+    if layout.recompute == "full" and num_layers:
+        act += _layer_bytes(m, layout, sp=sp, recompute=None)  # the layer being recomputed
+    if stage == 0 and m.hidden_dropout > 0:
+        act += sbh // (tp if sp else 1)  # the embedding's dropout mask
+    if stage == layout.pp - 1:  # the final LayerNorm input and the fp32 logits of the loss
+        act += sbh * layout.element // (tp if sp else 1)
+        act += m.seq_length * layout.micro_batch_size * m.vocab_size * 4 // tp
+    return act
+
+
+def _stage_plan(cfg, layout: _Layout, stage: int) -> tuple[StagePlan, int]:
+    """The stage's plan and its logical parameter count (a pipeline-duplicated tied embedding counted
+    on one stage only), from its model built on the meta device."""
+    from megatron.model import build_model
+
+    m = cfg.model
+    state = _fake_state(layout.tp, layout.pp, stage, layout.dp, layout.sp)
+    model = build_model(m, m.vocab_size, state, cfg.parallel, device="meta")
+    params = sum(p.numel() for p in model.parameters())
+    logical = sum(_full_numel(p) for p in model.parameters() if not getattr(p, "pipeline_duplicate", False))
+    stage_plan = StagePlan(
+        stage=stage,
+        params=params,
+        weights=params * layout.element,
+        grads=params * 4,
+        optimizer=params * 12,
+        optimizer_distributed=-(-params * 12 // layout.dp),
+        activations_per_micro_batch=_stage_activation_bytes(m, layout, stage, len(model.layers)),
+        in_flight=_in_flight(layout.pp, stage, layout.micro_batches, layout.vpp),
+    )
+    return stage_plan, logical
+
+
+def _bubble(layout: _Layout) -> float:
+    """Idle fraction of the pipeline schedule (each of the vpp chunks shortens the fill and drain)."""
+    return (layout.pp - 1) / ((layout.vpp or 1) * layout.micro_batches + layout.pp - 1)
+
+
+def _activation_alternatives(cfg, layout: _Layout) -> dict:
+    """Decoder-layer activations of stage 0 per micro-batch, for each (sequence parallel, recompute)."""
+    m = cfg.model
+    layers_first = len(all_stage_layers(m, cfg.parallel, layout.pp)[0]) if layout.pp > 1 else m.num_layers
+    return {
+        (sp_option, option): layers_first * _layer_bytes(m, layout, sp=sp_option, recompute=option)
+        for sp_option in ((False, True) if layout.tp > 1 else (False,))
         for option in (None, "selective", "full")
     }
+
+
+def _time(cfg, layout: _Layout, peak: float, mfu: float) -> dict:
+    """FLOPs and seconds per iteration, and the run's iterations, tokens and days."""
+    from megatron.model.flops import flops_per_token
+
+    m = cfg.model
+    world = layout.tp * layout.pp * layout.dp
+    tokens_per_iter = cfg.training.global_batch_size * m.seq_length
+    flops_iter = flops_per_token(m, m.vocab_size) * tokens_per_iter
+    iter_seconds = flops_iter / (world * mfu * peak)
+    iterations = cfg.num_train_iters
     return {
-        "activation_alternatives": alternatives,
-        "stages": stages,
-        "params": total_params,
-        "tp": tp,
-        "pp": pp,
-        "dp": dp,
-        "sequence_parallel": sp,
-        "recompute": recompute,
-        "flash": flash,
-        "micro_batches": micro_batches,
-        "bubble": bubble,
         "flops_per_iteration": flops_iter,
         "iteration_seconds": iter_seconds,
         "iterations": iterations,
         "tokens": iterations * tokens_per_iter,
         "days": iterations * iter_seconds / 86400,
+    }
+
+
+def plan(cfg, gpu: str = "A100", mfu: float = 0.4) -> dict:
+    """The plan as a dict: per-stage `StagePlan`s plus batch, bubble, FLOPs, time and fit fields."""
+    if cfg.model.vocab_size is None:
+        raise ValueError("--dry-run needs --vocab-size (no tokenizer is loaded)")
+    layout = _layout(cfg)
+    planned = [_stage_plan(cfg, layout, stage) for stage in range(layout.pp)]
+    stages = [stage_plan for stage_plan, _ in planned]
+    memory = PLANNER_GPU_MEMORY[gpu]
+    distributed = bool(cfg.parallel.use_distributed_optimizer)
+    worst = max(st.total(distributed) for st in stages)
+    return {
+        "activation_alternatives": _activation_alternatives(cfg, layout),
+        "stages": stages,
+        "params": sum(logical for _, logical in planned),
+        "tp": layout.tp,
+        "pp": layout.pp,
+        "dp": layout.dp,
+        "sequence_parallel": layout.sp,
+        "recompute": layout.recompute,
+        "flash": layout.flash,
+        "micro_batches": layout.micro_batches,
+        "bubble": _bubble(layout),
+        **_time(cfg, layout, gpu_peak_flops(gpu, "bf16"), mfu),
         "gpu": gpu,
         "mfu": mfu,
         "device_memory": memory,

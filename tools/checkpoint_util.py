@@ -36,11 +36,9 @@ import struct
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from megatron.checkpoint.directory import TRACKER_FILENAME, checkpoint_dir, read_tracker  # noqa: E402
+from megatron.checkpoint.directory import TRACKER_FILENAME, checkpoint_dir, read_tracker
 
 METADATA_FILENAME = ".metadata"
 

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from megatron.entry import run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,13 +92,7 @@ def convert(args) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = convert(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_tool(lambda: print(f"wrote {convert(args)}"))
 
 
 if __name__ == "__main__":

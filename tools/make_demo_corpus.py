@@ -21,8 +21,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 # The Stack's `lang` names for common extensions; anything else gets the extension without its dot.
 LANGUAGE_BY_EXTENSION = {
     ".py": "Python",

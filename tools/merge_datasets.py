@@ -16,11 +16,8 @@ import argparse
 import glob
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megatron.data.indexed import (  # noqa: E402
+from megatron.data.indexed import (
     IndexedDataset,
     IndexedDatasetWriter,
     data_file_path,

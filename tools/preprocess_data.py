@@ -38,19 +38,16 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from megatron.data.indexed import (  # noqa: E402
+from megatron.data.indexed import (
     IndexedDatasetWriter,
     best_dtype,
     data_file_path,
     index_file_path,
 )
-from megatron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from megatron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 # Reason key -> text used in messages and the summary.
 SKIP_REASONS = {

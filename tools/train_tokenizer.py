@@ -20,12 +20,10 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm import tqdm
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from megatron.data.tokenizer import STARCODER_SPECIAL_TOKENS  # noqa: E402
+from megatron.data.tokenizer import STARCODER_SPECIAL_TOKENS
 
 NUM_BYTE_TOKENS = 256
 

@@ -63,6 +63,33 @@ class Config:
         """world_size / (TP * PP), as validated."""
         return self.parallel.derived_data_parallel_size(self.world_size)
 
+    # The batch arithmetic of a run, in one place (the training loop, the data builders and the planner
+    # read it here). Valid once `validate()` has filled in and checked --global-batch-size.
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank:
+        --global-batch-size / (--micro-batch-size x data-parallel size)."""
+        train = self.training
+        return train.global_batch_size // (train.micro_batch_size * self.data_parallel_size)
+
+    @property
+    def num_train_iters(self) -> int:
+        """Optimizer steps of the run: --train-iters, or --train-samples // --global-batch-size (whole
+        steps only, as Megatron-LM)."""
+        train = self.training
+        if train.train_iters is not None:
+            return train.train_iters
+        return train.train_samples // train.global_batch_size
+
+    @property
+    def dataset_num_samples(self) -> tuple[int, int, int]:
+        """Samples the train, valid and test splits must provide (Megatron-LM's formula; the validation
+        count adds 2 evaluations: iteration 0 and the end)."""
+        train = self.training
+        iters, global_batch = self.num_train_iters, train.global_batch_size
+        valid = (iters // train.eval_interval + 2) * train.eval_iters * global_batch
+        return iters * global_batch, valid, train.eval_iters * global_batch
+
     def validate(self, *, world_size: int | None = None, check_paths: bool = True) -> Config:
         """Check every section and the cross-section rules; fill in derived defaults. Returns self.
 

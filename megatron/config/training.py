@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron.config._fields import ConfigError, arg, require_positive, show
+from megatron.config.gpus import PLANNER_GPU_MEMORY
 
 
 @dataclass
@@ -32,7 +33,7 @@ class TrainingConfig:
         "Print the per-stage memory and time plan for this config and layout (model on the meta device, "
         "nothing allocated, no data or tokenizer needed) and exit.",
     )
-    dry_run_gpu: str = arg("A100", "GPU the --dry-run plan assumes.", choices=("A100", "H100", "H200"))
+    dry_run_gpu: str = arg("A100", "GPU the --dry-run plan assumes.", choices=tuple(PLANNER_GPU_MEMORY))
     dry_run_mfu: float = arg(0.4, "Model FLOPs utilisation the --dry-run time estimate assumes.")
 
     @property

@@ -28,35 +28,6 @@ def set_seed(seed: int, parallel_state: ParallelState) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def num_micro_batches(training_config, parallel_state: ParallelState) -> int:
-    """global_batch_size / (micro_batch_size * data-parallel size)."""
-    train = training_config
-    global_batch = global_batch_size(train, parallel_state)
-    per_step = train.micro_batch_size * parallel_state.data_parallel_size
-    if global_batch % per_step:
-        raise ValueError(
-            f"--global-batch-size {global_batch} is not divisible by --micro-batch-size "
-            f"{train.micro_batch_size} x data-parallel size {parallel_state.data_parallel_size}"
-        )
-    return global_batch // per_step
-
-
-def global_batch_size(training_config, parallel_state: ParallelState) -> int:
-    """--global-batch-size, defaulting to micro-batch size x data-parallel size (Megatron)."""
-    train = training_config
-    if train.global_batch_size is not None:
-        return train.global_batch_size
-    return train.micro_batch_size * parallel_state.data_parallel_size
-
-
-def train_iters(training_config, parallel_state: ParallelState) -> int:
-    """--train-iters, or --train-samples // global batch size."""
-    train = training_config
-    if train.train_iters is not None:
-        return train.train_iters
-    return train.train_samples // global_batch_size(train, parallel_state)
-
-
 @dataclass
 class DataSplits:
     """Datasets ready for the loader: train, named validation groups, optional test."""
@@ -64,15 +35,6 @@ class DataSplits:
     train: object
     valid: list[tuple[str, object]] = field(default_factory=list)
     test: object | None = None
-
-
-def dataset_num_samples(cfg, parallel_state: ParallelState) -> tuple[int, int, int]:
-    """Samples each split must provide (Megatron's formula; +2 evaluations: iteration 0 and the end)."""
-    global_batch = global_batch_size(cfg.training, parallel_state)
-    iters = train_iters(cfg.training, parallel_state)
-    eval_iters = cfg.training.eval_iters
-    valid = (iters // cfg.training.eval_interval + 2) * eval_iters * global_batch
-    return iters * global_batch, valid, eval_iters * global_batch
 
 
 def build_data(cfg, tokenizer, parallel_state: ParallelState) -> DataSplits:
@@ -86,7 +48,7 @@ def build_data(cfg, tokenizer, parallel_state: ParallelState) -> DataSplits:
         train_weighted_split_paths_path=data.train_weighted_split_paths_path,
         valid_weighted_split_paths_path=data.valid_weighted_split_paths_path,
         test_weighted_split_paths_path=data.test_weighted_split_paths_path,
-        num_samples=dataset_num_samples(cfg, parallel_state),
+        num_samples=cfg.dataset_num_samples,
         seq_length=cfg.model.seq_length,
         seed=cfg.training.seed,
         cache_dir=data.data_cache_path,
@@ -168,7 +130,7 @@ def build_optimization(
         cfg.optimizer,
         train_iters=cfg.training.train_iters,
         train_samples=cfg.training.train_samples,
-        global_batch_size=global_batch_size(cfg.training, parallel_state),
+        global_batch_size=cfg.training.global_batch_size,
     )
     return optimizer, scheduler, scaler
 

@@ -93,6 +93,9 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     """Seed, tokenizer (unless given), data, model, optimizer, scheduler, metrics sinks, and the
     checkpoint to resume."""
     parallel_state = parallel_state or ParallelState.single()
+    # the batch arithmetic is the config's: the process groups must have the layout it was validated for
+    dp_sizes = (parallel_state.data_parallel_size, cfg.data_parallel_size)
+    assert dp_sizes[0] == dp_sizes[1], f"data-parallel size {dp_sizes[0]}, config validated for {dp_sizes[1]}"
     builders.set_seed(cfg.training.seed, parallel_state)
     builders.log_config_notes(cfg)
     if tokenizer is None:
@@ -105,7 +108,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     data = builders.build_data(cfg, tokenizer, parallel_state)
     model = builders.build_model(cfg, vocab_size, parallel_state)
     optimizer, scheduler, scaler = builders.build_optimization(cfg, model, parallel_state)
-    global_batch = builders.global_batch_size(cfg.training, parallel_state)
+    global_batch = cfg.training.global_batch_size
     run = Run(
         cfg=cfg,
         parallel_state=parallel_state,
@@ -115,8 +118,8 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
         scaler=scaler,
         tokenizer=tokenizer,
         data=data,
-        train_iters=builders.train_iters(cfg.training, parallel_state),
-        num_micro_batches=builders.num_micro_batches(cfg.training, parallel_state),
+        train_iters=cfg.num_train_iters,
+        num_micro_batches=cfg.num_micro_batches,
         global_batch_size=global_batch,
         throughput=_throughput(cfg, vocab_size, parallel_state, global_batch),
         metrics=build_metrics_logger(
