@@ -30,11 +30,10 @@ from megatron.config import load_config
 from megatron.config.gpus import PLANNER_GPU_MEMORY, gpu_peak_flops
 from megatron.model.flops import flops_per_token
 from megatron.model.memory import SavedActivationCounter
-from megatron.parallel.pipeline import micro_batch_loss_sum
 from megatron.parallel.state import ParallelState
 from megatron.planner import layer_activation_bytes, plan
 from megatron.training.builders import build_model, build_optimization
-from megatron.training.step import train_step
+from megatron.training.step import micro_batch_loss_sum, train_step
 
 TINY = [
     *("--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"),

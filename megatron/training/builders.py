@@ -108,10 +108,11 @@ def build_loader(
 
 
 def build_model(cfg, vocab_size: int, parallel_state: ParallelState) -> torch.nn.Module:
-    """GPTModel initialised from the seed, on the run's device, in the compute dtype."""
-    from megatron.model import GPTModel
+    """This rank's model (GPTModel, or its pipeline stage) initialised from the seed, on the run's device,
+    in the compute dtype."""
+    from megatron.model import build_model as build_gpt
 
-    model = GPTModel(cfg.model, vocab_size, parallel_state, parallel_config=cfg.parallel)
+    model = build_gpt(cfg.model, vocab_size, parallel_state, cfg.parallel)
     model.init_weights(cfg.training.seed)
     dtype = PRECISION_DTYPES[cfg.training.precision]
     return model.to(device=parallel_state.device, dtype=dtype)
