@@ -5,7 +5,6 @@ Other test files depend on these names; keep them stable.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,17 +14,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.helpers import load_tool  # noqa: E402 - needs the repository root on sys.path first
+
 DEMO_CORPUS_NUM_FILES = 60
 TINY_VOCAB_SIZE = 1024
-
-
-def load_tool(name: str):
-    """Import `tools/<name>.py` as a module (tools/ is a script folder, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in a tool look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from tests.helpers import TINY_MODEL
+
 VOCAB = 128
-SEQ = 16
+SEQ = TINY_MODEL["seq_length"]  # the models are tests.helpers.tiny_model_config()'s
 BATCH = 2
 SEED = 1234
 

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
-from megatron.model import GPTModel
+from megatron.config import OptimizerConfig, ParallelConfig
+from megatron.model import build_model
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import run_distributed
+from tests.helpers import tiny_model_config
 
 VOCAB = 128
 SEQ = 16
@@ -34,18 +35,6 @@ MICRO_BATCH = 2
 GLOBAL_BATCH = 8
 SEED = 4321
 BF16_LOSS_RTOL = 1e-3
-
-
-def model_config(dropout: float) -> ModelConfig:
-    return ModelConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        seq_length=SEQ,
-        max_position_embeddings=SEQ,
-        hidden_dropout=dropout,
-        attention_dropout=dropout,
-    )
 
 
 def global_batch(iteration: int) -> list[dict]:
@@ -73,7 +62,12 @@ def build(state: ParallelState, *, distributed_optimizer: bool = False, dtype=to
         use_distributed_optimizer=distributed_optimizer,
         ddp_bucket_size=3000,  # several buckets, so fragments cut parameters
     )
-    model = GPTModel(model_config(dropout), VOCAB, state, parallel_config=parallel)
+    model = build_model(
+        tiny_model_config(hidden_size=32, attention_head_type="multihead", seq_length=SEQ, dropout=dropout),
+        VOCAB,
+        state,
+        parallel,
+    )
     model.init_weights(SEED)
     model = model.to(dtype=dtype)
     optimizer = build_optimizer(

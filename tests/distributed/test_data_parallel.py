@@ -15,13 +15,14 @@ import math
 import pytest
 import torch
 
-from megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron.config import OptimizerConfig, ParallelConfig
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import run_distributed
 from megatron.training.grad_scaler import ConstantGradScaler
 from megatron.training.optimizer import build_optimizer
 from megatron.training.schedule import build_scheduler
 from megatron.training.step import train_step
+from tests.helpers import tiny_model_config
 
 SEQ = 16
 VOCAB = 128
@@ -46,19 +47,6 @@ HALF_RUNS = {
     "fp16_distributed": (torch.float16, 128.0, True, False),
 }
 HALF_ITERS = 2
-
-
-def _model_config() -> ModelConfig:
-    return ModelConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type="multiquery",
-        seq_length=SEQ,
-        max_position_embeddings=SEQ,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
 
 
 def _optimizer_config() -> OptimizerConfig:
@@ -92,7 +80,7 @@ def _my_micro_batches(parallel_state: ParallelState) -> list[int]:
 def _model(parallel_state, dtype=torch.float32) -> torch.nn.Module:
     from megatron.model import GPTModel
 
-    model = GPTModel(_model_config(), VOCAB, parallel_state)
+    model = GPTModel(tiny_model_config(seq_length=SEQ), VOCAB, parallel_state)
     model.init_weights(SEED)
     return model.to(dtype)
 

@@ -11,27 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron.config import OptimizerConfig, ParallelConfig
 from megatron.parallel.testing import run_distributed
+from tests.helpers import tiny_model_config
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 VOCAB, SEQ, ITERS = 128, 64, 5
-
-
-def _config(dropout: float) -> ModelConfig:
-    return ModelConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type="multiquery",
-        seq_length=SEQ,
-        max_position_embeddings=SEQ,
-        attention_dropout=dropout,
-        hidden_dropout=dropout,
-    )
 
 
 def _train(tp: int, dtype_name: str, dropout: float = 0.0) -> list[float]:
@@ -47,7 +35,7 @@ def _train(tp: int, dtype_name: str, dropout: float = 0.0) -> list[float]:
         state = ParallelState.initialize(tp, 1, sequence_parallel=True, backend="gloo", device="cuda:0")
     state.seed(1234)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    model = GPTModel(_config(dropout), VOCAB, state)
+    model = GPTModel(tiny_model_config(seq_length=SEQ, dropout=dropout), VOCAB, state)
     model.init_weights(1234)
     model = model.to(device="cuda", dtype=dtype)
     parallel = ParallelConfig(

@@ -30,10 +30,11 @@ import math
 import pytest
 import torch
 
-from megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
-from megatron.model import GPTModel
+from megatron.config import OptimizerConfig, ParallelConfig
+from megatron.model import GPTModel, build_model
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import DistributedTestError, run_distributed
+from tests.helpers import tiny_model_config
 
 VOCAB = 128
 SEQ = 32
@@ -84,19 +85,6 @@ LAYOUTS = [
     ),
 ]
 HEAD_TYPES = ("multiquery", "multihead")
-
-
-def model_config(head_type: str) -> ModelConfig:
-    return ModelConfig(
-        num_layers=4,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type=head_type,
-        seq_length=SEQ,
-        max_position_embeddings=SEQ,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
 
 
 def optimizer_config() -> OptimizerConfig:
@@ -157,7 +145,12 @@ def train(state: ParallelState, head_type: str, layout: Layout | None) -> dict:
         overlap_grad_reduce=bool(layout and layout.overlap),
         ddp_bucket_size=BUCKET_SIZE,
     )
-    model = GPTModel(model_config(head_type), VOCAB, state, parallel_config=parallel)
+    model = build_model(
+        tiny_model_config(num_layers=4, attention_head_type=head_type, seq_length=SEQ),
+        VOCAB,
+        state,
+        parallel,
+    )
     model.init_weights(SEED)
     optimizer = build_optimizer(model, optimizer_config(), parallel_state=state, parallel_config=parallel)
     losses, norms = [], []
@@ -272,7 +265,9 @@ def _missing_kv_reduction(head_type: str) -> None:
 
     state = ParallelState.initialize(2, 1, backend="gloo")
     state.seed(SEED)
-    model = GPTModel(model_config(head_type), VOCAB, state)
+    model = GPTModel(
+        tiny_model_config(num_layers=4, attention_head_type=head_type, seq_length=SEQ), VOCAB, state
+    )
     model.init_weights(SEED)
     for name, param in model.named_parameters():
         if "key_value" in name:

@@ -23,13 +23,14 @@ import torch
 from model_fixtures import BATCH, SEED, SEQ, VOCAB, batch, document_mask, relative_error
 
 from megatron.config import ModelConfig, ParallelConfig
-from megatron.model import GPTModel
+from megatron.model import GPTModel, build_model
 from megatron.model.partition import all_pipeline_layer_ranges
 from megatron.parallel import collectives
 from megatron.parallel.collectives import Group
 from megatron.parallel.layers import full_state_dict, gather_tensor
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import run_distributed
+from tests.helpers import tiny_model_config
 
 RTOL = 1e-5
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
@@ -45,21 +46,6 @@ LAYOUTS = {
     "pp2-untied": (2, 4, {}, dict(untie_embeddings_and_output_weights=True)),
     "pp2-multihead": (2, 4, {}, dict(attention_head_type="multihead")),
 }
-
-
-def model_config(num_layers: int = 4, dropout: float = 0.0, **overrides) -> ModelConfig:
-    fields = dict(
-        num_layers=num_layers,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type="multiquery",
-        seq_length=SEQ,
-        max_position_embeddings=SEQ,
-        attention_dropout=dropout,
-        hidden_dropout=dropout,
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
 
 
 def stage_state(pp: int, rank: int, base: ParallelState | None = None) -> ParallelState:
@@ -83,7 +69,7 @@ def build_stages(
     parallel_config = ParallelConfig(pipeline_model_parallel_size=pp, **layout)
     stages = []
     for rank in range(pp):
-        model = GPTModel(cfg, VOCAB, stage_state(pp, rank, base), parallel_config=parallel_config)
+        model = build_model(cfg, VOCAB, stage_state(pp, rank, base), parallel_config)
         model.init_weights(SEED)
         stages.append(model)
     return stages
@@ -151,7 +137,7 @@ def reference_run(cfg: ModelConfig) -> dict:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_pipeline_stages_equal_one_process(name):
     pp, num_layers, layout, overrides = LAYOUTS[name]
-    cfg = model_config(num_layers, **overrides)
+    cfg = tiny_model_config(num_layers=num_layers, **overrides)
     reference = reference_run(cfg)
     stages = build_stages(cfg, pp, layout)
 
@@ -177,7 +163,7 @@ def test_pipeline_stages_equal_one_process(name):
 
 
 def test_stage_contents_and_tied_embedding_attributes():
-    stages = build_stages(model_config(8), 4, dict(num_layers_per_virtual_pipeline_stage=1))
+    stages = build_stages(tiny_model_config(num_layers=8), 4, dict(num_layers_per_virtual_pipeline_stage=1))
     assert [model.chunk_ranges for model in stages] == [
         tuple(ranges) for ranges in all_pipeline_layer_ranges(8, 4, layers_per_virtual_stage=1)
     ]
@@ -208,15 +194,15 @@ def test_stage_contents_and_tied_embedding_attributes():
         per_chunk = [name for c in range(model.num_chunks) for name, _ in model.chunk_named_parameters(c)]
         assert sorted(per_chunk) == sorted(name for name, _ in model.named_parameters())
     # no pipeline attribute at PP 1, nor on an untied model
-    plain = GPTModel(model_config(), VOCAB)
-    untied = build_stages(model_config(untie_embeddings_and_output_weights=True), 2, {})
+    plain = GPTModel(tiny_model_config(num_layers=4), VOCAB)
+    untied = build_stages(tiny_model_config(num_layers=4, untie_embeddings_and_output_weights=True), 2, {})
     for param in [*plain.parameters(), *untied[0].parameters(), *untied[1].parameters()]:
         assert not hasattr(param, "embedding_group_reduce") and not hasattr(param, "pipeline_duplicate")
     assert untied[1].embedding is None and untied[1].output_layer is not None
 
 
 def test_chunk_inputs_and_whole_model_forward_are_checked():
-    first, last = build_stages(model_config(), 2, {})
+    first, last = build_stages(tiny_model_config(num_layers=4), 2, {})
     tokens, labels = batch()
     with pytest.raises(
         RuntimeError, match=r"holds layers \(\(0, 2\),\) only; run its chunks with forward_chunk"
@@ -235,7 +221,7 @@ def test_chunk_inputs_and_whole_model_forward_are_checked():
         tp_group=Group((0, 1), 0, None),
         sequence_parallel=True,
     )
-    model = GPTModel(model_config(), VOCAB, sequence_parallel, device="meta")
+    model = build_model(tiny_model_config(num_layers=4), VOCAB, sequence_parallel, device="meta")
     assert model.pipeline_hidden_shape(BATCH, SEQ) == (BATCH, SEQ // 2, 64)
 
 
@@ -243,9 +229,9 @@ def test_model_and_config_share_the_layout_errors():
     with pytest.raises(
         ValueError, match="--num-layers 4 does not split evenly over --pipeline-model-parallel-size 3"
     ):
-        build_stages(model_config(), 3, {})
+        build_stages(tiny_model_config(num_layers=4), 3, {})
     with pytest.raises(ValueError, match="--decoder-first-pipeline-num-layers 4"):
-        build_stages(model_config(), 2, dict(decoder_first_pipeline_num_layers=4))
+        build_stages(tiny_model_config(num_layers=4), 2, dict(decoder_first_pipeline_num_layers=4))
 
 
 # ---------------------------------------------------------------------------- TP 2 x PP 2 (4 ranks)
@@ -254,7 +240,7 @@ def test_model_and_config_share_the_layout_errors():
 def _tensor_parallel_stage_errors(state: ParallelState, head_type: str, sequence_parallel: bool) -> dict:
     """TP 2 x PP 2 (interleaved, 2 chunks per rank) run by hand on this rank's TP group against one
     process."""
-    cfg = model_config(4, attention_head_type=head_type)
+    cfg = tiny_model_config(num_layers=4, attention_head_type=head_type)
     reference = reference_run(cfg)
     base = dataclasses.replace(state, sequence_parallel=sequence_parallel)
     stages = build_stages(cfg, 2, dict(num_layers_per_virtual_pipeline_stage=1), base)
@@ -297,7 +283,9 @@ def _recompute_is_bit_identical(state: ParallelState) -> dict:
         for head_type in ("multiquery", "multihead"):
             state.seed(SEED)
             model = GPTModel(
-                model_config(dropout=0.3, attention_head_type=head_type, **recompute), VOCAB, state
+                tiny_model_config(num_layers=4, dropout=0.3, attention_head_type=head_type, **recompute),
+                VOCAB,
+                state,
             )
             model.init_weights(SEED)
             loss = model.to(device).train()(tokens.to(device), labels=labels.to(device))
@@ -319,11 +307,11 @@ def _recompute_is_bit_identical(state: ParallelState) -> dict:
 def _run_rank() -> dict:
     state = ParallelState.initialize(2, 2, backend="gloo")
     # this rank's own stage (interleaved: two chunks), gathered over TP and PP
-    cfg = model_config(4)
+    cfg = tiny_model_config(num_layers=4)
     layout = ParallelConfig(
         tensor_model_parallel_size=2, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1
     )
-    model = GPTModel(cfg, VOCAB, state, parallel_config=layout)
+    model = build_model(cfg, VOCAB, state, layout)
     model.init_weights(SEED)
     gathered, reference = full_state_dict(model, state), _initialised(cfg)
     result = {

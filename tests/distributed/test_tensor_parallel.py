@@ -21,37 +21,22 @@ import torch
 import torch.nn.functional as F
 from model_fixtures import BATCH, SEED, SEQ, VOCAB, batch, document_mask, relative_error
 
-from megatron.config import ModelConfig
 from megatron.model import GPTModel
+from megatron.model.loss import linear_cross_entropy
 from megatron.parallel import collectives, mappings
 from megatron.parallel.collectives import TRIVIAL, Group
-from megatron.parallel.cross_entropy import vocab_parallel_linear_cross_entropy
 from megatron.parallel.debug import fingerprint
 from megatron.parallel.layers import full_state_dict, gather_tensor
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import run_distributed
+from tests.helpers import tiny_model_config
 
 RTOL = 1e-5
 HEAD_TYPES = ("multiquery", "multihead")
 
 
-def model_config(head_type: str, dropout: float = 0.0, **overrides) -> ModelConfig:
-    fields = dict(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type=head_type,
-        seq_length=SEQ,
-        max_position_embeddings=SEQ,
-        attention_dropout=dropout,
-        hidden_dropout=dropout,
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
-
-
 def build(state: ParallelState | None, head_type: str, dropout: float = 0.0) -> GPTModel:
-    model = GPTModel(model_config(head_type, dropout), VOCAB, state)
+    model = GPTModel(tiny_model_config(attention_head_type=head_type, dropout=dropout), VOCAB, state)
     model.init_weights(SEED)
     return model
 
@@ -110,7 +95,7 @@ def _cross_entropy_errors(group: Group) -> dict[str, float]:
 
     shard = slice(group.rank * 8, (group.rank + 1) * 8)
     leaves = (hidden.clone().requires_grad_(), weight[shard].clone().requires_grad_())
-    loss = vocab_parallel_linear_cross_entropy(leaves[0], leaves[1], labels, group)
+    loss = linear_cross_entropy(leaves[0], leaves[1], labels, group)
     grad_hidden, grad_weight = torch.autograd.grad(loss, leaves, grad_loss)
     collectives.all_reduce(grad_hidden, group)  # what the input mapping does in the model
     return {
@@ -326,22 +311,32 @@ def test_head_counts_tensor_parallelism_cannot_split_are_rejected():
     with pytest.raises(
         ValueError, match="num_attention_heads=6 is not divisible by tensor_model_parallel_size=4"
     ):
-        GPTModel(model_config("multiquery", hidden_size=96, num_attention_heads=6), VOCAB, _fake_state(4))
+        GPTModel(
+            tiny_model_config(attention_head_type="multiquery", hidden_size=96, num_attention_heads=6),
+            VOCAB,
+            _fake_state(4),
+        )
     with pytest.raises(
         ValueError, match="output features=100 is not divisible by tensor_model_parallel_size=8"
     ):
-        GPTModel(model_config("multihead", ffn_hidden_size=100, num_attention_heads=8), VOCAB, _fake_state(8))
+        GPTModel(
+            tiny_model_config(attention_head_type="multihead", ffn_hidden_size=100, num_attention_heads=8),
+            VOCAB,
+            _fake_state(8),
+        )
 
 
 def test_vocabulary_not_divisible_by_tensor_parallel_size_is_rejected():
     with pytest.raises(
         ValueError, match="vocabulary size 130 is not divisible by tensor_model_parallel_size=4"
     ):
-        GPTModel(model_config("multiquery"), 130, _fake_state(4))
+        GPTModel(tiny_model_config(attention_head_type="multiquery"), 130, _fake_state(4))
 
 
 def test_sequence_parallelism_rejects_a_sequence_it_cannot_split():
-    model = GPTModel(model_config("multiquery"), VOCAB, _fake_state(2, sequence_parallel=True))
+    model = GPTModel(
+        tiny_model_config(attention_head_type="multiquery"), VOCAB, _fake_state(2, sequence_parallel=True)
+    )
     with pytest.raises(
         ValueError, match="sequence length 15 is not divisible by tensor_model_parallel_size=2"
     ):
@@ -349,7 +344,12 @@ def test_sequence_parallelism_rejects_a_sequence_it_cannot_split():
 
 
 def test_tensor_parallel_parameters_carry_their_logical_shapes():
-    model = GPTModel(model_config("multiquery"), VOCAB, _fake_state(4, sequence_parallel=True), device="meta")
+    model = GPTModel(
+        tiny_model_config(attention_head_type="multiquery"),
+        VOCAB,
+        _fake_state(4, sequence_parallel=True),
+        device="meta",
+    )
     params = dict(model.named_parameters())
     query, key_value = (
         params["layers.0.attention.query.weight"],
@@ -367,7 +367,11 @@ def test_tensor_parallel_parameters_carry_their_logical_shapes():
     assert not params["embedding.position_embeddings.weight"].tp_grad_reduce
     assert (
         params.keys()
-        == dict(GPTModel(model_config("multiquery"), VOCAB, device="meta").named_parameters()).keys()
+        == dict(
+            GPTModel(
+                tiny_model_config(attention_head_type="multiquery"), VOCAB, device="meta"
+            ).named_parameters()
+        ).keys()
     )
 
 

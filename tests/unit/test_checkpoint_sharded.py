@@ -30,9 +30,10 @@ from megatron.checkpoint import (
 )
 from megatron.checkpoint import single_file as basic
 from megatron.checkpoint.files import FAULT_ENV
-from megatron.config import ModelConfig, OptimizerConfig
+from megatron.config import OptimizerConfig
 from megatron.model import GPTModel
 from megatron.parallel.state import ParallelState
+from tests.helpers import tiny_model_config
 
 # DCP warns on every one-process call; the module's own filter is reset by pytest's warning capture.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -50,14 +51,12 @@ def build(*, dtype=torch.float32, hidden_size=32, num_layers=2, dropout=0.1, dev
 
     state = ParallelState.single(device)
     state.seed(SEED)
-    config = ModelConfig(
+    config = tiny_model_config(
         num_layers=num_layers,
         hidden_size=hidden_size,
-        num_attention_heads=4,
+        attention_head_type="multihead",
         seq_length=SEQ,
-        max_position_embeddings=SEQ,
-        hidden_dropout=dropout,
-        attention_dropout=dropout,
+        dropout=dropout,
     )
     model = GPTModel(config, VOCAB, state)
     model.init_weights(SEED)

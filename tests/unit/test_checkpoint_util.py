@@ -16,33 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import load_tool
+from tests.helpers import load_tool, tiny_model_config
 
 VOCAB = 1024  # >= the tiny tokenizer's vocabulary, so tools/generate.py can use it
 SEQ = 16
 ITERATION = 7
 
 
-def _model_config():
-    from megatron.config import ModelConfig
-
-    return ModelConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        attention_head_type="multiquery",
-        seq_length=SEQ,
-        max_position_embeddings=SEQ,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
-
-
 def _config_dict(tokenizer_file: str | None = None) -> dict:
     from megatron.config import Config, DataConfig
 
     data = DataConfig(tokenizer_type="TokenizerFromFile", tokenizer_file=tokenizer_file)
-    return Config(model=_model_config(), data=data).to_dict()
+    return Config(model=tiny_model_config(hidden_size=32, seq_length=SEQ), data=data).to_dict()
 
 
 def _batch(seed: int) -> list[dict]:
@@ -66,7 +51,7 @@ def _trained(parallel_state):
     from megatron.training.schedule import build_scheduler
     from megatron.training.step import train_step
 
-    model = GPTModel(_model_config(), VOCAB, parallel_state)
+    model = GPTModel(tiny_model_config(hidden_size=32, seq_length=SEQ), VOCAB, parallel_state)
     model.init_weights(1234)
     optimizer_config = OptimizerConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
     optimizer = build_optimizer(model, optimizer_config, parallel_state=parallel_state)
@@ -219,7 +204,7 @@ def test_consolidate_safetensors_equals_the_model(tool, saved, tmp_path, capsys)
         assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name].detach()), name
     assert metadata["format"] == "pt" and metadata["iteration"] == str(ITERATION)
     assert json.loads(metadata["config"])["model"]["hidden_size"] == 32
-    fresh = GPTModel(_model_config(), VOCAB)
+    fresh = GPTModel(tiny_model_config(hidden_size=32, seq_length=SEQ), VOCAB)
     fresh.load_state_dict(tensors)  # strict: exactly the model's names and shapes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
 

@@ -19,9 +19,10 @@ import torch
 
 from megatron.checkpoint import Checkpointer, load_full_state
 from megatron.config import Config, ModelConfig
-from megatron.model import GPTModel
+from megatron.model import GPTModel, build_model
 from megatron.parallel.state import ParallelState
-from tests.conftest import TINY_VOCAB_SIZE, load_tool
+from tests.conftest import TINY_VOCAB_SIZE
+from tests.helpers import load_tool
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -257,7 +258,7 @@ def _load_at_tp2_pp2(checkpoints: list[str], batch: dict) -> list[dict]:
     """Rank body: load each converted checkpoint at TP 2 x PP 2, compute the loss of `batch`, gather."""
     from megatron.config import ParallelConfig
     from megatron.parallel.layers import full_state_dict
-    from megatron.parallel.pipeline import forward_backward
+    from megatron.training.step import forward_backward
 
     state = ParallelState.initialize(2, 2, backend="gloo")
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
@@ -265,7 +266,7 @@ def _load_at_tp2_pp2(checkpoints: list[str], batch: dict) -> list[dict]:
     for ckpt in checkpoints:
         stored = json.loads(next(Path(ckpt).glob("iter_*/common.json")).read_text())["config"]
         config = ModelConfig(**stored["model"])
-        model = GPTModel(config, config.vocab_size, state, parallel_config=parallel)
+        model = build_model(config, config.vocab_size, state, parallel)
         Checkpointer(state).load(ckpt, model, None, None, None, finetune=True)
         model.eval()
         loss_sum, tokens = forward_backward(model, None, [batch], state, forward_only=True)
@@ -390,7 +391,7 @@ def test_finetune_first_loss_equals_hf_loss(
 ):
     """A converted model continues training with --finetune; its first loss is HF's on the same batch."""
     from megatron.config import load_config
-    from megatron.parallel import pipeline
+    from megatron.training import step
     from megatron.training.train import build_run, train
 
     hf_dir = make_hf_dir(tmp_path / "hf", tiny_tokenizer_path, seed=5)
@@ -406,13 +407,13 @@ def test_finetune_first_loss_equals_hf_loss(
     argv += ["--data-path", tiny_dataset_prefix, "--tokenizer-file", str(tiny_tokenizer_path)]
     argv += ["--load", str(ckpt), "--data-cache-path", str(tmp_path / "cache")]
     seen = []
-    original = pipeline.micro_batch_loss_sum
+    original = step.micro_batch_loss_sum
 
     def recording(model, batch):
         seen.append({k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
         return original(model, batch)
 
-    monkeypatch.setattr(pipeline, "micro_batch_loss_sum", recording)
+    monkeypatch.setattr(step, "micro_batch_loss_sum", recording)
     run = build_run(load_config(argv), CPU)
     try:
         train(run)

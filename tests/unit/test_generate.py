@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from megatron.checkpoint.gpt_bigcode import gpt_bigcode_config_kwargs, to_gpt_bigcode_state_dict
-from megatron.config import ModelConfig
 from megatron.inference.generate import (
     SamplingParams,
     filter_logits,
@@ -16,7 +15,7 @@ from megatron.inference.generate import (
     generate_tokens,
 )
 from megatron.model import GPTModel
-from tests.helpers import load_tool
+from tests.helpers import load_tool, tiny_model_config
 
 VOCAB = 128
 NEW_TOKENS = 32
@@ -25,16 +24,7 @@ PROMPTS = [[5, 17, 42, 7, 99, 3, 11], [8, 1], [60, 61, 62, 63, 64]]
 
 
 def tiny_model(head_type: str = "multiquery", vocab: int = VOCAB, seed: int = 3) -> GPTModel:
-    config = ModelConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type=head_type,
-        seq_length=64,
-        max_position_embeddings=64,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
+    config = tiny_model_config(attention_head_type=head_type, seq_length=64)
     model = GPTModel(config, vocab)
     model.init_weights(seed)
     with torch.no_grad():  # larger output weights: a peaked next-token distribution, no near-ties

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import struct
@@ -12,18 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_tool(name: str):
-    """Import tools/<name>.py (a script folder, not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        f"test_preprocess_{name}", REPO_ROOT / "tools" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.helpers import load_tool
 
 preprocess = load_tool("preprocess_data")
 merge_tool = load_tool("merge_datasets")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sysconfig
 from pathlib import Path
@@ -11,17 +10,7 @@ import pytest
 from tokenizers import Tokenizer as Backend
 
 from megatron.data.tokenizer import STARCODER_SPECIAL_TOKENS
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_tool(name: str):
-    """Import `tools/<name>.py` (a script folder, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.helpers import load_tool
 
 make_demo_corpus = load_tool("make_demo_corpus")
 train_tokenizer = load_tool("train_tokenizer")

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.config import ModelConfig, OptimizerConfig
+from megatron.config import OptimizerConfig
 from megatron.parallel.state import ParallelState
 from megatron.training.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.training.optimizer import build_optimizer, clip_grad_norm
 from megatron.training.schedule import build_scheduler
 from megatron.training.step import train_step
+from tests.helpers import tiny_model_config
 
 CPU = ParallelState.single("cpu")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -142,25 +143,10 @@ def test_dynamic_scaler_hysteresis_backoff_and_growth():
 
 
 # --------------------------------------------------------------------------- tiny model helpers
-def _model_config(**overrides) -> ModelConfig:
-    values = {
-        "num_layers": 2,
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "attention_head_type": "multiquery",
-        "seq_length": SEQ,
-        "max_position_embeddings": SEQ,
-        "attention_dropout": 0.0,
-        "hidden_dropout": 0.0,
-    }
-    values.update(overrides)
-    return ModelConfig(**values)
-
-
 def _tiny_model(dtype=torch.float32, seed=1):
     from megatron.model import GPTModel
 
-    model = GPTModel(_model_config(), VOCAB)
+    model = GPTModel(tiny_model_config(seq_length=SEQ), VOCAB)
     model.init_weights(seed)
     return model.to(dtype)
 
@@ -347,7 +333,7 @@ def test_generate_from_a_saved_checkpoint(tmp_path):
     from megatron.inference.generate import generate_ids, load_model_from_checkpoint
 
     model = _tiny_model()
-    config = Config(model=_model_config())
+    config = Config(model=tiny_model_config(seq_length=SEQ))
     save_checkpoint(tmp_path, 3, model, None, None, None, 0, config.to_dict())
     loaded = load_model_from_checkpoint(tmp_path)
     assert not loaded.training
