@@ -1,5 +1,6 @@
 """What the end-to-end tests share: a clean environment to launch `megatron.pretrain` (or a script or
-launcher around it) in, running it, and the loss sequence of a run's metrics file."""
+launcher around it) in, the arguments of a tiny run, running it, and the loss sequence of a run's metrics
+file."""
 
 from __future__ import annotations
 
@@ -28,6 +29,42 @@ def launch_env(**extra: str) -> dict:
             del env[name]
     env.update(extra)
     return env
+
+
+# The model and training of the single-process CLI runs that spell their flags out (no preset): MQA over 64
+# tokens in fp32, FIM on, a 95/5 train/validation split. Each test adds its length, cadence and extras.
+TINY_RUN_FLAGS = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --attention-head-type multiquery "
+    "--seq-length 64 --max-position-embeddings 64 "
+    "--micro-batch-size 2 --global-batch-size 4 --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine "
+    "--weight-decay 0.1 --clip-grad 1.0 --fp32 --seed 1234 "
+    "--split 95,5,0 --tokenizer-type TokenizerFromFile --fim-rate 0.5 --num-workers 1"
+)
+
+
+def pretrain_args(
+    run_dir: Path,
+    dataset: str,
+    tokenizer: Path | str,
+    *flags: str,
+    metrics: str | None = None,
+    save: bool = False,
+    load: bool = False,
+) -> list[str]:
+    """The arguments of a `megatron.pretrain` run that writes under `run_dir`: `flags` (each a string of
+    whitespace-separated arguments, e.g. "--config tiny-cpu" or TINY_RUN_FLAGS), then `dataset` (a data
+    prefix), the tokenizer file and the index cache run_dir/cache; with `metrics`, the metrics file
+    run_dir/METRICS.jsonl; with `save` / `load`, --save / --load run_dir/ckpt."""
+    args = [arg for text in flags for arg in text.split()]
+    args += ["--data-path", dataset, "--tokenizer-file", str(tokenizer)]
+    args += ["--data-cache-path", str(run_dir / "cache")]
+    if metrics is not None:
+        args += ["--metrics-jsonl", str(run_dir / f"{metrics}.jsonl")]
+    if save:
+        args += ["--save", str(run_dir / "ckpt")]
+    if load:
+        args += ["--load", str(run_dir / "ckpt")]
+    return args
 
 
 def run_pretrain(

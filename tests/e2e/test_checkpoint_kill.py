@@ -19,11 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.runs import REPO_ROOT, launch_env, run_pretrain
+from tests.e2e.runs import REPO_ROOT, TINY_RUN_FLAGS, launch_env, pretrain_args, run_pretrain
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FIRST_ITERS = 4  # the run that leaves the "previous" checkpoint
 SECOND_ITERS = 8  # the run killed while saving iteration 8
+
+# Every run here: the tiny model, a log line each iteration, hardly any evaluation; each run adds its
+# --train-iters and --save-interval, and saves to and loads from its directory's ckpt/.
+FLAGS = (TINY_RUN_FLAGS, "--lr-warmup-iters 2 --log-interval 1 --eval-interval 1000 --eval-iters 1")
 
 pytestmark = pytest.mark.slow
 
@@ -31,26 +35,6 @@ pytestmark = pytest.mark.slow
 def _loaded_from(stdout: str) -> str:
     """The "> loaded checkpoint DIR: ..." line of a run ('' when it loaded nothing)."""
     return next((line for line in stdout.splitlines() if "loaded checkpoint" in line), "")
-
-
-def _args(
-    root: Path, dataset: str, tokenizer_path, train_iters: int, *, save_interval: int | None
-) -> list[str]:
-    shape = (
-        "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --attention-head-type multiquery "
-        "--seq-length 64 --max-position-embeddings 64"
-    )
-    optimization = (
-        f"--micro-batch-size 2 --global-batch-size 4 --train-iters {train_iters} --lr 2e-3 --min-lr 2e-4 "
-        "--lr-warmup-iters 2 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 --fp32 --seed 1234"
-    )
-    cadence = "--log-interval 1 --eval-interval 1000 --eval-iters 1"
-    if save_interval:
-        cadence += f" --save-interval {save_interval}"
-    data = "--split 95,5,0 --tokenizer-type TokenizerFromFile --fim-rate 0.5 --num-workers 1"
-    paths = ["--save", str(root / "ckpt"), "--load", str(root / "ckpt"), "--data-path", dataset]
-    paths += ["--tokenizer-file", str(tokenizer_path), "--data-cache-path", str(root / "cache")]
-    return f"{shape} {optimization} {cadence} {data}".split() + paths
 
 
 def _output(result) -> str:
@@ -61,7 +45,8 @@ def _output(result) -> str:
 def previous_checkpoint(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_path) -> Path:
     """A --save directory holding the checkpoint of iteration 4 (trained once, copied by each test)."""
     root = tmp_path_factory.mktemp("kill_first_run")
-    args = _args(root, tiny_dataset_prefix, tiny_tokenizer_path, FIRST_ITERS, save_interval=FIRST_ITERS)
+    length = f"--train-iters {FIRST_ITERS} --save-interval {FIRST_ITERS}"
+    args = pretrain_args(root, tiny_dataset_prefix, tiny_tokenizer_path, *FLAGS, length, save=True, load=True)
     result = run_pretrain(args, launch_env())
     assert result.returncode == 0, _output(result)
     assert (root / "ckpt" / TRACKER).read_text().strip() == str(FIRST_ITERS)
@@ -84,7 +69,10 @@ def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_works(
     shutil.copytree(previous_checkpoint / "cache", tmp_path / "cache")
     ckpt = tmp_path / "ckpt"
     previous, killed = ckpt / f"iter_{FIRST_ITERS:07d}", ckpt / f"iter_{SECOND_ITERS:07d}"
-    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, SECOND_ITERS, save_interval=FIRST_ITERS)
+    length = f"--train-iters {SECOND_ITERS} --save-interval {FIRST_ITERS}"
+    args = pretrain_args(
+        tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, *FLAGS, length, save=True, load=True
+    )
 
     # The run resumes from iteration 4 and is killed inside the save of iteration 8.
     result = run_pretrain(args, launch_env(MEGATRON_CHECKPOINT_FAULT=fault))
@@ -132,7 +120,10 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(
 ):
     from megatron.checkpoint import verify_checkpoint
 
-    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, 100_000, save_interval=None)
+    length = "--train-iters 100000"  # no --save-interval: only SIGTERM saves
+    args = pretrain_args(
+        tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, *FLAGS, length, save=True, load=True
+    )
     ckpt, log = tmp_path / "ckpt", tmp_path / "stdout.txt"
     with open(log, "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen(

@@ -12,20 +12,15 @@ import time
 from pathlib import Path
 
 from megatron.parallel.testing import free_port, port_is_free
-from tests.e2e.runs import REPO_ROOT, launch_env, read_losses, run_pretrain
+from tests.e2e.runs import REPO_ROOT, launch_env, pretrain_args, read_losses, run_pretrain
 
-OVERRIDES = [
-    *("--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", "128"),
-    *("--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1", "--lr-warmup-iters", "1"),
-    *("--num-workers", "0"),
-]
+# The tiny preset, cut to four short iterations, on gloo
+FLAGS = (
+    "--config tiny-cpu --train-iters 4 --micro-batch-size 2 --global-batch-size 8 --seq-length 128 "
+    "--eval-interval 2 --eval-iters 1 --log-interval 1 --lr-warmup-iters 1 --num-workers 0 "
+    "--distributed-backend gloo"
+)
 TIMEOUT_MINUTES = 0.1  # 6 s: the rendezvous cases must end well within this plus start-up
-
-
-def _args(tmp_path: Path, dataset: str, tokenizer: Path, name: str = "run") -> list[str]:
-    args = ["--config", "tiny-cpu", "--data-path", dataset, "--tokenizer-file", str(tokenizer)]
-    args += ["--data-cache-path", str(tmp_path / "cache"), "--metrics-jsonl", str(tmp_path / f"{name}.jsonl")]
-    return args + OVERRIDES + ["--distributed-backend", "gloo"]
 
 
 def _pretrain(args: list[str], env: dict, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
@@ -46,7 +41,7 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_world_size_that_does_not_match_the_layout(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
-    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
+    args = pretrain_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, FLAGS, metrics="run")
     args += ["--tensor-model-parallel-size", "2", "--data-parallel-size", "2"]
     env = launch_env(
         RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
@@ -64,7 +59,8 @@ def test_srun_without_master_addr(tmp_path, tiny_dataset_prefix, tiny_tokenizer_
     env = launch_env(
         SLURM_JOB_ID="4242", SLURM_PROCID="1", SLURM_LOCALID="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2"
     )
-    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path) + ["--tensor-model-parallel-size", "2"]
+    args = pretrain_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, FLAGS, metrics="run")
+    args += ["--tensor-model-parallel-size", "2"]
     result, seconds = _pretrain(args, env)
     assert result.returncode == 2
     line = _error_line(result)
@@ -76,7 +72,7 @@ def test_srun_without_master_addr(tmp_path, tiny_dataset_prefix, tiny_tokenizer_
 def test_rank_that_cannot_reach_the_rendezvous(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
     port = free_port()  # nobody listens there
     env = launch_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
+    args = pretrain_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, FLAGS, metrics="run")
     args += ["--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)]
     result, seconds = _pretrain(args, env)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -93,7 +89,7 @@ def test_rendezvous_host_whose_peers_never_come(tmp_path, tiny_dataset_prefix, t
     env = launch_env(
         RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
     )
-    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path)
+    args = pretrain_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, FLAGS, metrics="run")
     args += ["--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)]
     result, seconds = _pretrain(args, env)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -106,14 +102,12 @@ def test_rendezvous_host_whose_peers_never_come(tmp_path, tiny_dataset_prefix, t
 def test_srun_style_ranks_match_one_process(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
     """Two tasks given only what srun sets (plus the exported MASTER_ADDR) at TP 2: the rank, world size
     and port are derived, and the losses are the one-process ones."""
-    single_args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, "single")
+    single_args = pretrain_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, FLAGS, metrics="single")
     single, _ = _pretrain(single_args, launch_env(), timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
 
-    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, "srun") + [
-        "--tensor-model-parallel-size",
-        "2",
-    ]
+    args = pretrain_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, FLAGS, metrics="srun")
+    args += ["--tensor-model-parallel-size", "2"]
     job = str(free_port())  # the derived port is 20000 + job id % 10000: pick an id whose port is free
     while not port_is_free(20000 + int(job) % 10000):
         job = str(int(job) + 1)
@@ -152,7 +146,8 @@ def test_config_check_sees_the_srun_world_size(tmp_path, tiny_dataset_prefix, ti
     """`python -m megatron.config` validates as megatron.pretrain does, under srun too: 3 tasks cannot
     hold TP 2."""
     env = launch_env(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_STEP_NUM_TASKS="3")
-    args = _args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path) + ["--tensor-model-parallel-size", "2"]
+    args = pretrain_args(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, FLAGS, metrics="run")
+    args += ["--tensor-model-parallel-size", "2"]
     result = subprocess.run(
         [sys.executable, "-m", "megatron.config", *args],
         cwd=REPO_ROOT,

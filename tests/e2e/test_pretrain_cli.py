@@ -7,9 +7,16 @@ import time
 
 import pytest
 
-from tests.e2e.runs import run_pretrain
+from tests.e2e.runs import TINY_RUN_FLAGS, pretrain_args, run_pretrain
 
 TRAIN_ITERS = 20
+# The tiny model (tests/e2e/runs.py) for TRAIN_ITERS iterations, saving every 10, with flash attention
+# asked for (a note on CPU) and SPM FIM
+FLAGS = (
+    TINY_RUN_FLAGS,
+    f"--use-flash-attn --train-iters {TRAIN_ITERS} --lr-warmup-iters 4 --adam-beta2 0.95 --fim-spm-rate 0.5",
+    "--log-interval 5 --eval-interval 10 --eval-iters 2 --save-interval 10",
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,34 +30,8 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _args(tmp_path, dataset: str, tokenizer_path) -> list[str]:
-    shape = (
-        "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --attention-head-type multiquery "
-        "--seq-length 64 --max-position-embeddings 64 --use-flash-attn"
-    )
-    optimization = (
-        f"--micro-batch-size 2 --global-batch-size 4 --train-iters {TRAIN_ITERS} --lr 2e-3 --min-lr 2e-4 "
-        "--lr-warmup-iters 4 --lr-decay-style cosine --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 "
-        "--fp32 --seed 1234"
-    )
-    cadence = "--log-interval 5 --eval-interval 10 --eval-iters 2 --save-interval 10"
-    data = (
-        "--split 95,5,0 --tokenizer-type TokenizerFromFile --fim-rate 0.5 --fim-spm-rate 0.5 --num-workers 1"
-    )
-    paths = [
-        "--save",
-        str(tmp_path / "ckpt"),
-        "--data-path",
-        dataset,
-        "--tokenizer-file",
-        str(tokenizer_path),
-    ]
-    paths += ["--data-cache-path", str(tmp_path / "cache")]
-    return f"{shape} {optimization} {cadence} {data}".split() + paths
-
-
 def test_pretrain_cli_end_to_end(tmp_path, cli_dataset, tiny_tokenizer_path):
-    result = run_pretrain(_args(tmp_path, cli_dataset, tiny_tokenizer_path))
+    result = run_pretrain(pretrain_args(tmp_path, cli_dataset, tiny_tokenizer_path, *FLAGS, save=True))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "training done: 20 iterations" in out
@@ -75,7 +56,7 @@ def test_pretrain_cli_end_to_end(tmp_path, cli_dataset, tiny_tokenizer_path):
 
 
 def test_pretrain_cli_bad_flag_exits_2_fast(tmp_path, cli_dataset, tiny_tokenizer_path):
-    args = _args(tmp_path, cli_dataset, tiny_tokenizer_path)
+    args = pretrain_args(tmp_path, cli_dataset, tiny_tokenizer_path, *FLAGS, save=True)
     start = time.perf_counter()
     result = run_pretrain([*args, "--hiden-size", "64"], timeout=60)
     elapsed = time.perf_counter() - start
@@ -85,7 +66,7 @@ def test_pretrain_cli_bad_flag_exits_2_fast(tmp_path, cli_dataset, tiny_tokenize
 
 
 def test_pretrain_cli_tokenizer_larger_than_model_exits_2_fast(tmp_path, cli_dataset, tiny_tokenizer_path):
-    args = _args(tmp_path, cli_dataset, tiny_tokenizer_path)
+    args = pretrain_args(tmp_path, cli_dataset, tiny_tokenizer_path, *FLAGS, save=True)
     start = time.perf_counter()
     result = run_pretrain([*args, "--vocab-size", "512"], timeout=60)  # the tokenizer has 1024 tokens
     elapsed = time.perf_counter() - start

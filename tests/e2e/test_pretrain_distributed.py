@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from megatron.parallel.testing import free_port
-from tests.e2e.runs import REPO_ROOT, launch_env, read_losses, run_pretrain
+from tests.e2e.runs import REPO_ROOT, launch_env, pretrain_args, read_losses, run_pretrain
 
 ITERS = 6
 # The tiny preset's model and data, cut to a few short iterations so the test stays fast.
@@ -23,16 +22,12 @@ OVERRIDES = (
 LOSS_RTOL = 1e-5
 
 
-def _args(tmp_path: Path, name: str, dataset: str, tokenizer: Path) -> list[str]:
-    args = ["--config", "tiny-cpu", "--data-path", dataset, "--tokenizer-file", str(tokenizer)]
-    args += ["--data-cache-path", str(tmp_path / "cache"), "--metrics-jsonl", str(tmp_path / f"{name}.jsonl")]
-    return args + OVERRIDES.split()
-
-
 @pytest.fixture(scope="module")
 def single_process_losses(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_path):
     tmp_path = tmp_path_factory.mktemp("single")
-    args = _args(tmp_path, "single", tiny_dataset_prefix, tiny_tokenizer_path)
+    args = pretrain_args(
+        tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, "--config tiny-cpu", OVERRIDES, metrics="single"
+    )
     single = run_pretrain(args, timeout=600)
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     return read_losses(tmp_path / "single.jsonl")
@@ -58,8 +53,10 @@ def test_torchrun_layout_matches_one_process(
     flags, description = LAYOUTS[layout]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4"]
     torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron.pretrain"]
-    parallel_args = _args(tmp_path, "parallel", tiny_dataset_prefix, tiny_tokenizer_path) + flags
-    parallel_args += ["--check-replicas-interval", "3", "--distributed-backend", "gloo"]
+    parallel_args = pretrain_args(
+        tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, "--config tiny-cpu", OVERRIDES, metrics="parallel"
+    )
+    parallel_args += [*flags, "--check-replicas-interval", "3", "--distributed-backend", "gloo"]
     parallel = subprocess.run(
         [*torchrun, *parallel_args],
         cwd=REPO_ROOT,
