@@ -28,11 +28,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.config import OptimizerConfig, ParallelConfig
+from megatron.model import build_model
 from megatron.parallel import pipeline
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import DistributedTestError, run_distributed
 from megatron.training.grad_scaler import ConstantGradScaler
 from megatron.training.optimizer import build_optimizer, clip_grad_norm
+from megatron.training.step import forward_backward
+from tests.distributed.schedule_orders import (
+    expected_1f1b_order,
+    expected_interleaved_order,
+    max_in_flight,
+    parse_order,
+)
+from tests.helpers import tiny_model_config
 
 HIDDEN = 8
 VOCAB = 16
@@ -46,6 +55,33 @@ ERROR_TIMEOUT_MINUTES = 0.2  # the failure tests' distributed timeout: 12 s
 SCHEDULES = {
     2: [("1f1b", 2, 1, (1, 2, 3, 5)), ("interleaved", 2, 2, (2, 4, 6))],
     4: [("1f1b", 4, 1, (1, 3, 4, 8)), ("interleaved", 4, 2, (4, 8))],
+}
+
+# Interleaved 1F1B with 2 chunks per rank, worked out by hand from the schedule's definition (see
+# tests/distributed/schedule_orders.py), one line per pipeline rank: "F3.1" is micro-batch 3's forward
+# through chunk 1. Forwards go in groups of P micro-batches through chunk 0, then chunk 1; backwards
+# through chunk 1, then chunk 0. With m == P every rank runs every forward first; with m == 2P rank r
+# warms up with (P - r - 1) * 2 + P forwards, then alternates, then runs the backwards left.
+INTERLEAVED_BY_HAND = {  # (P, m): rank 0, rank 1, ...
+    (2, 2): [
+        "F0.0 F1.0 F0.1 F1.1 B0.1 B1.1 B0.0 B1.0",
+        "F0.0 F1.0 F0.1 F1.1 B0.1 B1.1 B0.0 B1.0",
+    ],
+    (2, 4): [
+        "F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 B2.1 B3.1 B2.0 B3.0",
+        "F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 F3.0 B1.0 F2.1 B2.1 F3.1 B3.1 B2.0 B3.0",
+    ],
+    (4, 4): 4 * ["F0.0 F1.0 F2.0 F3.0 F0.1 F1.1 F2.1 F3.1 B0.1 B1.1 B2.1 B3.1 B0.0 B1.0 B2.0 B3.0"],
+    (4, 8): [
+        "F0.0 F1.0 F2.0 F3.0 F0.1 F1.1 F2.1 F3.1 F4.0 F5.0 F6.0 B0.1 F7.0 B1.1 F4.1 B2.1 F5.1 B3.1 "
+        "F6.1 B0.0 F7.1 B1.0 B2.0 B3.0 B4.1 B5.1 B6.1 B7.1 B4.0 B5.0 B6.0 B7.0",
+        "F0.0 F1.0 F2.0 F3.0 F0.1 F1.1 F2.1 F3.1 F4.0 B0.1 F5.0 B1.1 F6.0 B2.1 F7.0 B3.1 "
+        "F4.1 B0.0 F5.1 B1.0 F6.1 B2.0 F7.1 B3.0 B4.1 B5.1 B6.1 B7.1 B4.0 B5.0 B6.0 B7.0",
+        "F0.0 F1.0 F2.0 F3.0 F0.1 F1.1 F2.1 B0.1 F3.1 B1.1 F4.0 B2.1 F5.0 B3.1 F6.0 B0.0 "
+        "F7.0 B1.0 F4.1 B2.0 F5.1 B3.0 F6.1 B4.1 F7.1 B5.1 B6.1 B7.1 B4.0 B5.0 B6.0 B7.0",
+        "F0.0 F1.0 F2.0 F3.0 F0.1 B0.1 F1.1 B1.1 F2.1 B2.1 F3.1 B3.1 F4.0 B0.0 F5.0 B1.0 "
+        "F6.0 B2.0 F7.0 B3.0 F4.1 B4.1 F5.1 B5.1 F6.1 B6.1 F7.1 B7.1 B4.0 B5.0 B6.0 B7.0",
+    ],
 }
 
 
@@ -136,7 +172,7 @@ def _schedule_run(state, num_chunks: int, num_micro_batches: int, *, forward_onl
         state.pipeline_model_parallel_size, state.pipeline_model_parallel_rank, num_chunks
     )
     trace: pipeline.Trace = []
-    loss_sum, tokens = pipeline.forward_backward(
+    loss_sum, tokens = forward_backward(
         model, None, toy_batches(num_micro_batches), state, forward_only=forward_only, trace=trace
     )
     return {"trace": trace, "loss_sum": loss_sum.item(), "tokens": tokens.item(), "grads": _grads(model)}
@@ -197,28 +233,17 @@ def _gpt_batches(iteration: int) -> list[dict]:
 def _train_gpt(state, layers_per_virtual_stage: int | None = None) -> dict:
     """GPT_ITERATIONS steps of a 4-layer GPTModel through train_step (overlapped reduction, so a wrong
     last_micro_batch would raise); losses, grad norms and the weights gathered over the pipeline."""
-    from megatron.config import ModelConfig
-    from megatron.model import GPTModel
     from megatron.parallel.layers import full_state_dict
     from megatron.training.step import train_step
 
-    config = ModelConfig(
-        num_layers=4,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type="multiquery",
-        seq_length=GPT_SEQ,
-        max_position_embeddings=GPT_SEQ,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
+    config = tiny_model_config(num_layers=4, seq_length=GPT_SEQ)
     parallel = ParallelConfig(
         pipeline_model_parallel_size=state.pipeline_model_parallel_size,
         num_layers_per_virtual_pipeline_stage=layers_per_virtual_stage,
         overlap_grad_reduce=True,
         ddp_bucket_size=12_000,
     )
-    model = GPTModel(config, GPT_VOCAB, state, parallel_config=parallel)
+    model = build_model(config, GPT_VOCAB, state, parallel)
     model.init_weights(SEED)
     optimizer_config = OptimizerConfig(
         lr=3e-3, weight_decay=0.1, clip_grad=1.0, adam_beta2=0.95, adam_eps=1e-6
@@ -298,14 +323,27 @@ def test_traces_follow_the_schedules_within_their_in_flight_bound(spawn):
             for rank, result in enumerate(ranks):
                 trace = result[(name, m, False)]["trace"]
                 if num_chunks == 1:
-                    expected = pipeline.expected_1f1b_order(pp, rank, m)
+                    expected = expected_1f1b_order(pp, rank, m)
                 else:
-                    expected = pipeline.expected_interleaved_order(pp, rank, m, num_chunks)
+                    expected = expected_interleaved_order(pp, rank, m, num_chunks)
                 assert trace == expected, (name, m, rank)
                 limit = pipeline.in_flight_limit(pp, rank, m, num_chunks)
-                assert pipeline.max_in_flight(trace) <= limit, (name, m, rank)
+                assert max_in_flight(trace) <= limit, (name, m, rank)
                 if num_chunks == 1:
                     assert limit == min(pp - rank, m)
+
+
+def test_interleaved_traces_equal_the_orders_worked_out_by_hand(spawn):
+    world, ranks = spawn
+    checked = 0
+    for name, pp, num_chunks, counts in SCHEDULES[world]:
+        for m in counts:
+            if name == "interleaved" and num_chunks == 2 and (pp, m) in INTERLEAVED_BY_HAND:
+                for rank, result in enumerate(ranks):
+                    by_hand = parse_order(INTERLEAVED_BY_HAND[(pp, m)][rank])
+                    assert result[(name, m, False)]["trace"] == by_hand, (pp, m, rank)
+                checked += 1
+    assert checked == 2  # m == P and m == 2P at this world size
 
 
 def test_losses_and_gradients_equal_one_process(spawn):
@@ -328,9 +366,9 @@ def test_forward_only_runs_forwards_in_order_without_gradients(spawn):
             for rank, result in enumerate(ranks):
                 run = result[(name, m, True)]
                 if num_chunks == 1:
-                    expected = pipeline.expected_1f1b_order(pp, rank, m, forward_only=True)
+                    expected = expected_1f1b_order(pp, rank, m, forward_only=True)
                 else:
-                    expected = pipeline.expected_interleaved_order(pp, rank, m, num_chunks, forward_only=True)
+                    expected = expected_interleaved_order(pp, rank, m, num_chunks, forward_only=True)
                 assert run["trace"] == expected
                 assert run["loss_sum"] == reference["loss_sum"]
                 assert run["grads"] == {}
@@ -393,7 +431,7 @@ def _fail_inside_the_schedule(
     pp, rank = state.pipeline_model_parallel_size, state.pipeline_model_parallel_rank
     model = ToyPipelineModel(pp, rank, num_chunks, fail=fail if rank == failing_rank else None)
     try:
-        pipeline.forward_backward(model, None, toy_batches(2 * pp), state)
+        forward_backward(model, None, toy_batches(2 * pp), state)
     except ValueError:
         time.sleep(linger)
         raise
@@ -462,31 +500,38 @@ def test_harness_without_kill_on_error_reports_every_rank():
 def test_expected_orders_spelled_out():
     f = [("F", i, 0) for i in range(4)]
     b = [("B", i, 0) for i in range(4)]
-    assert pipeline.expected_1f1b_order(2, 0, 4) == [f[0], f[1], b[0], f[2], b[1], f[3], b[2], b[3]]
-    assert pipeline.expected_1f1b_order(2, 1, 4) == [f[0], b[0], f[1], b[1], f[2], b[2], f[3], b[3]]
-    assert pipeline.expected_1f1b_order(4, 0, 2) == f[:2] + b[:2]  # fewer micro-batches than stages
-    order = pipeline.expected_interleaved_order(2, 0, 4, 2)
+    assert expected_1f1b_order(2, 0, 4) == [f[0], f[1], b[0], f[2], b[1], f[3], b[2], b[3]]
+    assert expected_1f1b_order(2, 1, 4) == [f[0], b[0], f[1], b[1], f[2], b[2], f[3], b[3]]
+    assert expected_1f1b_order(4, 0, 2) == f[:2] + b[:2]  # fewer micro-batches than stages
+    order = expected_interleaved_order(2, 0, 4, 2)
     assert pipeline.format_trace(order) == (
         "F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 B2.1 B3.1 B2.0 B3.0"
     )
-    assert pipeline.max_in_flight(order) == 5 == pipeline.in_flight_limit(2, 0, 4, 2)
-    assert pipeline.format_trace(pipeline.expected_1f1b_order(2, 1, 2)) == "F0 B0 F1 B1"
+    assert max_in_flight(order) == 5 == pipeline.in_flight_limit(2, 0, 4, 2)
+    assert pipeline.format_trace(expected_1f1b_order(2, 1, 2)) == "F0 B0 F1 B1"
+
+
+def test_interleaved_orders_equal_the_ones_worked_out_by_hand():
+    for (pp, m), per_rank in INTERLEAVED_BY_HAND.items():
+        assert len(per_rank) == pp
+        for rank, text in enumerate(per_rank):
+            assert expected_interleaved_order(pp, rank, m, 2) == parse_order(text), (pp, m, rank)
 
 
 def test_in_flight_bounds_over_many_layouts():
     for pp in (2, 3, 4, 8):
         for m in (1, 2, pp - 1, pp, 2 * pp + 1, 4 * pp):
             for rank in range(pp):
-                order = pipeline.expected_1f1b_order(pp, rank, m)
-                assert pipeline.max_in_flight(order) == min(pp - rank, m)
+                order = expected_1f1b_order(pp, rank, m)
+                assert max_in_flight(order) == min(pp - rank, m)
         for vp in (2, 3):
             for m in (pp, 2 * pp, 4 * pp):
                 for rank in range(pp):
-                    order = pipeline.expected_interleaved_order(pp, rank, m, vp)
+                    order = expected_interleaved_order(pp, rank, m, vp)
                     assert sorted(order) == sorted(
                         [(k, i, c) for k in "BF" for i in range(m) for c in range(vp)]
                     )
-                    assert pipeline.max_in_flight(order) <= pipeline.in_flight_limit(pp, rank, m, vp)
+                    assert max_in_flight(order) <= pipeline.in_flight_limit(pp, rank, m, vp)
 
 
 def test_user_errors_are_named_before_anything_is_sent():
@@ -494,14 +539,14 @@ def test_user_errors_are_named_before_anything_is_sent():
     with pytest.raises(
         ValueError, match=r"--global-batch-size .* multiple of --pipeline-model-parallel-size 2"
     ):
-        pipeline.forward_backward(ToyPipelineModel(2, 0, 2), None, toy_batches(3), state)
+        forward_backward(ToyPipelineModel(2, 0, 2), None, toy_batches(3), state)
     with pytest.raises(TypeError, match="cannot run pipeline-parallel: it has no num_chunks"):
-        pipeline.forward_backward(nn.Linear(2, 2), None, toy_batches(2), state)
+        forward_backward(nn.Linear(2, 2), None, toy_batches(2), state)
 
 
 def test_no_pipelining_trace_and_pipeline_duplicate_left_out_of_the_norm():
     trace: pipeline.Trace = []
-    pipeline.forward_backward(
+    forward_backward(
         ToyPipelineModel(1, 0, 2), None, toy_batches(2), ParallelState.single("cpu"), trace=trace
     )
     assert pipeline.format_trace(trace) == "F0 B0 F1 B1"

@@ -14,6 +14,7 @@ from megatron.config import load_config
 from megatron.model.gpt import GPTModel
 from megatron.model.memory import SavedActivationCounter
 from megatron.planner import plan
+from tests.distributed.schedule_orders import expected_1f1b_order, expected_interleaved_order, max_in_flight
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT_4x4 = [
@@ -81,8 +82,6 @@ def test_in_flight_follows_the_schedule_actually_run():
     """Each stage's in-flight count is the peak of live forwards in the order the schedule runs (the
     distributed pipeline tests check the real traces equal these orders), in whole-stage micro-batches:
     interleaved chunks count 1/v each. On the first stage it is Megatron's (1 + (p-1)/(p v)) x p."""
-    from megatron.parallel.pipeline import expected_1f1b_order, expected_interleaved_order, max_in_flight
-
     for pp, m, vpp, layers in ((2, 4, None, 4), (4, 8, None, 8), (4, 16, 2, 16), (2, 8, 4, 16), (4, 4, 2, 8)):
         argv = ["--config", "tiny-cpu", "--vocab-size", "1024", "--num-layers", str(layers)]
         argv += [
