@@ -585,8 +585,9 @@ def test_bad_input_from_the_command_line_is_fast(inputs, overrides, word):
     assert seconds < 2.0, f"took {seconds:.2f} s"
 
 
-@pytest.mark.skipif(not (REPO / "megatron" / "pretrain.py").exists(), reason="no megatron.pretrain yet")
 def test_bad_input_through_pretrain_entry_point(inputs):
+    entry_point = REPO / "megatron" / "pretrain.py"
+    assert entry_point.is_file(), f"{entry_point} (`python -m megatron.pretrain`, the entry point) is missing"
     argv = tiny_argv(inputs, hidden_size=100, num_attention_heads=3)
     result, seconds = run_timed([sys.executable, "-m", "megatron.pretrain", *argv])
     assert result.returncode == 2 and "--num-attention-heads 3" in result.stderr, result.stderr
