@@ -22,7 +22,7 @@ from megatron.config import Config, ModelConfig
 from megatron.model import GPTModel, build_model
 from megatron.parallel.state import ParallelState
 from tests.conftest import TINY_VOCAB_SIZE
-from tests.helpers import load_tool
+from tests.helpers import load_tool, tiny_model_config
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -48,18 +48,7 @@ def from_legacy():
 
 
 def tiny_config(head_type: str = "multiquery", **overrides) -> ModelConfig:
-    fields = dict(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type=head_type,
-        seq_length=SEQ,
-        max_position_embeddings=SEQ,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    return tiny_model_config(**{"attention_head_type": head_type, "seq_length": SEQ, **overrides})
 
 
 def run_config(config: ModelConfig, tokenizer_path, **parallel) -> dict:

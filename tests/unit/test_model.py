@@ -17,24 +17,14 @@ from megatron.config import ModelConfig
 from megatron.model import GPTModel, device_peak_flops, flops_per_token, layers, num_parameters
 from megatron.model import attention as attention_module
 from megatron.model.loss import linear_cross_entropy
+from tests.helpers import tiny_model_config
 
 VOCAB = 96
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type="multiquery",
-        seq_length=32,
-        max_position_embeddings=32,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    return tiny_model_config(**{"seq_length": 32, **overrides})
 
 
 def tiny_model(seed: int = 7, **overrides) -> GPTModel:

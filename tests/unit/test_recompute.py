@@ -20,6 +20,7 @@ from megatron.model.recompute import checkpoint, layer_groups
 from megatron.parallel.collectives import Group
 from megatron.parallel.random import RNGTracker
 from megatron.parallel.state import ParallelState
+from tests.helpers import tiny_model_config
 
 VOCAB = 128
 FULL_UNIFORM = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -32,16 +33,8 @@ SETTINGS = {
 
 
 def config(head_type: str = "multiquery", seq: int = 32, dropout: float = 0.3, **overrides) -> ModelConfig:
-    return ModelConfig(
-        num_layers=4,
-        hidden_size=64,
-        num_attention_heads=4,
-        attention_head_type=head_type,
-        seq_length=seq,
-        attention_dropout=dropout,
-        hidden_dropout=dropout,
-        **overrides,
-    )
+    fields = {"num_layers": 4, "attention_head_type": head_type, "seq_length": seq, **overrides}
+    return tiny_model_config(dropout=dropout, **fields)
 
 
 def train_step(
