@@ -49,10 +49,9 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
     return a @ b.t() if bias is None else torch.addmm(bias, a, b.t())
 
 
-def _cpu_kernels(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """The CPU kernels apply: x on the CPU, outside autocast, every tensor given in x's dtype."""
-    same_dtype = all(t is None or t.dtype == x.dtype for t in tensors)
-    return x.device.type == "cpu" and same_dtype and not torch.is_autocast_enabled("cpu")
+def _cpu_kernels(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """The CPU kernels apply: x on the CPU, outside autocast, `other` (weight or bias) in x's dtype."""
+    return x.device.type == "cpu" and other.dtype == x.dtype and not torch.is_autocast_enabled("cpu")
 
 
 def _bias_grad(grad_2d: torch.Tensor) -> torch.Tensor:

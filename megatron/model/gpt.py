@@ -117,8 +117,8 @@ class Embedding(nn.Module):
         else:
             positions = self.position_embeddings(position_ids)  # [b, s, h]
         x = words + positions  # [b, s, h]
-        if not self.sequence_parallel:
-            return self.dropout(x)  # the default stream: the same mask on every TP rank
+        if not self.sequence_parallel:  # the default stream: the same mask on every TP rank
+            return self.dropout(x) if self.training else x
         x = mappings.scatter_to_sequence_parallel_region(x, self.tp_group)  # [b, s/tp, h]
         with _fork(self.rng if self.training and self.dropout.p > 0 else None, x.device):
             return self.dropout(x)
@@ -172,9 +172,10 @@ class TransformerLayer(nn.Module):
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.hidden_dropout if self.training else 0.0
-        with _fork(self.rng if p > 0 else None, x.device):
-            return F.dropout(x, p, self.training)
+        if not self.training or self.hidden_dropout == 0:  # the identity (and no call per decoded token)
+            return x
+        with _fork(self.rng, x.device):
+            return F.dropout(x, self.hidden_dropout, True)
 
 
 class LayerDict(nn.ModuleDict):
