@@ -161,16 +161,7 @@ def test_recomputation_on_interleaved_pipeline_chunks():
     layout = ParallelConfig(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2)
     results = []
     for recompute in ({}, SETTINGS["full-block-2"], dict(FULL_UNIFORM, recompute_num_layers=2)):
-        cfg = ModelConfig(
-            num_layers=8,
-            hidden_size=64,
-            num_attention_heads=4,
-            attention_head_type="multiquery",
-            seq_length=16,
-            attention_dropout=0.3,
-            hidden_dropout=0.3,
-            **recompute,
-        )
+        cfg = config(seq=16, num_layers=8, **recompute)
         model = build_model(cfg, VOCAB, state, layout).train()
         model.init_weights(3)
         assert model.chunk_ranges == ((2, 4), (6, 8)) and model.num_chunks == 2
