@@ -171,7 +171,7 @@ def _layout(cfg) -> _Layout:
         sp=bool(par.sequence_parallel and tp > 1),
         micro_batch_size=train.micro_batch_size,
         element=element,
-        flash=bool(getattr(m, "use_flash_attn", False)) and element == 2,
+        flash=m.use_flash_attn and element == 2,
         recompute=m.recompute_granularity,
         micro_batches=cfg.num_micro_batches,
         vpp=vpp,

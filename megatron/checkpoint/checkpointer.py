@@ -66,6 +66,8 @@ from megatron.checkpoint.directory import (
     find_checkpoints,
     fsync_dir,
     read_tracker,
+    replace_directory,
+    write_tracker,
 )
 from megatron.checkpoint.files import (
     COMMON_FILENAME,
@@ -81,10 +83,8 @@ from megatron.checkpoint.files import (
     fsync_file,
     relative_files,
     remove_leftovers,
-    replace_directory,
     rng_json_name,
     write_json,
-    write_tracker,
 )
 from megatron.checkpoint.load_plan import LoadPlan, load_object_state, restore_generators
 from megatron.checkpoint.staging import SaveJob, capture_rng, plain_json, saving_layout, stage_tensors

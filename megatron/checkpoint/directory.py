@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,31 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_tracker(root: Path, iteration: int | str) -> None:
+    """Replace the tracker atomically (written beside it, fsynced, renamed, directory fsynced): a crash
+    never leaves it naming a checkpoint that is not complete."""
+    tracker = root / TRACKER_FILENAME
+    tmp = root / f".{TRACKER_FILENAME}.tmp-{secrets.token_hex(4)}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(str(iteration))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, tracker)
+    fsync_dir(root)
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` to `final`; an existing `final` (the same iteration saved again) is moved
+    aside first and deleted after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

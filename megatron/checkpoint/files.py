@@ -18,7 +18,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from megatron.checkpoint.directory import TRACKER_FILENAME, find_checkpoints, fsync_dir
+from megatron.checkpoint.directory import TRACKER_FILENAME, find_checkpoints
 from megatron.log import get_logger
 
 logger = get_logger(__name__)
@@ -57,18 +57,6 @@ def write_json(path: Path, obj) -> None:
         os.fsync(handle.fileno())
 
 
-def write_tracker(root: Path, iteration: int | str) -> None:
-    """Replace the tracker atomically (written beside it, fsynced, renamed, directory fsynced)."""
-    tracker = root / TRACKER_FILENAME
-    tmp = root / f".{TRACKER_FILENAME}.tmp-{secrets.token_hex(4)}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(str(iteration))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, tracker)
-    fsync_dir(root)
-
-
 def file_entry(path: Path) -> dict:
     """{"bytes": size, "blake2b": hex digest} of one file."""
     digest = hashlib.blake2b()
@@ -88,18 +76,6 @@ def fault(point: str) -> None:
     """MEGATRON_CHECKPOINT_FAULT: die here, as a crash would (kill tests)."""
     if os.environ.get(FAULT_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def replace_directory(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` (the same iteration saved again) is moved aside
-    first and deleted after."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_leftovers(root: Path) -> None:

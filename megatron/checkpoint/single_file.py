@@ -30,6 +30,8 @@ from megatron.checkpoint.directory import (
     checkpoint_dir,
     fsync_dir,
     read_tracker,
+    replace_directory,
+    write_tracker,
 )
 
 MODEL_FILENAME = os.path.join("mp_rank_00", "model_optim_rng.pt")
@@ -87,16 +89,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def save_checkpoint(
     path,
     iteration: int,
@@ -137,13 +129,9 @@ def save_checkpoint(
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    if final.exists():  # re-saving the same iteration: move the old one aside, then drop it
-        old = root / f".{final.name}.old{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(tmp, final)
+    replace_directory(tmp, final)
     fsync_dir(root)
-    _write_atomic_text(root / TRACKER_FILENAME, str(iteration))
+    write_tracker(root, iteration)
     return final
 
 

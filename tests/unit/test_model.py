@@ -473,3 +473,17 @@ def test_concat_linear_matches_linear_on_the_concatenation_without_saving_it():
         assert torch.equal(a, b)
     assert not any(t.shape == (40, 32) for t in saved)  # only x, W1 and W2 themselves
     assert sum(t.numel() for t in saved) == x.numel() + w1.numel() + w2.numel()
+
+
+def test_one_process_model_holds_no_tensor_parallel_layer():
+    # at TP 1 the model is plain torch layers and the shared kernels: gpt.py and attention.py read alone,
+    # without megatron.parallel's column/row/vocabulary-parallel classes
+    model = GPTModel(tiny_config(), 128)
+    parallel_modules = [
+        f"{name}: {type(module).__module__}.{type(module).__name__}"
+        for name, module in model.named_modules()
+        if type(module).__module__.startswith("megatron.parallel")
+    ]
+    assert not parallel_modules, parallel_modules
+    kinds = {type(module).__name__ for module in model.modules()}
+    assert {"Linear", "Embedding", "LayerNorm"} <= kinds
