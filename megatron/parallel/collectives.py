@@ -1,23 +1,31 @@
-"""Process groups and the few collectives the framework uses, with a communication timer.
+"""Process groups and the few collectives the framework uses, each timed and counted in bytes.
 
-`Group` wraps a `torch.distributed` process group together with its member ranks. A group of size 1 has
-no process group (`pg is None`) and every collective on it is the identity, so the same code runs in one
-process without `torch.distributed` initialised. (torch's own convention, where `group=None` means the
-whole world, is never used here: it is too easy to reduce over the wrong ranks by accident.)
+`Group` wraps a `torch.distributed` process group together with its member ranks and its kind ("tp",
+"dp", "pp", ...). A group of size 1 has no process group (`pg is None`) and every collective on it is the
+identity, so the same code runs in one process without `torch.distributed` initialised. (torch's own
+convention, where `group=None` means the whole world, is never used here: it is too easy to reduce over
+the wrong ranks by accident.)
 
-gloo has no reduce-scatter; `reduce_scatter` falls back to an all-reduce followed by taking this rank's
-chunk there (twice the traffic, same numbers).
+The same algorithm runs on every backend: reduce-scatter is `reduce_scatter_tensor` and all-gather is
+`all_gather_into_tensor` on gloo (torch >= 2.6) as on NCCL, so CI runs the collectives a cluster runs.
 
-Every collective adds its wall time to `COMM_TIMER`. gloo collectives are synchronous, so on CPU that is
-the time spent communicating (including waiting for slower ranks); NCCL collectives are asynchronous on
-the CUDA stream, so there it only counts the launch.
+Accounting, for tests and benchmarks (costs that do not depend on the machine are counted, not timed):
+- `COMM_TIMER`: wall seconds and calls. gloo collectives are synchronous, so on CPU that is the time spent
+  communicating (including waiting for slower ranks); NCCL collectives are asynchronous on the CUDA
+  stream, so there it only counts the launch.
+- `COMM_BYTES`: per group kind, the bytes each rank sends under the bandwidth-optimal (ring) algorithm, the
+  standard cost model: for a tensor of B bytes over n ranks, all-reduce 2 (n-1)/n B, reduce-scatter
+  (n-1)/n B of its input, all-gather (n-1)/n B of its output, a point-to-point send B. The planner's
+  communication table uses the same formulas (`wire_bytes`), so a test can compare plan and count.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -25,11 +33,12 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Group:
-    """Ranks (global, in group order) of one process group, and this process's index in it."""
+    """Ranks (global, in group order) of one process group, this process's index in it, and its kind."""
 
     ranks: tuple[int, ...] = (0,)
     rank: int = 0
     pg: object | None = None  # torch.distributed.ProcessGroup when size > 1
+    kind: str = ""  # "tp", "dp", "pp", "model_parallel", "embedding", "world" (the byte counter's key)
 
     @property
     def size(self) -> int:
@@ -40,7 +49,7 @@ class Group:
         return self.size == 1
 
     def __repr__(self) -> str:  # the process group object is not informative
-        return f"Group(ranks={self.ranks}, rank={self.rank})"
+        return f"Group(ranks={self.ranks}, rank={self.rank}, kind={self.kind!r})"
 
 
 TRIVIAL = Group()
@@ -68,9 +77,54 @@ class CommTimer:
 
 COMM_TIMER = CommTimer()
 
+# bytes a rank sends, per byte of the tensor, under the ring algorithm over n ranks (module docstring)
+_WIRE_FACTORS = {
+    "all_reduce": lambda n: Fraction(2 * (n - 1), n),
+    "reduce_scatter": lambda n: Fraction(n - 1, n),  # of the input (the whole, unscattered tensor)
+    "all_gather": lambda n: Fraction(n - 1, n),  # of the output (the whole, gathered tensor)
+    "send": lambda n: Fraction(1),
+}
 
-def _is_gloo(group: Group) -> bool:
-    return dist.get_backend(group.pg) == "gloo"
+
+def wire_bytes(op: str, nbytes: int, group_size: int) -> Fraction:
+    """Bytes one rank sends for collective `op` over a tensor of `nbytes` (see the module docstring)."""
+    if group_size <= 1:
+        return Fraction(0)
+    return _WIRE_FACTORS[op](group_size) * nbytes
+
+
+class CommBytes:
+    """Bytes sent by this rank, per group kind and per collective, since the last `reset`.
+
+    `by_kind()` -> {kind: bytes}; `by_op()` -> {(kind, op): bytes}; `calls` -> {(kind, op): count}.
+    Bytes are exact fractions of the ring model; all-gather/reduce-scatter sizes divisible by the group
+    size (every one the framework issues) give whole numbers.
+    """
+
+    def __init__(self) -> None:
+        self.bytes: dict[tuple[str, str], Fraction] = defaultdict(Fraction)
+        self.calls: dict[tuple[str, str], int] = defaultdict(int)
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+    def record(self, group: Group, op: str, tensor: torch.Tensor) -> None:
+        key = (group.kind or "unnamed", op)
+        self.bytes[key] += wire_bytes(op, tensor.numel() * tensor.element_size(), group.size)
+        self.calls[key] += 1
+
+    def by_kind(self) -> dict[str, Fraction]:
+        out: dict[str, Fraction] = defaultdict(Fraction)
+        for (kind, _), value in self.bytes.items():
+            out[kind] += value
+        return dict(out)
+
+    def by_op(self) -> dict[tuple[str, str], Fraction]:
+        return dict(self.bytes)
+
+
+COMM_BYTES = CommBytes()
 
 
 def all_reduce(tensor: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
@@ -78,35 +132,82 @@ def all_reduce(tensor: torch.Tensor, group: Group, op: str = "sum") -> torch.Ten
     if group.is_trivial:
         return tensor
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    COMM_BYTES.record(group, "all_reduce", tensor)
     with COMM_TIMER.measure():
         dist.all_reduce(tensor, op=reduce_op, group=group.pg)
     return tensor
 
 
 def all_reduce_async(tensor: torch.Tensor, group: Group):
-    """Start an in-place sum all-reduce; returns a work handle (`.wait()`), or None for a trivial group."""
+    """Start an in-place sum all-reduce; returns a work handle (`wait`), or None for a trivial group."""
     if group.is_trivial:
         return None
+    COMM_BYTES.record(group, "all_reduce", tensor)
     with COMM_TIMER.measure():
         return dist.all_reduce(tensor, group=group.pg, async_op=True)
 
 
 def wait(handle) -> None:
-    """Wait for a handle from `all_reduce_async` (None is already done), counting the wait as comm time."""
+    """Wait for a handle from an `*_async` collective (None is already done), counting the wait as comm
+    time."""
     if handle is not None:
         with COMM_TIMER.measure():
             handle.wait()
 
 
+def _check_split(size: int, group: Group, dim: int) -> None:
+    assert size % group.size == 0, f"dimension {dim} of size {size} does not split over {group.size} ranks"
+
+
+def all_gather_into_tensor_async(output: torch.Tensor, tensor: torch.Tensor, group: Group):
+    """Start gathering every rank's `tensor` (contiguous, 1/n of `output`) into the contiguous `output`,
+    in group order along dim 0; returns a handle for `wait` (None for a trivial group: copied now).
+    `tensor` may be this rank's slice of `output` (an in-place gather, no staging copy)."""
+    assert output.is_contiguous() and tensor.is_contiguous(), "all-gather needs contiguous tensors"
+    assert output.numel() == tensor.numel() * group.size, (tuple(output.shape), tuple(tensor.shape), group)
+    if group.is_trivial:
+        if output.data_ptr() != tensor.data_ptr():
+            output.view(-1).copy_(tensor.view(-1))
+        return None
+    COMM_BYTES.record(group, "all_gather", output)
+    with COMM_TIMER.measure():
+        return dist.all_gather_into_tensor(output, tensor, group=group.pg, async_op=True)
+
+
+def reduce_scatter_tensor_async(output: torch.Tensor, tensor: torch.Tensor, group: Group):
+    """Start summing the contiguous `tensor` over `group` into `output`, this rank's 1/n chunk of the sum
+    (chunks along dim 0 in group order); returns a handle for `wait` (None for a trivial group: copied
+    now). `output` may be this rank's chunk of `tensor` itself."""
+    assert output.is_contiguous() and tensor.is_contiguous(), "reduce-scatter needs contiguous tensors"
+    assert tensor.numel() == output.numel() * group.size, (tuple(output.shape), tuple(tensor.shape), group)
+    if group.is_trivial:
+        if output.data_ptr() != tensor.data_ptr():
+            output.view(-1).copy_(tensor.view(-1))
+        return None
+    COMM_BYTES.record(group, "reduce_scatter", tensor)
+    with COMM_TIMER.measure():
+        return dist.reduce_scatter_tensor(output, tensor, group=group.pg, async_op=True)
+
+
 def all_gather(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
-    """Concatenation along `dim` of `tensor` from every rank of `group`, in group order."""
+    """Concatenation along `dim` of `tensor` from every rank of `group`, in group order.
+
+    One `all_gather_into_tensor` into a buffer with the ranks leading; for `dim` != 0 the result is that
+    buffer with the rank axis moved next to `dim` (a view when everything before `dim` has size 1, e.g.
+    the sequence of a micro-batch of one, else one copy)."""
     if group.is_trivial:
         return tensor
+    dim = dim % tensor.dim()
     tensor = tensor.contiguous()
-    chunks = [torch.empty_like(tensor) for _ in range(group.size)]
-    with COMM_TIMER.measure():
-        dist.all_gather(chunks, tensor, group=group.pg)
-    return torch.cat(chunks, dim=dim)
+    flat = torch.empty(
+        (group.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+    )  # the layout every backend accepts: ranks' tensors stacked along dim 0
+    wait(all_gather_into_tensor_async(flat, tensor, group))
+    if dim == 0:
+        return flat
+    shape = list(tensor.shape)
+    shape[dim] *= group.size
+    return flat.view(group.size, *tensor.shape).movedim(0, dim).reshape(shape)
 
 
 def all_gather_into(output_chunks: list[torch.Tensor], tensor: torch.Tensor, group: Group) -> None:
@@ -114,24 +215,32 @@ def all_gather_into(output_chunks: list[torch.Tensor], tensor: torch.Tensor, gro
     if group.is_trivial:
         output_chunks[0].copy_(tensor)
         return
+    COMM_BYTES.record(group, "all_gather", tensor.new_empty((group.size, *tensor.shape)))
     with COMM_TIMER.measure():
         dist.all_gather(output_chunks, tensor.contiguous(), group=group.pg)
 
 
 def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
-    """Sum over `group`, then this rank's chunk along `dim` (`tensor.shape[dim]` divisible by the size)."""
+    """Sum over `group`, then this rank's chunk along `dim` (`tensor.shape[dim]` divisible by the size):
+    one `reduce_scatter_tensor` (the input is laid out with `dim` leading first when `dim` != 0)."""
     if group.is_trivial:
         return tensor
+    dim = dim % tensor.dim()
     size = tensor.shape[dim]
-    assert size % group.size == 0, f"dimension {dim} of size {size} does not split over {group.size} ranks"
-    if _is_gloo(group):
-        summed = all_reduce(tensor.contiguous().clone(), group)
-        return summed.chunk(group.size, dim=dim)[group.rank].contiguous()
-    moved = tensor.movedim(dim, 0).contiguous()
-    output = torch.empty((size // group.size, *moved.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    with COMM_TIMER.measure():
-        dist.reduce_scatter_tensor(output, moved, group=group.pg)
-    return output.movedim(0, dim).contiguous()
+    _check_split(size, group, dim)
+    if dim == 0:
+        moved = tensor.contiguous()
+    else:  # [..., n * c, ...] -> [n, ..., c, ...]: each rank's chunk contiguous
+        shape = list(tensor.shape)
+        shape[dim : dim + 1] = [group.size, size // group.size]
+        moved = tensor.reshape(shape).movedim(dim, 0).contiguous()
+    output = torch.empty(
+        moved.shape[1:] if dim else (size // group.size, *moved.shape[1:]),
+        dtype=tensor.dtype,
+        device=tensor.device,
+    )
+    wait(reduce_scatter_tensor_async(output, moved.view(-1, *output.shape[1:]), group))
+    return output
 
 
 def split(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
@@ -139,7 +248,7 @@ def split(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     if group.is_trivial:
         return tensor
     size = tensor.shape[dim]
-    assert size % group.size == 0, f"dimension {dim} of size {size} does not split over {group.size} ranks"
+    _check_split(size, group, dim)
     return tensor.chunk(group.size, dim=dim)[group.rank].contiguous()
 
 
@@ -151,3 +260,8 @@ def all_gather_object(obj, group: Group) -> list:
     with COMM_TIMER.measure():
         dist.all_gather_object(out, obj, group=group.pg)
     return out
+
+
+def count_send(group: Group, tensor: torch.Tensor) -> None:
+    """Record a point-to-point send of `tensor` to a peer in `group` (the pipeline's messages)."""
+    COMM_BYTES.record(group, "send", tensor)

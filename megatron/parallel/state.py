@@ -169,9 +169,9 @@ class ParallelState:
                 if len(ranks) == world_size and world_size > 1:
                     pg = dist.group.WORLD
                 if rank in ranks:
-                    groups[kind] = Group(tuple(ranks), ranks.index(rank), pg)
+                    groups[kind] = Group(tuple(ranks), ranks.index(rank), pg, kind)
         groups.setdefault("embedding", TRIVIAL)  # a middle pipeline stage is in no embedding group
-        world = Group(tuple(range(world_size)), rank, dist.group.WORLD if world_size > 1 else None)
+        world = Group(tuple(range(world_size)), rank, dist.group.WORLD if world_size > 1 else None, "world")
         dp = world_size // (tp * pp)
         return cls(
             device=device,
