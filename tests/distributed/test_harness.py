@@ -32,8 +32,15 @@ def _groups_and_collectives(tp: int, pp: int):
         name: collectives.all_reduce(value.clone(), getattr(state, f"{name}_group")).item()
         for name in ("tp", "dp", "pp", "model_parallel", "world")
     }
+    collectives.COMM_BYTES.reset()
     gathered = collectives.all_gather(value.view(1, 1), state.tp_group, dim=1)
     scattered = collectives.reduce_scatter(torch.arange(4.0) * (state.rank + 1), state.tp_group, dim=0)
+    # a middle dim: [2, 4, 3] reduce-scattered along dim 1 keeps columns 2 x rank .. 2 x rank + 1 of each row
+    block = torch.arange(24.0).view(2, 4, 3) * (state.rank + 1)
+    scattered_mid = collectives.reduce_scatter(block, state.tp_group, dim=1)
+    gathered_mid = collectives.all_gather(scattered_mid, state.tp_group, dim=1)
+    collectives.all_reduce(torch.zeros(6), state.dp_group)
+    counted = {f"{kind}/{op}": float(value) for (kind, op), value in collectives.COMM_BYTES.by_op().items()}
     return {
         "ranks": (
             state.tensor_model_parallel_rank,
@@ -43,6 +50,9 @@ def _groups_and_collectives(tp: int, pp: int):
         "sums": sums,
         "gathered": gathered.flatten().tolist(),
         "scattered": scattered.tolist(),
+        "scattered_mid": scattered_mid.tolist(),
+        "gathered_mid": gathered_mid.tolist(),
+        "counted": counted,
         "sequence_parallel": state.sequence_parallel,
     }
 
@@ -59,6 +69,19 @@ def test_groups_and_collectives_on_four_ranks():
     # ranks 0 and 1 hold arange(4) * 1 and * 2: the sum is arange(4) * 3, split in halves
     assert results[0]["scattered"] == [0.0, 3.0] and results[1]["scattered"] == [6.0, 9.0]
     assert all(r["sequence_parallel"] for r in results)
+    for r in results:  # TP pairs (0, 1) and (2, 3): factors rank+1 of both members summed
+        factor = (1, 2) if r["ranks"][1] == 0 else (3, 4)
+        total = (torch.arange(24.0).view(2, 4, 3) * sum(factor)).tolist()
+        tp_rank = r["ranks"][0]
+        assert r["scattered_mid"] == [row[2 * tp_rank : 2 * tp_rank + 2] for row in total]
+        assert r["gathered_mid"] == total
+        # ring bytes per rank over 2 ranks, fp32: all-gathers of 2 and 24 elements (the output), reduce-
+        # scatters of 4 and 24 (the input) send half; the 6-element all-reduce over DP 2 sends all of it
+        assert r["counted"] == {
+            "tp/all_gather": 0.5 * 4 * (2 + 24),
+            "tp/reduce_scatter": 0.5 * 4 * (4 + 24),
+            "dp/all_reduce": 4 * 6.0,
+        }
 
 
 def _fail_on_rank_one():
