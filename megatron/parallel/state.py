@@ -29,6 +29,7 @@ from datetime import timedelta
 import torch
 
 from megatron.launch import apply_launch, rendezvous_error
+from megatron.parallel import strict_backend
 from megatron.parallel.collectives import TRIVIAL, Group, all_reduce
 from megatron.parallel.random import RNGTracker
 
@@ -108,8 +109,10 @@ class ParallelState:
         variables; `megatron.launch.apply_launch` derives them under srun) and build every group.
 
         Every rank must call this, with the same sizes. backend: None picks nccl when CUDA is available,
-        else gloo. The device is cuda:LOCAL_RANK under nccl, else the CPU (unless given). At WORLD_SIZE 1
-        without an initialised process group, returns `single(device)` with no torch.distributed at all.
+        else gloo; "strict" is gloo with NCCL's rules checked (`strict_backend`, for CI), also chosen in
+        place of gloo when MEGATRON_STRICT_COLLECTIVES=1. The device is cuda:LOCAL_RANK under nccl, else
+        the CPU (unless given). At WORLD_SIZE 1 without an initialised process group, returns
+        `single(device)` with no torch.distributed at all.
         Raises ValueError when a launcher variable is missing, RendezvousError when the ranks do not all
         meet within `timeout_minutes`.
         """
@@ -123,6 +126,10 @@ class ParallelState:
             rank_layout(1, tensor_model_parallel_size, pipeline_model_parallel_size)  # sizes must be 1
             return cls.single(device)  # sequence parallelism needs TP > 1: nothing to split
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "gloo" and strict_backend.strict_requested():
+            backend = strict_backend.BACKEND  # gloo with NCCL's rules checked (MEGATRON_STRICT_COLLECTIVES=1)
+        if backend == strict_backend.BACKEND:
+            strict_backend.register()
         if device is None:
             device = torch.device("cpu")
             if backend == "nccl":
