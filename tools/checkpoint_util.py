@@ -22,7 +22,7 @@ model (peak: about twice the largest tensor above the interpreter, as DCP's read
 tensor's serialized bytes too; 0.24 GB of weights or 0.71 GB with the optimizer state both peaked at
 +0.13 GB with a 67 MB largest tensor). A .pt output goes through a temporary safetensors file whose tensors are memory-mapped back for
 torch.save (mapped file pages, which the kernel can evict, not copies). The checkpoint is verified
-(sizes and blake2b hashes from its manifest) first unless --skip-verify.
+(sizes and checksums from its manifest: CRC32, or BLAKE2b in older checkpoints) first unless --skip-verify.
 
 Exit status: 0 success, 1 a checkpoint failed verification, 2 a usage error (bad path or flag).
 """
@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--tensors", action="store_true", help="also list every tensor (dtype, shape, chunks)")
     info.set_defaults(run=cmd_info)
 
-    verify = add("verify", "check every file against the manifest (size and blake2b hash)")
+    verify = add("verify", "check every file against the manifest (size and CRC32 or BLAKE2b checksum)")
     verify.add_argument(
         "--all", action="store_true", help="verify every iter_* checkpoint under the directory"
     )

@@ -18,9 +18,8 @@ process the tensors are plain full tensors; with several they are DTensors on th
 (dp, tp) device mesh (Replicate over dp, Shard(partition_dim) over tp for tensor-parallel parameters),
 so DCP records each rank's chunk of the full logical shape. The last pipeline stage's copy of the tied
 word embedding (`pipeline_duplicate`) is not saved; it loads from the first stage's key. Under the
-distributed optimizer the moment and master fragments are first assembled into per-parameter tensors
-(each DP rank fills the ranges it owns, summed over DP as int32 bit patterns, which is exact), and
-each rank copies its own fragments back out at load.
+distributed optimizer each rank saves and loads only its own moment and master fragments, as
+rectangular chunks of the same logical tensors (`fragments`).
 
 Saving: DCP writes into the temporary directory over a gloo process group that belongs to the
 checkpointer alone (created once, collectively, by `Checkpointer`), so a background save never shares
@@ -39,7 +38,8 @@ the optimizer (exact AdamW state: moments, step, fp32 masters) and the random ge
 This module drives both; the parts live beside it: `staging` (what a save captures), `files` (names,
 durable writes, manifest entries, housekeeping, the kill tests' fault points), `dcp_io` (DCP, the
 checkpoint process group, tensor layouts), `verify` (manifest checks, common.json), `load_plan` (what
-each rank loads and where it goes), `readers` (one-process readers for tools). See docs/checkpoints.md.
+each rank loads and where it goes), `fragments` (the distributed optimizer's fragments as chunks, DCP
+planners, bytes staged and read), `readers` (one-process readers for tools). See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from megatron.checkpoint.dcp_io import (
     describe,
     read_metadata,
 )
+from megatron.checkpoint.dcp_streams import checksummed_reads
 from megatron.checkpoint.directory import (
     TRACKER_FILENAME,
     LoadedCheckpoint,
@@ -88,7 +89,7 @@ from megatron.checkpoint.files import (
 )
 from megatron.checkpoint.load_plan import LoadPlan, load_object_state, restore_generators
 from megatron.checkpoint.staging import SaveJob, capture_rng, plain_json, saving_layout, stage_tensors
-from megatron.checkpoint.verify import read_common, verification_problems
+from megatron.checkpoint.verify import data_problems, read_common, verification_problems
 from megatron.log import get_logger
 from megatron.parallel.state import ParallelState
 
@@ -227,15 +228,15 @@ class Checkpointer:
     def _write_rank_files(self, job: SaveJob) -> dict:
         rank = self.group.rank
         try:
-            dcp_save(job.state, job.tmp, self.group.pg)
+            files = dcp_save(job.state, job.tmp, self.group.pg)  # data files: checksummed as written
             write_json(job.tmp / rng_json_name(self.parallel_state.rank), job.rng_record)
-            mine = [rng_json_name(self.parallel_state.rank)]
-            mine += [p.name for p in job.tmp.glob(f"__{rank}_*.distcp")]
+            small = [rng_json_name(self.parallel_state.rank)]
             if rank == 0:
                 write_json(job.tmp / COMMON_FILENAME, job.common)
                 fsync_file(job.tmp / METADATA_FILENAME)
-                mine += [COMMON_FILENAME, METADATA_FILENAME]
-            return {"files": {relative: file_entry(job.tmp / relative) for relative in mine}}
+                small += [COMMON_FILENAME, METADATA_FILENAME]
+            files.update({relative: file_entry(job.tmp / relative) for relative in small})
+            return {"files": files}
         except (Exception, dcp_failure_type()) as exc:  # noqa: BLE001 - reported to rank 0, raised everywhere
             described = describe(exc)
             return {"error": described if described.startswith("rank ") else f"rank {rank}: {described}"}
@@ -300,13 +301,11 @@ class Checkpointer:
             return self._load_single_file(
                 root, directory, model, optimizer, scheduler, scaler, finetune, load_optim, load_rng
             )
-        directory = self._usable_checkpoint(root, tracked)
-        common = read_common(directory)
         with_optimizer = optimizer is not None and load_optim and not finetune
-        restore_rng = load_rng and not finetune and self._rng_layout_matches(common)
-        plan = LoadPlan(model, optimizer if with_optimizer else None, self.parallel_state, restore_rng)
-        plan.check(directory, read_metadata(directory), self.group)
-        loaded = plan.load(directory, self.layout, self.group.pg)
+        directory, common, plan, loaded = self._read_usable(
+            root, tracked, model, optimizer if with_optimizer else None, load_rng and not finetune
+        )
+        restore_rng = plan.restore_rng
         plan.apply_model(model, loaded)
         if optimizer is not None and not with_optimizer:
             optimizer.reload_model_params()
@@ -322,28 +321,52 @@ class Checkpointer:
             int(common["iteration"]), int(common["consumed_samples"]), directory, common.get("extra") or {}
         )
 
-    def _problems(self, directory: Path) -> list[str]:
-        return verification_problems(directory, self.group.rank, self.group.size, self.group.all_gather)
-
-    def _usable_checkpoint(self, root: Path, tracked) -> Path:
-        """The tracked checkpoint if it verifies, else the newest one that does (logged)."""
+    def _read_usable(self, root: Path, tracked, model, optimizer, load_rng: bool):
+        """(directory, common, plan, CPU buffers) of the tracked checkpoint if it verifies, else of the
+        newest one that does (logged). The data files' checksums are checked from the bytes the load
+        reads (nothing is in the model yet), the other files' before reading."""
         tracker = root / TRACKER_FILENAME
         tracked_dir = checkpoint_dir(root, tracked)
         candidates = [tracked_dir] + [path for _, path in find_checkpoints(root) if path != tracked_dir]
         reasons = []
         for directory in candidates:
-            problems = self._problems(directory)
+            problems = self._problems(directory, data_checksums=False)
+            if not problems:
+                common = read_common(directory)
+                restore_rng = load_rng and self._rng_layout_matches(common)
+                plan = LoadPlan(model, optimizer, self.parallel_state, restore_rng)
+                plan.check(directory, read_metadata(directory), self.group)
+                loaded, problems = self._read_checked(directory, plan)
             if not problems:
                 if reasons:
                     logger.info(
                         f"WARNING: checkpoint {tracked_dir} (named by {tracker}) is not usable: {reasons[0]}; "
                         f"loading {directory}, the newest complete checkpoint, instead"
                     )
-                return directory
+                return directory, common, plan, loaded
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             reasons.append(problems[0] + more)
         raise ValueError(
             f"--load {root}: no usable checkpoint ({tracker} names {tracked_dir.name}): " + "; ".join(reasons)
+        )
+
+    def _read_checked(self, directory: Path, plan: LoadPlan) -> tuple[dict | None, list[str]]:
+        """Read the plan's tensors into CPU buffers, checksumming each data file a rank reads whole as it
+        reads it (the rest are hashed after, split across ranks): (buffers, []) or (None, problems)."""
+        try:
+            with checksummed_reads() as read:
+                loaded = plan.load(directory, self.layout, self.group.pg)
+        except ValueError:  # DCP could not parse a file: a damaged one is named, else the error stands
+            problems = self._problems(directory)
+            if not problems:
+                raise
+            return None, problems
+        problems = data_problems(directory, self.group.rank, self.group.size, self.group.all_gather, read)
+        return (None, problems) if problems else (loaded, [])
+
+    def _problems(self, directory: Path, *, data_checksums: bool = True) -> list[str]:
+        return verification_problems(
+            directory, self.group.rank, self.group.size, self.group.all_gather, data_checksums=data_checksums
         )
 
     def _rng_layout_matches(self, common: dict) -> bool:

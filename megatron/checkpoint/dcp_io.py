@@ -47,7 +47,8 @@ def _reader_class():
     from torch.distributed.checkpoint import FileSystemReader
 
     class SafeFileSystemReader(FileSystemReader):
-        """DCP's file reader with `.metadata` read by `_SafeUnpickler` instead of plain pickle."""
+        """DCP's file reader with `.metadata` read by `_SafeUnpickler` instead of plain pickle, and the data
+        read by `dcp_streams.read_data` (each file mapped once, checksummed when read whole)."""
 
         def __init__(self, path) -> None:
             super().__init__(path)
@@ -55,6 +56,11 @@ def _reader_class():
 
         def read_metadata(self, *args, **kwargs):
             return read_metadata(self.directory, load_id=getattr(self, "load_id", None))
+
+        def read_data(self, plan, planner):
+            from megatron.checkpoint.dcp_streams import read_data
+
+            return read_data(self, plan, planner)
 
     return SafeFileSystemReader
 
@@ -75,10 +81,15 @@ def read_metadata(directory, *, load_id=None):
     return metadata
 
 
-def dcp_save(state: dict, directory: Path, pg) -> None:
+def dcp_save(state: dict, directory: Path, pg) -> dict[str, dict]:
+    """Write `state` with DCP (one data file per rank, fsynced); returns the manifest entry (size, CRC32)
+    of every data file this rank wrote, computed while writing."""
     import torch.distributed.checkpoint as dcp
 
+    from megatron.checkpoint.dcp_streams import checksum_file_system
+
     writer = dcp.FileSystemWriter(directory, single_file_per_rank=True, sync_files=True, thread_count=1)
+    writer.fs = checksum_file_system()
     if pg is not None:
         dcp.save(state, storage_writer=writer, process_group=pg)
     elif "no_dist" in inspect.signature(dcp.save).parameters:
@@ -87,6 +98,7 @@ def dcp_save(state: dict, directory: Path, pg) -> None:
         from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
         _save_state_dict(state, storage_writer=writer, no_dist=True)
+    return dict(writer.fs.entries)
 
 
 def dcp_load(state: dict, directory: Path, pg) -> None:

@@ -10,12 +10,15 @@ tracker update.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from megatron.checkpoint.directory import TRACKER_FILENAME, find_checkpoints
@@ -31,7 +34,11 @@ RNG_DIRNAME = "rng"
 FAULT_ENV = "MEGATRON_CHECKPOINT_FAULT"
 FAULT_POINTS = ("before_rename", "before_tracker")
 MOMENTS = ("exp_avg", "exp_avg_sq")
+DATA_SUFFIX = ".distcp"
+# manifest entries: {"bytes": N, "crc32": "<8 hex>"}; checkpoints written before CRC32 have "blake2b"
+CHECKSUMS = {"crc32": "CRC32", "blake2b": "BLAKE2b"}
 _HASH_CHUNK_BYTES = 8 << 20
+_VERIFY_THREADS = 4
 _LEFTOVER = re.compile(r"^\.(iter_\d+|release)\.(tmp|old|deleting)-[0-9a-f]+$")
 
 
@@ -57,15 +64,79 @@ def write_json(path: Path, obj) -> None:
         os.fsync(handle.fileno())
 
 
-def file_entry(path: Path) -> dict:
-    """{"bytes": size, "blake2b": hex digest} of one file."""
-    digest = hashlib.blake2b()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "blake2b": digest.hexdigest()}
+def file_entry(path: Path, algorithm: str = "crc32") -> dict:
+    """{"bytes": size, algorithm: hex digest} of one file (`algorithm`: a key of CHECKSUMS)."""
+    assert algorithm in CHECKSUMS, algorithm
+    crc, digest, size = 0, hashlib.blake2b() if algorithm == "blake2b" else None, 0
+    buffer = memoryview(bytearray(_HASH_CHUNK_BYTES))
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            chunk = buffer[:count]
+            if digest is None:
+                crc = zlib.crc32(chunk, crc)  # releases the GIL: files hash in parallel threads
+            else:
+                digest.update(chunk)
+            size += count
+    return {"bytes": size, algorithm: digest.hexdigest() if digest is not None else crc32_hex(crc)}
+
+
+def crc32_hex(crc: int) -> str:
+    return f"{crc:08x}"
+
+
+def entry_problem(path: Path, expected: dict, checksum: bool = True) -> str | None:
+    """What is wrong with one file against its manifest entry: presence, size and (when `checksum`) its
+    CRC32 or BLAKE2b hash; None when nothing is."""
+    if not path.is_file():
+        return f"{path}: missing (listed in {MANIFEST_FILENAME})"
+    size = path.stat().st_size
+    if size != expected.get("bytes"):
+        return f"{path}: {size} bytes, {MANIFEST_FILENAME} records {expected.get('bytes')} (truncated or overwritten)"
+    if not checksum:
+        return None
+    algorithm = next((name for name in CHECKSUMS if name in expected), None)
+    if algorithm is None:
+        return f"{path}: {MANIFEST_FILENAME} records no checksum for it"
+    if file_entry(path, algorithm)[algorithm] != expected[algorithm]:
+        return f"{path}: {CHECKSUMS[algorithm]} hash differs from {MANIFEST_FILENAME} (corrupt)"
+    return None
+
+
+def entries_of(paths: list[Path]) -> list[dict]:
+    """`file_entry` of several files, hashed in parallel threads (zlib and the reads release the GIL)."""
+    if len(paths) <= 1:
+        return [file_entry(path) for path in paths]
+    with ThreadPoolExecutor(min(_VERIFY_THREADS, len(paths))) as pool:
+        return list(pool.map(file_entry, paths))
+
+
+def problems_of(checks: list[tuple[Path, dict, bool]]) -> list[str]:
+    """`entry_problem` of several (path, expected entry, checksum) checks, in parallel threads; the
+    problems found."""
+    if len(checks) <= 1:
+        found = [entry_problem(*check) for check in checks]
+    else:
+        with ThreadPoolExecutor(min(_VERIFY_THREADS, len(checks))) as pool:
+            found = list(pool.map(lambda check: entry_problem(*check), checks))
+    return [problem for problem in found if problem]
+
+
+class ChecksumWriter(io.BufferedWriter):
+    """A file being written that computes its manifest entry from the bytes passing through (CRC32 and
+    size), so a save never reads its files back to hash them."""
+
+    def __init__(self, path) -> None:
+        super().__init__(io.FileIO(path, "wb"))
+        self.crc, self.nbytes = 0, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.crc = zlib.crc32(view, self.crc)
+        self.nbytes += view.nbytes
+        return super().write(view)
+
+    def entry(self) -> dict:
+        return {"bytes": self.nbytes, "crc32": crc32_hex(self.crc)}
 
 
 def relative_files(directory: Path) -> list[str]:

@@ -1,6 +1,7 @@
-"""Integrity of a sharded checkpoint: every file the manifest lists, checked for presence, size and BLAKE2b
-hash (split across ranks when several verify together), and `common.json`, read with its format checked.
-See docs/checkpoints.md.
+"""Integrity of a sharded checkpoint: every file the manifest lists, checked for presence, size and
+checksum (CRC32; BLAKE2b in checkpoints written before), split across ranks when several verify together
+and hashed in parallel threads, and `common.json`, read with its format checked. A load checks the data
+files' checksums as it reads them (`data_problems`). See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from pathlib import Path
 
 from megatron.checkpoint.files import (
     COMMON_FILENAME,
+    DATA_SUFFIX,
     FORMAT,
     MANIFEST_FILENAME,
     METADATA_FILENAME,
-    file_entry,
+    problems_of,
 )
 from megatron.parallel import collectives
 from megatron.parallel.state import ParallelState
@@ -41,29 +43,50 @@ def _read_manifest(directory: Path) -> tuple[dict | None, str | None]:
     return files, None
 
 
-def _file_problem(directory: Path, relative: str, expected: dict) -> str | None:
-    path = directory / relative
-    if not path.is_file():
-        return f"{path}: missing (listed in {MANIFEST_FILENAME})"
-    size = path.stat().st_size
-    if size != expected.get("bytes"):
-        return f"{path}: {size} bytes, {MANIFEST_FILENAME} records {expected.get('bytes')} (truncated or overwritten)"
-    if file_entry(path)["blake2b"] != expected.get("blake2b"):
-        return f"{path}: BLAKE2b hash differs from {MANIFEST_FILENAME} (corrupt)"
-    return None
-
-
-def verification_problems(directory: Path, rank: int, world_size: int, all_gather) -> list[str]:
-    """Every problem with `directory`, the same sorted list on every rank; the files are hashed by
-    rank `index % world_size`. `all_gather(obj)` returns every rank's object (collective)."""
+def verification_problems(
+    directory: Path, rank: int, world_size: int, all_gather, *, data_checksums: bool = True
+) -> list[str]:
+    """Every problem with `directory`, the same sorted list on every rank; the files are checked by rank
+    `index % world_size`. `all_gather(obj)` returns every rank's object (collective). With
+    `data_checksums=False` the data files are checked for presence and size only (`data_problems`
+    checks their checksums after a load has read them)."""
     files, problem = _read_manifest(directory)
     local = [problem] if problem and rank == 0 else []
     if files is not None:
+        checks = []
         for index, relative in enumerate(sorted(files)):
             if index % world_size == rank:
-                found = _file_problem(directory, relative, files[relative])
-                local += [found] if found else []
+                checksum = data_checksums or not relative.endswith(DATA_SUFFIX)
+                checks.append((directory / relative, files[relative], checksum))
+        local += problems_of(checks)
     return sorted(problem for problems in all_gather(local) for problem in problems)
+
+
+def data_problems(
+    directory: Path, rank: int, world_size: int, all_gather, read: dict[str, dict]
+) -> list[str]:
+    """The data files' checksums after a load (collective; the same sorted list on every rank). `read`:
+    the entries this rank computed for the files it read whole (`dcp_streams.checksummed_reads`); the
+    data files no rank read whole are hashed now, split across ranks."""
+    files, problem = _read_manifest(directory)
+    if files is None:
+        return [problem]
+    local, covered = [], []
+    for relative, entry in sorted(read.items()):
+        expected = files.get(relative, {})
+        if "crc32" not in expected:  # not listed, or an older checkpoint's BLAKE2b: hashed below
+            continue
+        covered.append(relative)
+        if entry["bytes"] != expected.get("bytes") or entry["crc32"] != expected["crc32"]:
+            local.append(f"{directory / relative}: CRC32 hash differs from {MANIFEST_FILENAME} (corrupt)")
+    gathered = all_gather((covered, local))
+    done = {relative for names, _ in gathered for relative in names}
+    rest = sorted(r for r in files if r.endswith(DATA_SUFFIX) and r not in done)
+    local = problems_of(
+        [(directory / r, files[r], True) for i, r in enumerate(rest) if i % world_size == rank]
+    )
+    found = {p for _, problems in gathered for p in problems} | {p for ps in all_gather(local) for p in ps}
+    return sorted(found)
 
 
 def verify_checkpoint(directory, parallel_state: ParallelState | None = None) -> None:

@@ -156,7 +156,7 @@ def test_checkpoint_contents(trained):
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["format"] == "megatron-starcoder-dcp/1"
     assert sorted(manifest["files"]) == [n for n in names if n != "manifest.json"]
-    assert all(len(entry["blake2b"]) == 128 for entry in manifest["files"].values())
+    assert all(len(entry["crc32"]) == 8 for entry in manifest["files"].values())
     common = read_common(directory)
     assert (common["iteration"], common["consumed_samples"]) == (2, 8)
     assert common["config"] == {"model": {"hidden_size": 32}}
@@ -310,7 +310,7 @@ def _corrupt(directory: Path, how: str) -> str:
         data = bytearray(shard.read_bytes())
         data[len(data) // 3] ^= 0x10
         shard.write_bytes(bytes(data))
-        return f"{shard}: BLAKE2b hash differs"
+        return f"{shard}: CRC32 hash differs"
     if how == "missing .metadata":
         (directory / ".metadata").unlink()
         return f"{directory / '.metadata'}: missing"
@@ -361,7 +361,7 @@ def test_fallback_to_the_newest_complete_checkpoint(tmp_path, capsys):
     assert loaded.iteration == 1
     assert_same(weights(model), expected[1])
     log = capsys.readouterr().out
-    assert f"checkpoint {tmp_path / 'iter_0000003'}" in log and "BLAKE2b hash differs" in log
+    assert f"checkpoint {tmp_path / 'iter_0000003'}" in log and "CRC32 hash differs" in log
     assert f"loading {tmp_path / 'iter_0000001'}, the newest complete checkpoint" in log
 
 
@@ -429,6 +429,61 @@ def manifest_entry(path: Path) -> dict:
     from megatron.checkpoint.files import file_entry as _file_entry
 
     return _file_entry(path)
+
+
+def test_data_files_are_checksummed_while_written_and_while_read(tmp_path, monkeypatch):
+    """The save hashes no data file by reading it back, the load none beyond what it reads anyway; a
+    bit flip in tensor data (which DCP itself would load silently) is named at load."""
+    import megatron.checkpoint.checkpointer as checkpointer_module
+    import megatron.checkpoint.files as files
+
+    hashed, original = [], files.file_entry
+
+    def file_entry(path, *args):
+        hashed.append(Path(path).name)
+        return original(path, *args)
+
+    monkeypatch.setattr(files, "file_entry", file_entry)
+    monkeypatch.setattr(checkpointer_module, "file_entry", file_entry)
+    state, model, optimizer, scheduler = build()
+    train(state, model, optimizer, scheduler, range(1))
+    save(Checkpointer(state), tmp_path, 1, model, optimizer, scheduler)
+    saved = weights(model)
+    assert hashed and not [name for name in hashed if name.endswith(".distcp")]
+    hashed.clear()
+    state, model, optimizer, scheduler = build()
+    Checkpointer(state).load(tmp_path, model, optimizer, scheduler, None)
+    assert_same(weights(model), saved)
+    assert hashed and not [name for name in hashed if name.endswith(".distcp")]
+    shard = tmp_path / "iter_0000001" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) - 4096] ^= 0x01  # inside the last tensor's data: no zip header notices
+    shard.write_bytes(bytes(data))
+    state, model, optimizer, scheduler = build()
+    fresh = weights(model)
+    with pytest.raises(ValueError, match=f"{shard}: CRC32 hash differs"):
+        Checkpointer(state).load(tmp_path, model, optimizer, scheduler, None)
+    assert_same(weights(model), fresh)
+
+
+def test_checkpoints_hashed_with_blake2b_still_verify_and_load(trained):
+    """Manifests written before CRC32 record BLAKE2b hashes: still checked, corruption still named."""
+    import hashlib
+
+    root, saved = trained
+    directory = root / "iter_0000002"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for relative, entry in manifest["files"].items():
+        entry.pop("crc32")
+        entry["blake2b"] = hashlib.blake2b((directory / relative).read_bytes()).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    verify_checkpoint(directory)
+    state, model, optimizer, scheduler = build()
+    Checkpointer(state).load(root, model, optimizer, scheduler, None)
+    assert_same(weights(model), saved)
+    expected = _corrupt(directory, "bit-flipped shard").replace("CRC32", "BLAKE2b")
+    with pytest.raises(ValueError, match=expected):
+        Checkpointer(state).load(root, model, optimizer, scheduler, None)
 
 
 # --------------------------------------------------------------------------- crash points
