@@ -330,8 +330,8 @@ class GPTModel(nn.Module):
         return kv_cache.begin(tokens.shape[1])
 
     def init_weights(self, seed: int) -> None:
-        """Draw every parameter from its own generator seeded by (seed, parameter name); see
-        `megatron.model.init`."""
+        """Initialise every parameter as a function of (seed, parameter name, element position), this
+        rank's shard only; see `megatron.model.init`."""
         init.init_weights(self, seed, self.tp_group.rank)
 
 

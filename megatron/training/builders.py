@@ -109,13 +109,13 @@ def build_loader(
 
 def build_model(cfg, vocab_size: int, parallel_state: ParallelState) -> torch.nn.Module:
     """This rank's model (GPTModel, or its pipeline stage) initialised from the seed, on the run's device,
-    in the compute dtype."""
+    in the compute dtype. The init draws the shard on that device (the same values as on a CPU, bit for
+    bit: `megatron.model.init`)."""
     from megatron.model import build_model as build_gpt
 
-    model = build_gpt(cfg.model, vocab_size, parallel_state, cfg.parallel)
+    model = build_gpt(cfg.model, vocab_size, parallel_state, cfg.parallel).to(device=parallel_state.device)
     model.init_weights(cfg.training.seed)
-    dtype = PRECISION_DTYPES[cfg.training.precision]
-    return model.to(device=parallel_state.device, dtype=dtype)
+    return model.to(dtype=PRECISION_DTYPES[cfg.training.precision])
 
 
 def build_optimization(
