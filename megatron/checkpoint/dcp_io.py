@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from megatron.checkpoint.files import METADATA_FILENAME
+from megatron.checkpoint.fragments import chunk_load_planner, chunk_save_planner
 from megatron.parallel.state import ParallelState
 
 # DCP warns on every call in one process that it runs without torch.distributed: that is the intent
@@ -90,31 +91,34 @@ def dcp_save(state: dict, directory: Path, pg) -> dict[str, dict]:
 
     writer = dcp.FileSystemWriter(directory, single_file_per_rank=True, sync_files=True, thread_count=1)
     writer.fs = checksum_file_system()
+    planner = chunk_save_planner()  # DCP's default, plus LogicalChunks values (fragments.py)
     if pg is not None:
-        dcp.save(state, storage_writer=writer, process_group=pg)
+        dcp.save(state, storage_writer=writer, process_group=pg, planner=planner)
     elif "no_dist" in inspect.signature(dcp.save).parameters:
-        dcp.save(state, storage_writer=writer, no_dist=True)
+        dcp.save(state, storage_writer=writer, no_dist=True, planner=planner)
     else:  # torch < 2.5: the private entry point has the flag
         from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
-        _save_state_dict(state, storage_writer=writer, no_dist=True)
+        _save_state_dict(state, storage_writer=writer, no_dist=True, planner=planner)
     return dict(writer.fs.entries)
 
 
 def dcp_load(state: dict, directory: Path, pg) -> None:
-    """Fill the tensors of `state` (plain or DTensor) from the checkpoint, in place."""
+    """Fill the tensors of `state` (plain, DTensor or fragments.LogicalChunks) from the checkpoint, in
+    place."""
     import torch.distributed.checkpoint as dcp
 
     reader = _reader_class()(directory)
+    planner = chunk_load_planner()  # DCP's default, plus LogicalChunks values; counts bytes read
     try:
         if pg is not None:
-            dcp.load(state, storage_reader=reader, process_group=pg)
+            dcp.load(state, storage_reader=reader, process_group=pg, planner=planner)
         elif "no_dist" in inspect.signature(dcp.load).parameters:
-            dcp.load(state, storage_reader=reader, no_dist=True)
+            dcp.load(state, storage_reader=reader, no_dist=True, planner=planner)
         else:  # torch < 2.5
             from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-            _load_state_dict(state, storage_reader=reader, no_dist=True)
+            _load_state_dict(state, storage_reader=reader, no_dist=True, planner=planner)
     except dcp_failure_type() as exc:
         raise ValueError(f"reading checkpoint {directory} failed: {describe(exc)}") from None
 

@@ -14,6 +14,7 @@ import torch
 
 from megatron.checkpoint.dcp_io import CheckpointGroup, TensorLayout, dcp_load, logical_shape
 from megatron.checkpoint.files import MOMENTS, rng_json_name, rng_key
+from megatron.checkpoint.fragments import fragment_chunks
 from megatron.log import get_logger
 from megatron.parallel.state import ParallelState
 
@@ -85,17 +86,36 @@ class LoadPlan:
                 if key in saved:
                     self.entries[key] = (None, tuple(saved[key].size), saved[key].properties.dtype)
 
-    def load(self, directory: Path, layout: TensorLayout, pg) -> dict[str, torch.Tensor]:
-        """Read every planned key into fresh CPU tensors (this rank's local part); key -> tensor."""
+    def load(self, directory: Path, layout: TensorLayout, pg) -> dict:
+        """Read every planned key into fresh CPU buffers (this rank's local part): key -> tensor, or for
+        the distributed optimizer's state, key -> {offset: flat fragment} of this rank's fragments only
+        (read as their boxes of the logical tensor, whatever the saving layout)."""
+        fragments = self._fragments()
+        tp_rank = self.parallel_state.tensor_model_parallel_rank
         local, state = {}, {}
         for key, (param, shape, dtype) in self.entries.items():
             if param is None:
                 local[key] = state[key] = torch.empty(shape, dtype=dtype)
+            elif fragments is not None and key.startswith("optimizer/"):
+                local[key] = {
+                    offset: torch.empty(n, dtype=dtype) for offset, n in fragments.get(id(param), [])
+                }
+                state[key] = fragment_chunks(param, tp_rank, list(local[key].items()))
             else:
                 local[key] = torch.empty(param.shape, dtype=dtype)
                 state[key] = layout.wrap(local[key], param)
         dcp_load(state, directory, pg)
         return local
+
+    def _fragments(self) -> dict[int, list[tuple[int, int]]] | None:
+        """id(param) -> [(offset, numel)] of this rank's distributed-optimizer fragments; None without
+        the distributed optimizer (whole tensor-parallel-local tensors are read)."""
+        if self.optimizer is None or not self.optimizer.sharded_over_data_parallel:
+            return None
+        fragments: dict[int, list[tuple[int, int]]] = {}
+        for param, offset, main in self.optimizer.main_param_pieces():
+            fragments.setdefault(id(param), []).append((offset, main.numel()))
+        return fragments
 
     @torch.no_grad()
     def apply_model(self, model, loaded: dict) -> None:
@@ -120,10 +140,18 @@ class LoadPlan:
                 state.update(_fresh_adam_state(groups[id(main)], main))
             state["step"] = torch.full_like(state["step"], step)
             for kind in MOMENTS:
-                state[kind].view(-1).copy_(loaded[f"optimizer/{kind}/{name}"].view(-1)[offset:end])
+                state[kind].view(-1).copy_(_piece(loaded[f"optimizer/{kind}/{name}"], offset, end))
             master = loaded.get(f"optimizer/master/{name}")
             if master is not None:
-                main.view(-1).copy_(master.view(-1)[offset:end])
+                main.view(-1).copy_(_piece(master, offset, end))
+
+
+def _piece(loaded, offset: int, end: int) -> torch.Tensor:
+    """Elements [offset, end) of a loaded flattened tensor-parallel-local tensor, or the fragment read
+    for exactly that range."""
+    if isinstance(loaded, dict):
+        return loaded[offset]
+    return loaded.view(-1)[offset:end]
 
 
 def _fresh_adam_state(group: dict, main: torch.nn.Parameter) -> dict:

@@ -1,6 +1,8 @@
 """Sharded checkpoints across ranks: exact round trips at TP 2 x DP 2 (with and without the distributed
 optimizer, sync and async), resharding TP 2 x PP 2 -> one process and -> DP 4 (distributed optimizer),
-and failures that must reach every rank (a background write failing on one rank, a corrupt shard).
+the distributed optimizer's own-fragment checkpoints (TP 2 x DP 2 -> DP 4 -> DP 4 and -> one process,
+exact, with the bytes each rank stages and reads), and failures that must reach every rank (a
+background write failing on one rank, a corrupt shard).
 
 One spawn of 4 gloo ranks runs every scenario (process start-up dominates these tiny runs); the test
 functions then check its results. The model is tiny, trained a few steps with dropout on, so the RNG
@@ -17,6 +19,7 @@ lead's training-loop acceptance test.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -185,6 +188,58 @@ def _load_dp4(root: Path) -> dict:
     }
 
 
+def _fragments(model, optimizer, state: ParallelState) -> list[tuple]:
+    """This rank's distributed-optimizer fragments: (name, TP rank, offset, exp_avg, exp_avg_sq, master)."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    out = []
+    for param, offset, main in optimizer.main_param_pieces():
+        adam = optimizer.optimizer.state[main]
+        tp_rank = state.tensor_model_parallel_rank
+        moments = (adam["exp_avg"].clone(), adam["exp_avg_sq"].clone())
+        out.append((names[id(param)], tp_rank, offset, *moments, main.detach().clone()))
+    return out
+
+
+def _distopt_shards(root: Path) -> dict:
+    """Distributed optimizer in bf16 (masters exist): TP 2 x DP 2 trains 2 steps and saves its own
+    fragments; DP 4 loads them (another fragment layout) and saves its own; a fresh DP 4 model loads
+    that. Reports the fragments, the bytes staged and read, and what they should be."""
+    from megatron.checkpoint import Checkpointer
+    from megatron.checkpoint.fragments import CHECKPOINT_BYTES
+
+    state = ParallelState.initialize(2, 1, backend="gloo")
+    model, optimizer = build(state, distributed_optimizer=True, dtype=torch.bfloat16, dropout=0.0)
+    train(model, optimizer, state, range(2))
+    Checkpointer(state).save(root / "tp2dp2", 2, model, optimizer, None, None, consumed_samples=16, config={})
+    result = {"tp2dp2": _fragments(model, optimizer, state)}
+    result["layout"] = {  # name -> (TP-local shape, partition dim or None)
+        name: (
+            tuple(param.shape),
+            param.partition_dim if getattr(param, "tensor_model_parallel", False) else None,
+        )
+        for name, param in model.named_parameters()
+    }
+    state = ParallelState.initialize(1, 1, backend="gloo")
+    model, optimizer = build(state, distributed_optimizer=True, dtype=torch.bfloat16, dropout=0.0)
+    checkpointer = Checkpointer(state)
+    checkpointer.load(root / "tp2dp2", model, optimizer, None, None)
+    result["dp4"] = _fragments(model, optimizer, state)
+    CHECKPOINT_BYTES.reset()
+    checkpointer.save(root / "dp4", 2, model, optimizer, None, None, consumed_samples=16, config={})
+    result["staged"] = dict(CHECKPOINT_BYTES.staged)
+    model, optimizer = build(state, distributed_optimizer=True, dtype=torch.bfloat16, dropout=0.0)
+    CHECKPOINT_BYTES.reset()
+    checkpointer.load(root / "dp4", model, optimizer, None, None)
+    result["read"] = dict(CHECKPOINT_BYTES.read)
+    result["dp4-reloaded"] = _fragments(model, optimizer, state)
+    elements = sum(param.numel() for param in model.parameters())
+    result["own_elements"] = sum(main.numel() for _, _, main in optimizer.main_param_pieces())
+    result["elements"] = elements
+    result["padding"] = optimizer.grad_buffer.data.numel() - elements  # each bucket padded to a DP multiple
+    result["model_bytes"] = sum(param.numel() * param.element_size() for param in model.parameters())
+    return result
+
+
 def _failing_background_write(root: Path) -> dict:
     """Rank 1's shard write fails during an async save: every rank's wait() must raise."""
     import torch.distributed.checkpoint as dcp
@@ -247,6 +302,7 @@ def _every_scenario(root: str) -> dict:
         results[name] = _round_trip(root / name, **kwargs)
     results["tp2pp2"] = _save_tp2_pp2(root / "reshard")
     results["dp4"] = _load_dp4(root / "reshard")
+    results["shards"] = _distopt_shards(root / "shards")
     results["failing"] = _failing_background_write(root / "failing")
     results["fallback"] = _corrupt_shard_fallback(root / "fallback")
     return results
@@ -344,6 +400,91 @@ def test_reshard_tp2_pp2_to_one_process(results):
     next_loss = train(model, optimizer, state, [3])[0]
     expected = per_rank[0]["tp2pp2"]["next_loss"]
     assert abs(next_loss - expected) <= BF16_LOSS_RTOL * abs(expected), (next_loss, expected)
+
+
+SAVED_KINDS = ("exp_avg", "exp_avg_sq", "master")  # bf16 parameters: both moments and the fp32 master
+STEP_BYTES = 4  # optimizer/step, one fp32 scalar
+
+
+def _distopt_reference(per_rank: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """Full tensors of the TP 2 x DP 2 distributed-optimizer run's state, assembled from every rank's
+    fragments (each element owned by exactly one DP rank; TP-replicated parameters identical on both
+    TP ranks, so their TP rank 0 copy is the tensor)."""
+    layout = per_rank[0]["shards"]["layout"]
+    local, owned = {}, {}  # (name, tp rank) -> kind -> flat TP-local tensor; -> owners per element
+    for rank_results in per_rank:
+        for name, tp_rank, offset, *values in rank_results["shards"]["tp2dp2"]:
+            numel = math.prod(layout[name][0])
+            entry = local.setdefault((name, tp_rank), {k: torch.zeros(numel) for k in SAVED_KINDS})
+            count = owned.setdefault((name, tp_rank), torch.zeros(numel, dtype=torch.int32))
+            for kind, value in zip(SAVED_KINDS, values, strict=True):
+                entry[kind][offset : offset + value.numel()] = value
+            count[offset : offset + values[0].numel()] += 1
+    assert len(owned) == 2 * len(layout) and all(bool((c == 1).all()) for c in owned.values())
+    full = {}
+    for name, (shape, dim) in layout.items():
+        parts = [{k: v.view(shape) for k, v in local[(name, tp)].items()} for tp in (0, 1)]
+        if dim is None:
+            assert all(torch.equal(parts[0][k], parts[1][k]) for k in SAVED_KINDS), name
+            full[name] = parts[0]
+        else:
+            full[name] = {k: torch.cat([parts[0][k], parts[1][k]], dim) for k in SAVED_KINDS}
+    return full
+
+
+def test_distributed_optimizer_state_reshards_exactly(results):
+    """TP 2 x DP 2 fragments -> DP 4 fragments (another cut) -> DP 4 again: every value exact."""
+    per_rank, _ = results
+    reference = _distopt_reference(per_rank)
+    for rank_results in per_rank:
+        shards = rank_results["shards"]
+        assert shards["dp4"], "every DP 4 rank owns fragments"
+        for name, _, offset, *values in shards["dp4"]:
+            for kind, value in zip(SAVED_KINDS, values, strict=True):
+                expected = reference[name][kind].reshape(-1)[offset : offset + value.numel()]
+                assert torch.equal(value, expected), (name, kind)
+        assert len(shards["dp4-reloaded"]) == len(shards["dp4"])
+        for got, saved in zip(shards["dp4-reloaded"], shards["dp4"], strict=True):
+            assert got[:3] == saved[:3]
+            assert all(torch.equal(a, b) for a, b in zip(got[3:], saved[3:], strict=True)), got[0]
+
+
+def test_distributed_optimizer_checkpoint_to_one_process(results):
+    """The TP 2 x DP 2 fragment checkpoint loads without the distributed optimizer, in one process."""
+    from megatron.checkpoint import Checkpointer
+
+    per_rank, root = results
+    torch.set_num_threads(1)
+    state = ParallelState.single("cpu")
+    model, optimizer = build(state, dtype=torch.bfloat16, dropout=0.0)
+    assert Checkpointer(state).load(root / "shards" / "tp2dp2", model, optimizer, None, None).iteration == 2
+    reference = _distopt_reference(per_rank)
+    for name, local in _local_optimizer_state(model, optimizer).items():
+        for kind in SAVED_KINDS:
+            assert torch.equal(local[kind], reference[name][kind]), (name, kind)
+
+
+def test_distributed_optimizer_stages_and_reads_only_its_own_fragments(results):
+    """At DP 4 each rank stages and reads its own fragments' bytes (x 3 fp32 kinds), exactly; the old
+    scheme (every DP rank staging and reading the full state) was about DP times larger. Model weights
+    are DP-replicated: every rank stages its copy and reads the whole (TP-local) model."""
+    per_rank, _ = results
+    dp = len(per_rank)
+    shards = [rank_results["shards"] for rank_results in per_rank]
+    bytes_per_element = 4 * len(SAVED_KINDS)
+    elements, padding = shards[0]["elements"], shards[0]["padding"]
+    assert 0 <= padding < shards[0]["elements"] // dp
+    assert sum(s["own_elements"] for s in shards) == elements  # the fragments tile every parameter
+    for s in shards:
+        own = s["own_elements"] * bytes_per_element
+        assert s["staged"]["optimizer"] == own + STEP_BYTES, (s["staged"], own)
+        assert s["read"]["optimizer"] == own + STEP_BYTES, (s["read"], own)
+        # 1/DP of the state, give or take the bucket padding this rank's slices hold
+        share = (elements + padding) / dp
+        assert share - padding <= s["own_elements"] <= share
+        replicated = elements * bytes_per_element  # what each rank staged and read before
+        assert replicated / own >= dp * elements / (elements + padding) > dp - 1, (replicated, own)
+        assert s["staged"]["model"] == s["read"]["model"] == s["model_bytes"]
 
 
 def test_failing_background_write_on_one_rank_surfaces_at_every_rank_wait(results):
