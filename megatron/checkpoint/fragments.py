@@ -211,8 +211,8 @@ def _load_planner_class():
 
 
 def _stored_bytes(metadata, item) -> int:
-    """Payload bytes of the saved chunk `item` reads from: DCP's file reader reads the whole chunk
-    (then narrows it to the requested region)."""
+    """Payload bytes of the saved chunk `item` reads from (DCP's own file reader reads the whole chunk,
+    then narrows it; a memory-mapped reader touches only the requested region's pages)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     saved = metadata.state_dict_metadata[item.storage_index.fqn]
@@ -228,8 +228,9 @@ def _stored_bytes(metadata, item) -> int:
 
 
 class CheckpointBytes:
-    """Tensor payload bytes this process staged for saves (`staged`) and read at loads (`read`), by the
-    key's first part ("model", "optimizer", "rng"). `reset()` between measurements."""
+    """Tensor payload bytes this process staged for saves (`staged`) and read at loads (`read`: the
+    saved chunks its reads come from; exact when they are the chunks wanted, as at the saving layout), by
+    the key's first part ("model", "optimizer", "rng"). `reset()` between measurements."""
 
     def __init__(self) -> None:
         self.staged: dict[str, int] = {}

@@ -436,6 +436,15 @@ def test_distributed_optimizer_state_reshards_exactly(results):
     """TP 2 x DP 2 fragments -> DP 4 fragments (another cut) -> DP 4 again: every value exact."""
     per_rank, _ = results
     reference = _distopt_reference(per_rank)
+    layout = per_rank[0]["shards"]["layout"]
+    cut_rows = [  # fragments of matrices that start or end inside a row: three boxes, not one
+        (name, offset)
+        for rank_results in per_rank
+        for name, _, offset, value, *_ in rank_results["shards"]["tp2dp2"]
+        if len(layout[name][0]) == 2
+        and (offset % layout[name][0][1] or (offset + value.numel()) % layout[name][0][1])
+    ]
+    assert cut_rows
     for rank_results in per_rank:
         shards = rank_results["shards"]
         assert shards["dp4"], "every DP 4 rank owns fragments"
@@ -452,6 +461,7 @@ def test_distributed_optimizer_state_reshards_exactly(results):
 def test_distributed_optimizer_checkpoint_to_one_process(results):
     """The TP 2 x DP 2 fragment checkpoint loads without the distributed optimizer, in one process."""
     from megatron.checkpoint import Checkpointer
+    from megatron.checkpoint.readers import load_full_state
 
     per_rank, root = results
     torch.set_num_threads(1)
@@ -462,6 +472,10 @@ def test_distributed_optimizer_checkpoint_to_one_process(results):
     for name, local in _local_optimizer_state(model, optimizer).items():
         for kind in SAVED_KINDS:
             assert torch.equal(local[kind], reference[name][kind]), (name, kind)
+    # the one-process readers (tools) assemble the same full tensors from the fragments' chunks
+    moments = load_full_state(root / "shards" / "tp2dp2" / "iter_0000002", prefix="optimizer/exp_avg_sq/")
+    assert moments.keys() == reference.keys()
+    assert all(torch.equal(moments[name], reference[name]["exp_avg_sq"]) for name in moments)
 
 
 def test_distributed_optimizer_stages_and_reads_only_its_own_fragments(results):
