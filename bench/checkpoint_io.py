@@ -14,7 +14,9 @@ memory; `--warm-cache` skips that.
 Stall: `--steps` real training steps (forward, backward, AdamW) with a save every `--save-every`
 steps, in three loops: no saves, synchronous saves, `async_save=True`, repeated in `--repeats` rounds
 (median shown). For each: the median step time, the time spent inside save calls (the stall), and for
-async the final wait() (end of training). The background writer shares the CPU cores with training,
+async the final wait() (end of training). An async save copies the tensors after the save call returns
+(pinned memory and a side stream on CUDA, the writer thread on the CPU); the first optimizer step after
+it waits until the copies are done, and that wait counts in the async stall. The background writer shares the CPU cores with training,
 so async steps slow down while it runs; the total loop time ("extra s" over the loop without saves)
 shows that cost too. On a machine shared with other jobs, rerun: these are wall-clock times.
 
@@ -271,13 +273,14 @@ def training_loop(state: State, args, root: Path | None, async_save: bool) -> di
     from megatron.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(state.parallel_state, async_save=async_save) if root else None
-    step_seconds, save_seconds = [], []
+    step_seconds, save_seconds, fences = [], [], []
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         begin = time.perf_counter()
         state.train_step(args.micro_batch_size, seed=step)
         step_seconds.append(time.perf_counter() - begin)
         if checkpointer is not None and step % args.save_every == 0:
+            fences.append(checkpointer.fence_seconds)  # the previous save's fence is complete here
             begin = time.perf_counter()
             checkpointer.save(
                 root,
@@ -293,11 +296,15 @@ def training_loop(state: State, args, root: Path | None, async_save: bool) -> di
     begin = time.perf_counter()
     if checkpointer is not None:
         checkpointer.wait()
+        fences.append(checkpointer.fence_seconds)
     final_wait = time.perf_counter() - begin
+    # each save's stall: the save call, plus the wait of the next optimizer step for its copies
+    fenced = [after - before for before, after in zip(fences, fences[1:])]
     return {
         "total": time.perf_counter() - start,
         "step": statistics.median(step_seconds),
-        "saves": save_seconds,
+        "saves": [call + fence for call, fence in zip(save_seconds, fenced, strict=True)],
+        "fences": fenced,
         "final_wait": final_wait,
     }
 
@@ -326,7 +333,8 @@ def measure_stall(args, shape, workdir: Path) -> None:
     print(
         f"\ntraining stall: {args.steps} steps (micro batch {args.micro_batch_size} x seq {shape[3]}) with a "
         f"save every {args.save_every}; {len(stalls('sync save'))} saves per mode over {args.repeats} rounds"
-        "\n(stall: time inside the save call, for async including the wait for the previous save)\n"
+        "\n(stall: time inside the save call, for async including the wait for the previous save and the\n"
+        "next optimizer step's wait for the save's copies of the tensors, `Checkpointer.fence_seconds`)\n"
     )
     print(
         f"{'run':<12}{'step s':>9}{'stall/save s':>14}{'max stall s':>13}{'final wait s':>14}{'loop s':>9}{'extra s':>9}"

@@ -88,6 +88,7 @@ from megatron.checkpoint.files import (
     write_json,
 )
 from megatron.checkpoint.load_plan import LoadPlan, load_object_state, restore_generators
+from megatron.checkpoint.snapshot import BufferPool, Snapshot, fenceable
 from megatron.checkpoint.staging import SaveJob, capture_rng, plain_json, saving_layout, stage_tensors
 from megatron.checkpoint.verify import data_problems, read_common, verification_problems
 from megatron.log import get_logger
@@ -127,6 +128,9 @@ class Checkpointer:
         self.group = CheckpointGroup(parallel_state)
         self.layout = TensorLayout(parallel_state)
         self._pending: tuple[SaveJob, threading.Thread, list] | None = None
+        self._buffers = BufferPool()
+        self._snapshot: Snapshot | None = None
+        self._fenced = 0.0
 
     # ------------------------------------------------------------------ save
     def save(
@@ -147,10 +151,12 @@ class Checkpointer:
         Raises CheckpointError when writing fails (with `async_save`: from `wait` or the next save)."""
         self.wait()
         root = Path(save_dir)
-        # copies when async: training goes on changing the model while the files are written
-        state = stage_tensors(
-            model, optimizer, self.parallel_state, self.layout, self.group, copy=self.async_save
-        )
+        # async: copies, so training may go on changing the model while the files are written; taken
+        # off the save call when the optimizer's next step can be fenced until they are done
+        torch_optimizer = fenceable(optimizer) if self.async_save else None
+        snapshot = Snapshot(self._buffers) if torch_optimizer is not None else None
+        copy = snapshot.take if snapshot is not None else self.async_save
+        state = stage_tensors(model, optimizer, self.parallel_state, self.layout, self.group, copy=copy)
         rng_record, rng_tensors = capture_rng(self.parallel_state)
         state.update(rng_tensors)
         common = {
@@ -168,7 +174,12 @@ class Checkpointer:
         if not self.async_save:
             return self._write(job)
         outcome: list = []
-        thread = threading.Thread(target=self._write_in_background, args=(job, outcome), daemon=True)
+        if snapshot is not None:
+            snapshot.start(torch_optimizer)
+        self._snapshot = snapshot
+        thread = threading.Thread(
+            target=self._write_in_background, args=(job, outcome, snapshot), daemon=True
+        )
         thread.start()
         self._pending = (job, thread, outcome)
         return final
@@ -181,6 +192,10 @@ class Checkpointer:
         job, thread, outcome = self._pending
         self._pending = None
         thread.join()
+        if self._snapshot is not None:
+            self._snapshot.fence()  # removes the hook if no step came
+            self._fenced += self._snapshot.fence_seconds
+            self._snapshot = None
         result = outcome[0]
         if isinstance(result, CheckpointError):
             raise CheckpointError(f"background save: {result}") from result
@@ -190,8 +205,16 @@ class Checkpointer:
             ) from result
         return result
 
-    def _write_in_background(self, job: SaveJob, outcome: list) -> None:
+    @property
+    def fence_seconds(self) -> float:
+        """Time training spent blocked until async saves' copies were done (every save so far): part of
+        what a save costs training, with the time inside `save` and `wait`."""
+        return self._fenced + (self._snapshot.fence_seconds if self._snapshot is not None else 0.0)
+
+    def _write_in_background(self, job: SaveJob, outcome: list, snapshot: Snapshot | None) -> None:
         try:
+            if snapshot is not None:
+                snapshot.copy_cpu()
             outcome.append(self._write(job))
         except BaseException as exc:  # noqa: BLE001 - handed to wait(), never swallowed
             outcome.append(exc)

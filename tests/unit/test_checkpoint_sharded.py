@@ -243,6 +243,40 @@ def test_async_save_equals_sync_save_and_training_may_continue(tmp_path):
     assert (async_dir / "rng/rank_00000.json").read_text() == (sync_dir / "rng/rank_00000.json").read_text()
 
 
+def test_async_save_copies_after_returning_and_fences_the_next_step(tmp_path, monkeypatch):
+    """The save call copies nothing: the writer copies once the next forward has begun, slowly, and the
+    optimizer step after the save waits for that copy (counted in fence_seconds), so the checkpoint
+    holds the weights of the save call, not those of the step that ran meanwhile."""
+    import threading
+    import time
+
+    from megatron.checkpoint import snapshot
+
+    state, model, optimizer, scheduler = build()
+    train(state, model, optimizer, scheduler, range(2))
+    saved = weights(model)
+    forward_began = threading.Event()
+    model.register_forward_pre_hook(lambda *args: forward_began.set())
+    original = snapshot.Snapshot.copy_cpu
+
+    def late_slow_copy(self):
+        forward_began.wait(timeout=60)
+        time.sleep(0.5)
+        original(self)
+
+    monkeypatch.setattr(snapshot.Snapshot, "copy_cpu", late_slow_copy)
+    checkpointer = Checkpointer(state, async_save=True)
+    save(checkpointer, tmp_path, 2, model, optimizer, scheduler)
+    train(state, model, optimizer, scheduler, range(2, 3))
+    assert checkpointer.fence_seconds > 0.2
+    checkpointer.wait()
+    assert_same(load_full_state(tmp_path / "iter_0000002"), saved)
+    assert not any(torch.equal(weights(model)[name], saved[name]) for name in saved if "weight" in name)
+    save(checkpointer, tmp_path, 3, model, optimizer, scheduler)  # the fence is gone after the first step
+    train(state, model, optimizer, scheduler, range(3, 4))
+    checkpointer.wait()
+
+
 def test_failing_background_write_is_raised_by_wait(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
