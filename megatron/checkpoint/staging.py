@@ -1,12 +1,12 @@
 """Saving, first phase: what a sharded checkpoint holds, gathered on the CPU at the `save` call (the model,
-the optimizer state assembled into per-parameter tensors, the generator states, the saving layout), so
-the write phase can run while training changes the model. See docs/checkpoints.md.
+the optimizer state: per-parameter tensors, or under the distributed optimizer only this rank's own
+fragments, the generator states, the saving layout), so the write phase can run while training changes
+the model. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +15,9 @@ import torch
 
 from megatron.checkpoint.dcp_io import CheckpointGroup, TensorLayout
 from megatron.checkpoint.files import MOMENTS, rng_key
+from megatron.checkpoint.fragments import CHECKPOINT_BYTES, LogicalChunks, fragment_chunks
 from megatron.checkpoint.single_file import plain
-from megatron.parallel import collectives
 from megatron.parallel.state import ParallelState
-
-_ASSEMBLY_CHUNK_ELEMENTS = 1 << 26  # distributed-optimizer assembly: at most 256 MiB of fp32 at a time
 
 
 def plain_json(value):
@@ -39,15 +37,28 @@ def stage_tensors(
     copy: bool,
 ) -> dict:
     """The DCP state dict of the model and optimizer: CPU tensors (copies when `copy`), wrapped as
-    DTensors when there are several ranks."""
+    DTensors when there are several ranks; under the distributed optimizer, the optimizer state is this
+    rank's own fragments as `LogicalChunks`. Adds what it staged to `CHECKPOINT_BYTES.staged`."""
     params = _saved_params(model)
     state = {f"model/{name}": layout.wrap(_to_cpu(param, copy), param) for name, param in params}
     if optimizer is not None:
-        by_name = dict(params)
-        for key, tensor in _stage_optimizer(optimizer, params, parallel_state, copy).items():
-            state[key] = layout.wrap(tensor, by_name[key.split("/", 2)[2]])
+        if optimizer.sharded_over_data_parallel:
+            state.update(_stage_fragments(optimizer, params, parallel_state, copy))
+        else:
+            by_name = dict(params)
+            for key, tensor in _stage_optimizer(optimizer, params, copy).items():
+                state[key] = layout.wrap(tensor, by_name[key.split("/", 2)[2]])
         state["optimizer/step"] = torch.tensor(_adam_step(optimizer, group), dtype=torch.float32)
+    for key, value in state.items():
+        CHECKPOINT_BYTES.add("staged", key, _staged_bytes(value))
     return state
+
+
+def _staged_bytes(value) -> int:
+    if isinstance(value, LogicalChunks):
+        return value.nbytes
+    local = value.to_local() if hasattr(value, "to_local") else value  # DTensor: this rank's part
+    return local.numel() * local.element_size()
 
 
 def _saved_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -75,61 +86,43 @@ def _optimizer_kinds(param: torch.nn.Parameter) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def _stage_optimizer(optimizer, params, parallel_state: ParallelState, copy: bool) -> dict[str, torch.Tensor]:
-    """`optimizer/<kind>/<name>` -> this rank's tensor-parallel-local fp32 tensor on the CPU."""
+def _stage_optimizer(optimizer, params, copy: bool) -> dict[str, torch.Tensor]:
+    """`optimizer/<kind>/<name>` -> this rank's tensor-parallel-local fp32 tensor on the CPU (whole
+    parameters: no distributed optimizer)."""
     pieces = _pieces_by_param(optimizer)
-    if not optimizer.sharded_over_data_parallel:
-        out = {}
-        for name, param in params:
-            [(_, main)] = pieces[id(param)]  # whole parameters: one piece each
-            for kind in _optimizer_kinds(param):
-                source = _piece_source(optimizer, main, kind)
-                out[f"optimizer/{kind}/{name}"] = (
-                    torch.zeros(param.shape, dtype=torch.float32) if source is None else _to_cpu(source, copy)
-                )
-        return out
-    jobs = [
-        (f"optimizer/{kind}/{name}", param, kind)
-        for name, param in params
-        for kind in _optimizer_kinds(param)
-    ]
-    out = {key: torch.empty(param.shape, dtype=torch.float32) for key, param, _ in jobs}
-    for chunk in _chunks(jobs):
-        _assemble_chunk(chunk, out, pieces, optimizer, parallel_state)
+    out = {}
+    for name, param in params:
+        [(_, main)] = pieces[id(param)]  # whole parameters: one piece each
+        for kind in _optimizer_kinds(param):
+            source = _piece_source(optimizer, main, kind)
+            out[f"optimizer/{kind}/{name}"] = (
+                torch.zeros(param.shape, dtype=torch.float32) if source is None else _to_cpu(source, copy)
+            )
     return out
 
 
-def _chunks(jobs: list) -> Iterator[list]:
-    """Consecutive jobs of at most `_ASSEMBLY_CHUNK_ELEMENTS` elements (a larger tensor alone)."""
-    chunk, size = [], 0
-    for job in jobs:
-        if chunk and size + job[1].numel() > _ASSEMBLY_CHUNK_ELEMENTS:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(job)
-        size += job[1].numel()
-    if chunk:
-        yield chunk
-
-
-def _assemble_chunk(chunk, out, pieces, optimizer, parallel_state: ParallelState) -> None:
-    """Distributed optimizer: every DP rank writes the fragments it owns into a zero buffer, the buffer's
-    bit patterns are summed over DP as int32 (each element has exactly one nonzero contributor, so the
-    sum is the fp32 value bit for bit, -0.0 included), and the result lands in `out` on the CPU."""
-    total = sum(param.numel() for _, param, _ in chunk)
-    buffer = torch.zeros(total, dtype=torch.float32, device=parallel_state.device)
-    base = 0
-    for _, param, kind in chunk:
-        for offset, main in pieces.get(id(param), []):
-            source = _piece_source(optimizer, main, kind)
-            if source is not None:
-                buffer[base + offset : base + offset + main.numel()].copy_(source.reshape(-1))
-        base += param.numel()
-    collectives.all_reduce(buffer.view(torch.int32), parallel_state.dp_group)
-    base = 0
-    for key, param, _ in chunk:
-        out[key].view(-1).copy_(buffer[base : base + param.numel()])
-        base += param.numel()
+@torch.no_grad()
+def _stage_fragments(
+    optimizer, params, parallel_state: ParallelState, copy: bool
+) -> dict[str, LogicalChunks]:
+    """Distributed optimizer: `optimizer/<kind>/<name>` -> this rank's own fragments of that logical
+    tensor, copied to the CPU fragment by fragment (nothing else is staged, nothing is communicated).
+    The DP ranks' fragments tile each tensor-parallel block. A parameter replicated over tensor-parallel
+    ranks (identical replicas, identical fragments) is saved by tensor-parallel rank 0's ranks only."""
+    pieces = _pieces_by_param(optimizer)
+    tp_rank = parallel_state.tensor_model_parallel_rank
+    out = {}
+    for name, param in params:
+        if tp_rank != 0 and not getattr(param, "tensor_model_parallel", False):
+            continue
+        for kind in _optimizer_kinds(param):
+            fragments = []
+            for offset, main in pieces.get(id(param), []):
+                source = _piece_source(optimizer, main, kind)
+                values = torch.zeros(main.numel()) if source is None else _to_cpu(source, copy).view(-1)
+                fragments.append((offset, values.to(torch.float32)))
+            out[f"optimizer/{kind}/{name}"] = fragment_chunks(param, tp_rank, fragments)
+    return out
 
 
 def _to_cpu(tensor: torch.Tensor, copy) -> torch.Tensor:
