@@ -37,7 +37,8 @@ iterations (`Config.num_train_iters`, as the run computes them) x time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -58,6 +59,9 @@ class StagePlan:
     optimizer_distributed: int
     activations_per_micro_batch: int
     in_flight: float  # micro-batches of this stage's activations held at the peak (fractional: interleaved)
+    # bytes one GPU of the stage sends per step to synchronise gradients and parameters, per (group kind,
+    # collective): `_sync_bytes`
+    sync_bytes: dict[tuple[str, str], Fraction] = field(default_factory=dict)
 
     @property
     def activations(self) -> int:
@@ -224,8 +228,45 @@ def _stage_plan(cfg, layout: _Layout, stage: int) -> tuple[StagePlan, int]:
         optimizer_distributed=-(-params * 12 // layout.dp),
         activations_per_micro_batch=_stage_activation_bytes(m, layout, stage, len(model.layers)),
         in_flight=_in_flight(layout.pp, stage, layout.micro_batches, layout.vpp),
+        sync_bytes=_sync_bytes(cfg, layout, model),
     )
     return stage_plan, logical
+
+
+def _sync_bytes(cfg, layout: _Layout, model) -> dict[tuple[str, str], Fraction]:
+    """Bytes one GPU of this stage (DP rank 0, the busiest) sends per step to synchronise gradients and
+    parameters, per (group kind, collective): the gradient buckets of `parallel/data_parallel.py` laid
+    out as training lays them out (padding included) and priced with `collectives.wire_bytes`, the
+    formulas the byte counter uses. With the distributed optimizer: a reduce-scatter of every bucket's
+    fp32 gradients and an all-gather of its parameters (model dtype) over DP; without: an fp32 all-reduce
+    over DP. Then the TP sum of the `tp_grad_reduce` gradients (the owned part under the distributed
+    optimizer) and, on the first and last stage under pipeline parallelism, the tied embedding's sum."""
+    from megatron.parallel.data_parallel import bucket_layout, default_bucket_size, sync_wire_bytes
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    bucket_size = cfg.parallel.ddp_bucket_size or default_bucket_size(layout.dp)
+    tied = any(getattr(p, "embedding_group_reduce", False) for p in params)
+    return sync_wire_bytes(
+        bucket_layout(list(reversed(params)), bucket_size, layout.dp),
+        data_parallel_size=layout.dp,
+        tensor_parallel_size=layout.tp,
+        embedding_group_size=2 if tied else 1,
+        distributed_optimizer=bool(cfg.parallel.use_distributed_optimizer),
+        param_element_size=layout.element,
+    )
+
+
+def format_sync_bytes(sync_bytes: dict[tuple[str, str], Fraction]) -> str:
+    """`{(kind, op): bytes}` as "dp 1.23 GB (reduce_scatter 0.82 GB + all_gather 0.41 GB), tp ..."."""
+    kinds: dict[str, list[tuple[str, Fraction]]] = {}
+    for (kind, op), value in sorted(sync_bytes.items()):
+        kinds.setdefault(kind, []).append((op, value))
+    parts = []
+    for kind, ops in kinds.items():
+        total = sum(value for _, value in ops)
+        detail = " + ".join(f"{op.replace('_', '-')} {float(value) / GB:.3f} GB" for op, value in ops)
+        parts.append(f"{kind} {float(total) / GB:.3f} GB ({detail})")
+    return ", ".join(parts) or "none (one data-parallel replica, no tensor or pipeline sharing)"
 
 
 def _bubble(layout: _Layout) -> float:
@@ -316,6 +357,11 @@ def format_plan(p: dict) -> str:
         f"{p['iteration_seconds']:.2f} s per iteration at {100 * p['mfu']:.0f}% MFU on {p['gpu']}; "
         f"{p['iterations']:,} iterations ({p['tokens']:.3e} tokens) in {p['days']:.1f} days"
     )
+    for st in p["stages"]:
+        lines.append(
+            f"  stage {st.stage}: gradient/parameter sync per step, bytes sent per GPU by group: "
+            f"{format_sync_bytes(st.sync_bytes)}"
+        )
     options = "; ".join(
         f"{'SP' if sp_option else 'no SP'} + {option or 'no'} recompute {value / GB:.2f} GB"
         for (sp_option, option), value in p["activation_alternatives"].items()

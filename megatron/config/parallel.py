@@ -26,6 +26,11 @@ class ParallelConfig:
     overlap_grad_reduce: bool = arg(
         False, "Overlap the data-parallel gradient reduction with the backward pass."
     )
+    overlap_param_gather: bool = arg(
+        False,
+        "Overlap the distributed optimizer's all-gather of updated parameters with the next forward pass "
+        "(each module waits for its own parameters); needs --use-distributed-optimizer.",
+    )
     ddp_bucket_size: int | None = arg(
         None,
         "Elements per data-parallel gradient bucket (default max(40M, 1M x data-parallel size)); smaller "
@@ -101,6 +106,11 @@ class ParallelConfig:
         if self.check_replicas_interval < 0:
             raise ConfigError(
                 f"--check-replicas-interval {self.check_replicas_interval} must be >= 0 (0 turns it off)"
+            )
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError(
+                "--overlap-param-gather needs --use-distributed-optimizer (only the distributed optimizer "
+                "all-gathers parameters); add it or drop --overlap-param-gather"
             )
         if self.distributed_backend is not None:
             require_choice(self, "distributed_backend", DISTRIBUTED_BACKENDS)

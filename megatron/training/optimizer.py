@@ -16,9 +16,12 @@ Precision modes:
 - fp16 additionally multiplies the loss by the grad scaler's scale before backward, unscales the fp32
   gradients before clipping, and skips the whole step when any gradient is inf/nan.
 
-With --use-distributed-optimizer the fp32 masters and Adam moments exist only for the 1/DP slice of each
-bucket this rank owns (`ShardedMainParams`, per-parameter fragments); the norm, unscaling and AdamW run
-over those fragments, and the updated parameters are all-gathered over DP after the step.
+With --use-distributed-optimizer each gradient bucket is reduce-scattered into the 1/DP chunk this rank
+owns, the fp32 masters and Adam moments exist only for that chunk (`ShardedMainParams`, per-parameter
+fragments), the norm, unscaling and AdamW run over those fragments, and the updated parameters are
+all-gathered over DP straight into the model's parameter buffer after the step; with
+--overlap-param-gather the all-gathers run during the next forward (each module waits for its own
+parameters), and `finish_param_sync` waits for all of them (checkpoint save, evaluation, replica check).
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ class MixedPrecisionOptimizer:
     fp32 master fragments of this rank's shard (distributed optimizer), with bucketed gradient reduction.
 
     `parallel_config` (`cfg.parallel`, or None) supplies `use_distributed_optimizer`,
-    `overlap_grad_reduce` and `ddp_bucket_size` (None: all off, Megatron's default bucket size).
+    `overlap_grad_reduce`, `overlap_param_gather` and `ddp_bucket_size` (None: all off, Megatron's
+    default bucket size).
     """
 
     def __init__(
@@ -139,15 +143,25 @@ class MixedPrecisionOptimizer:
         named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.model_params = [p for _, p in named_params]
         self.mixed = any(p.dtype != torch.float32 for p in self.model_params)
+        distributed = bool(getattr(parallel_config, "use_distributed_optimizer", False))
+        overlap_param_gather = bool(getattr(parallel_config, "overlap_param_gather", False))
+        if overlap_param_gather and not distributed:
+            raise ValueError(
+                "--overlap-param-gather needs --use-distributed-optimizer (only the distributed optimizer "
+                "all-gathers parameters); add it or drop --overlap-param-gather"
+            )
         self.grad_buffer = GradBuffer(
             named_params,
             self.parallel_state,
             bucket_size=getattr(parallel_config, "ddp_bucket_size", None),
             overlap_grad_reduce=bool(getattr(parallel_config, "overlap_grad_reduce", False)),
+            shard_over_data_parallel=distributed,
         )
         self.sharded: ShardedMainParams | None = None
-        if getattr(parallel_config, "use_distributed_optimizer", False):
-            self.sharded = ShardedMainParams(self.grad_buffer)
+        if distributed:
+            self.sharded = ShardedMainParams(self.grad_buffer, overlap_param_gather=overlap_param_gather)
+            if overlap_param_gather:
+                self.sharded.register_forward_pre_hooks(model)
             self.main_params = self.sharded.main_params
         elif self.mixed:
             self.main_params = [_main_copy(p) for p in self.model_params]
@@ -235,6 +249,13 @@ class MixedPrecisionOptimizer:
     def _copy_main_to_model(self) -> None:
         for param, main in zip(self.model_params, self.main_params, strict=True):
             param.copy_(main)
+
+    def finish_param_sync(self) -> None:
+        """Wait for the parameter all-gathers that --overlap-param-gather leaves running after `step`
+        (a no-op otherwise): call before reading the model's parameters outside a forward (checkpoint
+        save, the replica check); a forward waits on its own, module by module."""
+        if self.sharded is not None:
+            self.sharded.finish_param_gather()
 
     @torch.no_grad()
     def reload_model_params(self) -> None:

@@ -176,6 +176,7 @@ def save(run: Run) -> None:
     """Checkpoint the run under --save (every rank writes its shards); with --async-save the write
     continues in the background and the previous pending save is finished first."""
     start = time.perf_counter()
+    run.optimizer.finish_param_sync()  # --overlap-param-gather: the parameters are read below
     directory = run.checkpointer.save(
         run.cfg.checkpoint.save,
         run.state.iteration,
@@ -221,6 +222,7 @@ def run_evaluation(run: Run, *, split: str = "valid") -> list[dict]:
     cfg = run.cfg
     if cfg.training.eval_iters <= 0:
         return []
+    run.optimizer.finish_param_sync()  # --overlap-param-gather (a forward would also wait)
     groups = run.data.valid if split == "valid" else [("test", run.data.test)] if run.data.test else []
     results = []
     for name, dataset in groups:
@@ -325,6 +327,7 @@ def _periodic(run: Run, stats: IntervalStats) -> bool:
         save(run)
     check = cfg.parallel.check_replicas_interval
     if check and it % check == 0:
+        run.optimizer.finish_param_sync()  # --overlap-param-gather: compare the gathered parameters
         compared = check_replicas(run.model, run.parallel_state, iteration=it)
         logger.info(f"> replica check at iteration {it}: {compared} parameter replicas bit-identical")
     exit_interval = cfg.training.exit_interval
@@ -438,6 +441,7 @@ def _finish(run: Run, exited) -> None:
     """Final evaluation and checkpoint. `exited`: False (ran to the end), True (--exit-interval) or
     "signal" (SIGTERM): the last two skip the final evaluation, every case saves."""
     cfg, it = run.cfg, run.state.iteration
+    run.optimizer.finish_param_sync()  # --overlap-param-gather: the run ends with gathered parameters
     evaluated = cfg.training.eval_iters > 0 and it % cfg.training.eval_interval == 0
     if not evaluated and not exited:
         run_evaluation(run)

@@ -1,21 +1,29 @@
 """Data parallelism (parallel/data_parallel.py, training/optimizer.py) on spawned gloo ranks, against one
 process training on the same global batch.
 
-One spawn of 2 ranks runs everything (each spawned rank costs seconds of start-up): DP 2 with one bucket,
+One spawn of 2 ranks runs most of it (each spawned rank costs seconds of start-up): DP 2 with one bucket,
 with several buckets with and without overlapped reduction, the distributed optimizer with and without
-overlap, bf16/fp16 short runs, the overlap mechanism itself, and (on a second ParallelState over the same
-2 ranks, TP 2) the tensor-parallel gradient reduction and the grad norm's counting of replicated
-parameters. The single-process references run in the test process.
+overlap (of the gradient reduce-scatter and of the parameter all-gather, the latter also with gathers
+that only happen when waited for), bf16/fp16 short runs, the overlap mechanisms themselves, the bytes
+one step sends at DP 2, and (on a second ParallelState over the same 2 ranks, TP 2) the tensor-parallel
+gradient reduction and the grad norm's counting of replicated parameters. One spawn of 4 ranks counts
+the bytes at DP 4, TP 2 x DP 2 and PP 2 x DP 2 and checks the reduction order (DP first, TP last) keeps
+TP replicas identical when DP communicators round differently. The single-process references run in the
+test process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import pytest
 import torch
 
-from megatron.config import OptimizerConfig, ParallelConfig
+from megatron.config import OptimizerConfig, ParallelConfig, load_config
+from megatron.parallel import collectives
+from megatron.parallel.collectives import COMM_BYTES, wire_bytes
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import run_distributed
 from megatron.training.grad_scaler import ConstantGradScaler
@@ -33,13 +41,14 @@ NUM_MICRO_BATCHES = 4  # per global batch: one process runs all 4, each of 2 DP 
 GLOBAL_BATCH = MICRO_BATCH * NUM_MICRO_BATCHES
 SMALL_BUCKET = 20_000  # elements: the tiny model (~96k parameters) splits into several buckets
 
-# name -> (use_distributed_optimizer, overlap_grad_reduce, ddp_bucket_size)
+# name -> (use_distributed_optimizer, overlap_grad_reduce, ddp_bucket_size, overlap_param_gather)
 DP_RUNS = {
-    "one_bucket": (False, False, None),
-    "buckets": (False, False, SMALL_BUCKET),
-    "buckets_overlap": (False, True, SMALL_BUCKET),
-    "distributed": (True, False, SMALL_BUCKET),
-    "distributed_overlap": (True, True, SMALL_BUCKET),
+    "one_bucket": (False, False, None, False),
+    "buckets": (False, False, SMALL_BUCKET, False),
+    "buckets_overlap": (False, True, SMALL_BUCKET, False),
+    "distributed": (True, False, SMALL_BUCKET, False),
+    "distributed_overlap": (True, True, SMALL_BUCKET, False),
+    "distributed_overlap_param": (True, True, SMALL_BUCKET, True),
 }
 # precision runs (2 iterations; CPU half precision is slow): name -> (dtype, loss scale, distributed, overlap)
 HALF_RUNS = {
@@ -56,10 +65,15 @@ def _optimizer_config() -> OptimizerConfig:
     )
 
 
-def _parallel_config(distributed: bool, overlap: bool, bucket_size: int | None) -> ParallelConfig:
-    config = ParallelConfig(use_distributed_optimizer=distributed, overlap_grad_reduce=overlap)
-    config.ddp_bucket_size = bucket_size  # works before and after the lead adds the field
-    return config
+def _parallel_config(
+    distributed: bool, overlap: bool, bucket_size: int | None, overlap_param_gather: bool = False
+) -> ParallelConfig:
+    return ParallelConfig(
+        use_distributed_optimizer=distributed,
+        overlap_grad_reduce=overlap,
+        ddp_bucket_size=bucket_size,
+        overlap_param_gather=overlap_param_gather,
+    )
 
 
 def _micro_batch(iteration: int, index: int) -> dict:
@@ -112,6 +126,7 @@ def _train(parallel_state, parallel_config, *, iters=ITERS, dtype=torch.float32,
         scheduler.step(GLOBAL_BATCH)
         losses.append(output.lm_loss)
         grad_norms.append(output.grad_norm)
+    optimizer.finish_param_sync()  # --overlap-param-gather: the weights are read below
     buckets = optimizer.grad_buffer.buckets
     return {
         "losses": losses,
@@ -137,6 +152,180 @@ def _started_buckets_after_each_backward(parallel_state, overlap: bool) -> list[
         started.append(sum(bucket.started for bucket in optimizer.grad_buffer.buckets))
     optimizer.step()
     return started + [len(optimizer.grad_buffer.buckets)]
+
+
+class _DeferredGather:
+    """A parameter all-gather that runs only when waited for; until then the other ranks' chunks of the
+    buffer hold NaN, so a parameter read before its wait poisons the run (deterministically, unlike a
+    race with a real asynchronous gather)."""
+
+    def __init__(self, start, output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+        self.start, self.args = start, (output, tensor, group)
+        chunks = output.view(group.size, -1)
+        for index in range(group.size):
+            if index != group.rank:
+                chunks[index].fill_(float("nan"))
+
+    def wait(self) -> None:
+        collectives.wait(self.start(*self.args))
+
+
+@contextlib.contextmanager
+def _gathers_deferred_and_poisoned():
+    original = collectives.all_gather_into_tensor_async
+
+    def deferred(output, tensor, group):
+        if group.is_trivial:
+            return original(output, tensor, group)
+        return _DeferredGather(original, output, tensor, group)
+
+    collectives.all_gather_into_tensor_async = deferred
+    try:
+        yield
+    finally:
+        collectives.all_gather_into_tensor_async = original
+
+
+def _param_gather_waits(parallel_state) -> dict:
+    """With --overlap-param-gather: buckets still gathering after `step`, after the embedding's forward
+    (the first module) and after the whole forward."""
+    model, optimizer = _build(parallel_state, _parallel_config(True, True, SMALL_BUCKET, True))
+    batches = [_micro_batch(0, index) for index in _my_micro_batches(parallel_state)]
+    train_step(model, optimizer, batches, parallel_state)
+    pending = {"buckets": len(optimizer.grad_buffer.buckets), "after_step": len(optimizer.sharded._pending)}
+
+    def after_embedding(*_) -> None:  # the embedding is the first module of the forward
+        pending.setdefault("after_embedding", len(optimizer.sharded._pending))
+
+    model.embedding.register_forward_hook(after_embedding)
+    with torch.no_grad():
+        model(batches[0]["tokens"])
+    pending["after_forward"] = len(optimizer.sharded._pending)
+    return pending
+
+
+# The gradient/parameter synchronisation of one step, counted and planned, on small buckets (several per
+# layer: a bucket's tensor-parallel slice is then larger than one DP rank's chunk of it).
+BYTE_BUCKET = 4000
+SYNC_KINDS = ("dp", "tp", "embedding")
+_TINY_FLAGS = [
+    *("--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"),
+    *("--attention-head-type", "multiquery", "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ)),
+    *("--vocab-size", str(VOCAB), "--micro-batch-size", "1", "--train-iters", "1", "--lr", "0.001"),
+    *("--ddp-bucket-size", str(BYTE_BUCKET)),
+]
+
+
+def _byte_layouts(world: int) -> dict[str, list[str]]:
+    """name -> command-line flags of the layouts whose bytes per step are counted at this world size."""
+    distopt, tp2, pp2 = ["--use-distributed-optimizer"], ["--tensor-model-parallel-size", "2"], [
+        "--pipeline-model-parallel-size", "2"]  # fmt: skip
+    layouts = {
+        2: {"dp2": [], "dp2-distopt": distopt},
+        4: {
+            "dp4": [],
+            "dp4-distopt": distopt,
+            "dp4-distopt-bf16": [*distopt, "--bf16"],
+            "tp2xdp2-sp-distopt": [*tp2, "--sequence-parallel", *distopt],
+            "pp2xdp2": pp2,
+            "pp2xdp2-distopt": [*pp2, *distopt],
+        },
+    }
+    return {name: [*_TINY_FLAGS, *flags] for name, flags in layouts[world].items()}
+
+
+_STATES: dict[tuple, ParallelState] = {}
+
+
+def _state(tp: int, pp: int, sequence_parallel: bool = False) -> ParallelState:
+    """One ParallelState per layout in this rank (each creates process groups)."""
+    key = (tp, pp, sequence_parallel)
+    if key not in _STATES:
+        _STATES[key] = ParallelState.initialize(tp, pp, sequence_parallel=sequence_parallel, backend="gloo")
+    return _STATES[key]
+
+
+def _sync_bytes_of_one_step(argv: list[str]) -> dict:
+    """Bytes this rank sends in one `optimizer.step()` (where the gradients are reduced and the
+    parameters gathered) per (group kind, collective), and the formula's value for its bucket layout."""
+    from megatron.model import build_model
+    from megatron.parallel.data_parallel import sync_wire_bytes
+
+    world = int(os.environ["WORLD_SIZE"])  # the harness's; the process group may not exist yet
+    cfg = load_config(argv, world_size=world, check_paths=False)
+    par = cfg.parallel
+    state = _state(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.sequence_parallel)
+    dtype = torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
+    model = build_model(cfg.model, cfg.model.vocab_size, state, par)
+    model.init_weights(SEED)
+    model.to(dtype)
+    optimizer = build_optimizer(model, _optimizer_config(), parallel_state=state, parallel_config=par)
+    optimizer.zero_grad()
+    COMM_BYTES.reset()
+    optimizer.step()
+    plans = [bucket.plan for bucket in optimizer.grad_buffer.buckets]
+    return {
+        "counted": {key: value for key, value in COMM_BYTES.by_op().items() if key[0] in SYNC_KINDS},
+        "calls": {key: value for key, value in COMM_BYTES.calls.items() if key[0] in SYNC_KINDS},
+        "expected": sync_wire_bytes(
+            plans,
+            data_parallel_size=state.data_parallel_size,
+            data_parallel_rank=state.data_parallel_rank,
+            tensor_parallel_size=state.tensor_model_parallel_size,
+            embedding_group_size=state.embedding_group.size,
+            distributed_optimizer=par.use_distributed_optimizer,
+            param_element_size=torch.finfo(dtype).bits // 8,
+        ),
+        "num_buckets": len(plans),
+        "grad_bytes": optimizer.grad_buffer.data.numel() * 4,
+        "param_bytes": optimizer.grad_buffer.data.numel() * (torch.finfo(dtype).bits // 8),
+        "dp_rank": state.data_parallel_rank,
+        "stage": state.pipeline_model_parallel_rank,
+    }
+
+
+def _tp_replicas_when_dp_sums_round_differently(distributed: bool) -> dict:
+    """TP 2 x DP 2 with sequence parallelism (LayerNorms and row biases are TP-partial too): on TP rank 1
+    every DP sum of a `tp_grad_reduce` gradient is moved by one ulp before the TP sum, as a DP
+    communicator summing in another order could round it. The TP replicas must stay bit-identical:
+    summed over TP last, every replica receives the TP all-reduce's one result."""
+    from megatron.parallel.debug import ReplicaMismatchError, check_replicas
+
+    state = _state(2, 1, True)
+    model = _model(state)
+    config = _parallel_config(distributed, False, SMALL_BUCKET)
+    optimizer = build_optimizer(model, _optimizer_config(), parallel_state=state, parallel_config=config)
+    buffer, moved = optimizer.grad_buffer, []
+    finish = buffer._finish_reduction
+
+    def rounded_differently(bucket) -> None:
+        collectives.wait(bucket.handle)
+        bucket.handle = None
+        lo, hi = bucket.plan.tp_reduce_range(*buffer.valid_range(bucket))
+        part = buffer.data[lo:hi] if lo < hi else buffer.data[:0]
+        part.copy_(torch.nextafter(part, torch.full_like(part, math.inf)))
+        moved.append(part.numel())
+        finish(bucket)
+
+    if state.tensor_model_parallel_rank == 1:
+        buffer._finish_reduction = rounded_differently
+    for iteration in range(3):
+        batches = [_micro_batch(iteration, index) for index in _my_micro_batches(state)]
+        assert train_step(model, optimizer, batches, state).update_successful
+    try:
+        compared = check_replicas(model, state)
+    except ReplicaMismatchError as error:
+        compared = str(error)
+    return {"compared": compared, "moved": sum(moved)}
+
+
+def _four_rank_runs() -> dict:
+    """Everything the 4-rank spawn checks (see the module docstring); runs on each rank."""
+    results = {"bytes": {name: _sync_bytes_of_one_step(argv) for name, argv in _byte_layouts(4).items()}}
+    results["replicas"] = {
+        distributed: _tp_replicas_when_dp_sums_round_differently(distributed) for distributed in (False, True)
+    }
+    return results
 
 
 class _ToyTensorParallel(torch.nn.Module):
@@ -182,8 +371,14 @@ def _all_runs() -> dict:
     """Everything the 2-rank spawn checks (see the module docstring); runs on each rank."""
     data_parallel = ParallelState.initialize(1, 1, backend="gloo")  # DP 2
     results = {}
-    for name, (distributed, overlap, bucket_size) in DP_RUNS.items():
-        results[name] = _train(data_parallel, _parallel_config(distributed, overlap, bucket_size))
+    for name, options in DP_RUNS.items():
+        results[name] = _train(data_parallel, _parallel_config(*options))
+    with _gathers_deferred_and_poisoned():
+        results["distributed_overlap_param_deferred"] = _train(
+            data_parallel, _parallel_config(*DP_RUNS["distributed_overlap_param"])
+        )
+    results["param_gather"] = _param_gather_waits(data_parallel)
+    results["bytes"] = {name: _sync_bytes_of_one_step(argv) for name, argv in _byte_layouts(2).items()}
     for name, (dtype, loss_scale, distributed, overlap) in HALF_RUNS.items():
         config = _parallel_config(distributed, overlap, SMALL_BUCKET)
         results[name] = _train(data_parallel, config, iters=HALF_ITERS, dtype=dtype, loss_scale=loss_scale)
@@ -202,6 +397,11 @@ def _all_runs() -> dict:
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
     return run_distributed(_all_runs, 2, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def four_ranks() -> list[dict]:
+    return run_distributed(_four_rank_runs, 4, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +453,13 @@ def test_data_parallel_matches_one_process(ranks, single, name):
 
 
 @pytest.mark.parametrize(
-    ("plain", "overlapped"), [("buckets", "buckets_overlap"), ("distributed", "distributed_overlap")]
+    ("plain", "overlapped"),
+    [
+        ("buckets", "buckets_overlap"),
+        ("distributed", "distributed_overlap"),
+        ("distributed", "distributed_overlap_param"),
+        ("distributed", "distributed_overlap_param_deferred"),
+    ],
 )
 def test_overlapped_reduction_is_bit_identical(ranks, plain, overlapped):
     for rank in ranks:
@@ -332,3 +538,81 @@ def test_single_process_buffer_grads_equal_autograd_bit_for_bit():
 def test_bad_bucket_size_is_rejected():
     with pytest.raises(ValueError, match="--ddp-bucket-size must be a positive"):
         _build(ParallelState.single("cpu"), _parallel_config(False, False, -5))
+
+
+def test_overlapped_param_gather_waits_module_by_module_in_the_next_forward(ranks):
+    for rank in ranks:
+        pending = rank["param_gather"]
+        assert pending["after_step"] == pending["buckets"] >= 4  # step returns with every gather running
+        assert 0 < pending["after_embedding"] < pending["buckets"]  # the first module waited for its own
+        assert pending["after_forward"] == 0
+
+
+def test_overlap_param_gather_needs_the_distributed_optimizer():
+    with pytest.raises(ValueError, match="--overlap-param-gather needs --use-distributed-optimizer"):
+        _build(ParallelState.single("cpu"), _parallel_config(False, False, None, True))
+    with pytest.raises(ValueError, match="--overlap-param-gather needs --use-distributed-optimizer"):
+        load_config([*_TINY_FLAGS, "--overlap-param-gather"], world_size=2, check_paths=False)
+
+
+def test_distributed_optimizer_parameters_live_in_the_gathered_buffer():
+    model, optimizer = _build(ParallelState.single("cpu"), _parallel_config(True, False, SMALL_BUCKET))
+    for bucket in optimizer.grad_buffer.buckets:
+        base, size = (
+            bucket.param_data.data_ptr(),
+            bucket.param_data.numel() * bucket.param_data.element_size(),
+        )
+        for param in bucket.params:
+            assert base <= param.data_ptr() < base + size
+    for fragment in optimizer.sharded.fragments:  # fp32: the masters are the own chunk itself, no copy
+        start = fragment.param_start
+        assert fragment.main.data_ptr() == fragment.param.view(-1)[start:].data_ptr()
+        assert fragment.main.grad.data_ptr() == fragment.param.main_grad.view(-1)[start:].data_ptr()
+
+
+def _assert_sync_bytes(per_rank: list[dict], world: int) -> None:
+    """Counted bytes == the formula for the rank's bucket layout (every rank) == the --dry-run table (DP
+    rank 0, which the planner reports), and the DP part is the reduce-scatter + all-gather (half the
+    gradient bytes of an all-reduce) or the all-reduce, per the ring model."""
+    from megatron.planner import plan
+
+    for name, argv in _byte_layouts(world).items():
+        cfg = load_config(argv, world_size=world, check_paths=False)
+        planned, dp = plan(cfg)["stages"], cfg.data_parallel_size
+        for rank in per_rank:
+            run = rank["bytes"][name]
+            counted, calls = run["counted"], run["calls"]
+            assert counted == run["expected"], name
+            if run["dp_rank"] == 0:
+                assert counted == planned[run["stage"]].sync_bytes, name
+            dp_bytes = sum(value for (kind, _), value in counted.items() if kind == "dp")
+            if cfg.parallel.use_distributed_optimizer:
+                assert calls[("dp", "reduce_scatter")] == calls[("dp", "all_gather")] == run["num_buckets"]
+                assert 2 * counted[("dp", "reduce_scatter")] == wire_bytes(
+                    "all_reduce", run["grad_bytes"], dp
+                )
+                assert dp_bytes == wire_bytes("reduce_scatter", run["grad_bytes"], dp) + wire_bytes(
+                    "all_gather", run["param_bytes"], dp
+                )
+            else:
+                assert dp_bytes == wire_bytes("all_reduce", run["grad_bytes"], dp), name
+    by_name = {name: [rank["bytes"][name] for rank in per_rank] for name in _byte_layouts(world)}
+    if world == 4:  # the TP and embedding sums really ran (and were counted) in these layouts
+        assert any(run["counted"].get(("tp", "all_reduce")) for run in by_name["tp2xdp2-sp-distopt"])
+        assert all(run["counted"].get(("embedding", "all_reduce")) for run in by_name["pp2xdp2-distopt"])
+
+
+def test_sync_bytes_per_step_equal_the_plan_at_dp2(ranks):
+    _assert_sync_bytes(ranks, 2)
+
+
+def test_sync_bytes_per_step_equal_the_plan_at_dp4_tp2_pp2(four_ranks):
+    _assert_sync_bytes(four_ranks, 4)
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["all_reduce", "distributed_optimizer"])
+def test_tp_replicas_stay_identical_when_dp_sums_round_differently(four_ranks, distributed):
+    runs = [rank["replicas"][distributed] for rank in four_ranks]
+    assert all(run["compared"] == runs[0]["compared"] for run in runs)
+    assert isinstance(runs[0]["compared"], int) and runs[0]["compared"] > 0, runs[0]["compared"]
+    assert sum(run["moved"] for run in runs) > 0  # TP rank 1 really rounded its DP sums differently
