@@ -52,9 +52,10 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch.autograd.variable import Variable
 
 from megatron.parallel import error_store
-from megatron.parallel.collectives import COMM_TIMER
+from megatron.parallel.collectives import COMM_TIMER, count_send
 from megatron.parallel.error_store import PipelineError
 from megatron.parallel.state import ParallelState
 
@@ -72,9 +73,11 @@ Trace = list[tuple[str, int, int]]
 LossFunction = Callable[[torch.Tensor, dict], torch.Tensor]
 __all__ = [
     "PipelineError",
+    "backward_from_output",
     "backward_step",
     "check_model",
     "format_trace",
+    "free_output_data",
     "in_flight_limit",
     "record",
     "run_schedule",
@@ -116,9 +119,36 @@ def backward_step(
     """Backward of `output` (`grad`: its gradient, None for a scalar loss) through the optimizer (loss
     scaling, gradient reductions started on the last micro-batch) or plain autograd (optimizer None)."""
     if optimizer is None:
-        torch.autograd.backward(output, grad_tensors=grad)
+        if grad is None:
+            torch.autograd.backward(output)
+        else:
+            backward_from_output(output, grad)
     else:
         optimizer.backward(output, grad=grad, last_micro_batch=last_micro_batch)
+
+
+def free_output_data(output: torch.Tensor) -> None:
+    """Drop the data of a stage output that has been sent, keeping its autograd graph: `.data` becomes a
+    one-element tensor, `grad_fn` stays, and `backward_from_output` runs its backward later. Only the
+    output itself is freed (what the graph saved for the backward stays), so a view, whose storage belongs
+    to another tensor, and a leaf (a chunk without layers passing its input on) are left alone."""
+    if output.grad_fn is not None and output._base is None:
+        output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
+
+
+def backward_from_output(output: torch.Tensor, grad: torch.Tensor) -> None:
+    """Backpropagate `grad` through `output`'s graph (accumulating into the leaves' .grad), like
+    `torch.autograd.backward`, but without comparing `grad`'s shape with `output`'s: the output's data may
+    have been freed by `free_output_data` (Megatron's custom_backward)."""
+    Variable._execution_engine.run_backward(
+        tensors=(output,),
+        grad_tensors=(grad,),
+        keep_graph=False,
+        create_graph=False,
+        inputs=(),
+        allow_unreachable=True,
+        accumulate_grad=True,
+    )
 
 
 def check_model(model, parallel_state: ParallelState, micro_batches: list[dict]) -> None:
@@ -192,6 +222,7 @@ class _StageRunner:
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=total_tokens.device)
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.backwards_left = [len(micro_batches)] * model.num_chunks
+        self.unsent: torch.Tensor | None = None  # the last forward's output until `output_sent`
 
     def forward(self, chunk: int, micro_batch: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
         """Run `chunk` on a micro-batch (`hidden`: what the previous virtual stage sent, None for the
@@ -216,7 +247,15 @@ class _StageRunner:
             output = micro_sum / self.total_tokens
         if not self.forward_only:
             self.saved[(chunk, micro_batch)] = (hidden, output)
+            self.unsent = None if last else output
         return None if last else output.detach()
+
+    def output_sent(self) -> None:
+        """The last forward's output reached the next stage (its send completed): free its data until its
+        backward, which needs only its graph (`free_output_data`)."""
+        if self.unsent is not None:
+            free_output_data(self.unsent)
+            self.unsent = None
 
     def backward(self, chunk: int, micro_batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward of a micro-batch's forward through `chunk` (`grad`: the gradient of its output from
@@ -310,11 +349,13 @@ class PipelineP2P:
         return dist.P2POp(function, tensor, peer, self.group.pg, tag)
 
     def _checked(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """`tensor` ready to send (contiguous), its bytes counted in `COMM_BYTES` under the pp group."""
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
             raise ValueError(
                 f"rank {self.rank}: pipeline {what} of shape {tuple(tensor.shape)} and dtype {tensor.dtype}, "
                 f"but the stages exchange {self.shape} {self.dtype} (model.pipeline_hidden_shape, model dtype)"
             )
+        count_send(self.group, tensor)
         return tensor.contiguous()
 
     def _run(self, ops: list) -> None:
@@ -340,10 +381,12 @@ def _run_1f1b(stage: _StageRunner, p2p: PipelineP2P, num_micro_batches: int, for
     warmup = min(p2p.group.size - p2p.group.rank - 1, m)
     for micro_batch in range(warmup):
         p2p.send_forward(stage.forward(0, micro_batch, p2p.recv_forward()))
+        stage.output_sent()
     steady = m - warmup
     hidden = p2p.recv_forward() if steady else None
     for i in range(steady):
         output_grad = p2p.send_forward_recv_backward(stage.forward(0, warmup + i, hidden))
+        stage.output_sent()
         input_grad = stage.backward(0, i, output_grad)
         if i == steady - 1:
             p2p.send_backward(input_grad)
@@ -421,6 +464,7 @@ class _Interleaved:
             recv_next = k == self.warmup - 1 and not self.forward_only and not self.all_warmup
             recv_next = recv_next and not self.p2p.is_last
             hidden, grad = self.p2p.communicate(send_next=output, recv_prev=recv_prev, recv_next=recv_next)
+            self.stage.output_sent()
             if recv_prev:
                 self.inputs[next_chunk].append(hidden)
             if recv_next:
@@ -447,6 +491,7 @@ class _Interleaved:
             hidden, grad = p2p.communicate(
                 send_next=output, send_prev=input_grad, recv_prev=recv_prev, recv_next=recv_next
             )
+            self.stage.output_sent()
             if recv_prev:
                 self.inputs[next_forward_chunk].append(hidden)
             if recv_next:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron.parallel.data_parallel import GradBuffer, ShardedMainParams, copy_sharding_attributes
+from megatron.parallel.pipeline import backward_from_output
 from megatron.parallel.state import ParallelState
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,6 +48,16 @@ class StepResult:
     found_inf: bool
 
 
+@dataclass
+class PendingStep:
+    """An optimizer step up to its host read (`MixedPrecisionOptimizer.prepare_step`). `stats`: fp32 on
+    the device, summed over the ranks holding distinct gradients: [squared gradient norm] plus, under
+    fp16, [number of ranks whose unscaled gradients hold an inf/nan]."""
+
+    grads: list[torch.Tensor]
+    stats: torch.Tensor
+
+
 def clip_grad_norm(
     params: list[torch.nn.Parameter],
     grads: list[torch.Tensor],
@@ -56,7 +67,7 @@ def clip_grad_norm(
     sharded_over_data_parallel: bool = False,
 ) -> float:
     """Clip `grads` in place to global L2 norm `max_norm` (no clipping when `max_norm <= 0`) and return
-    the norm before clipping, computed in fp32.
+    the norm before clipping, computed in fp32 (its square root in fp64).
 
     `params[i]` owns `grads[i]` and is only read for its sharding attributes: a parameter replicated
     across tensor-parallel ranks (`tensor_model_parallel` False) counts on TP rank 0 only, and the last
@@ -64,22 +75,38 @@ def clip_grad_norm(
     counts it), so that the sum over model-parallel ranks counts each weight once.
     `sharded_over_data_parallel`: each DP rank holds a disjoint piece of the gradients (distributed
     optimizer), so the squares are summed over every rank. Every rank must call this (it communicates),
-    with or without gradients.
+    with or without gradients. One host read; the optimizer's step folds the same read into the
+    iteration's single one (`prepare_step` / `finish_step`).
     """
+    local = local_grad_norm_squared(params, grads, parallel_state)
+    total_sq = _sum_over_gradient_holders(local, parallel_state, sharded_over_data_parallel)
+    total_norm = math.sqrt(total_sq.item())
+    clip_grads_(grads, max_norm, total_norm)
+    return total_norm
+
+
+def local_grad_norm_squared(
+    params: list[torch.nn.Parameter], grads: list[torch.Tensor], parallel_state: ParallelState
+) -> torch.Tensor:
+    """This rank's share of the squared global gradient norm: an fp32 scalar on the device, no host read
+    (which gradients count: `clip_grad_norm`)."""
     counted = [
         grad for param, grad in zip(params, grads, strict=True) if _counted_in_norm(param, parallel_state)
     ]
     device = grads[0].device if grads else parallel_state.device
-    total_sq = torch.zeros((), dtype=torch.float32, device=device)
-    if counted:
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in counted])
-        total_sq = norms.square().sum()
-    total_norm = math.sqrt(_sum_over_gradient_holders(total_sq, parallel_state, sharded_over_data_parallel))
+    if not counted:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in counted])
+    return norms.square().sum()
+
+
+def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: float) -> None:
+    """Scale `grads` in place by max_norm / (total_norm + 1e-6) when that is below 1 (Megatron's rule);
+    nothing when `max_norm <= 0` or the norm is not finite (that step is skipped anyway)."""
     if max_norm > 0 and math.isfinite(total_norm):
         clip_coeff = max_norm / (total_norm + 1.0e-6)
         if clip_coeff < 1.0:
             torch._foreach_mul_(grads, clip_coeff)
-    return total_norm
 
 
 def _counted_in_norm(param: torch.nn.Parameter, parallel_state: ParallelState) -> bool:
@@ -88,12 +115,15 @@ def _counted_in_norm(param: torch.nn.Parameter, parallel_state: ParallelState) -
     return getattr(param, "tensor_model_parallel", False) or parallel_state.tensor_model_parallel_rank == 0
 
 
-def _sum_over_gradient_holders(value: torch.Tensor, parallel_state: ParallelState, sharded: bool) -> float:
-    """Sum a per-rank scalar over the ranks holding distinct gradients: the model-parallel ranks of this
-    replica, or every rank when the gradients are sharded over data-parallel ranks too."""
+def _sum_over_gradient_holders(
+    value: torch.Tensor, parallel_state: ParallelState, sharded: bool
+) -> torch.Tensor:
+    """Sum a per-rank tensor (in place, on the device) over the ranks holding distinct gradients: the
+    model-parallel ranks of this replica, or every rank when the gradients are sharded over data-parallel
+    ranks too."""
     if sharded:
-        return parallel_state.all_reduce_world(value).item()
-    return parallel_state.all_reduce_model_parallel(value).item()
+        return parallel_state.all_reduce_world(value)
+    return parallel_state.all_reduce_model_parallel(value)
 
 
 def _param_groups(params: list[torch.nn.Parameter], weight_decay: float, *, keep_empty: bool) -> list[dict]:
@@ -199,7 +229,7 @@ class MixedPrecisionOptimizer:
         `last_micro_batch=True` (a pipeline passes it for the last backward of each model chunk)."""
         self.grad_buffer.start_backward(last_micro_batch=last_micro_batch)
         if grad is not None:
-            torch.autograd.backward(output, grad_tensors=grad)
+            backward_from_output(output, grad)  # the output's data may be freed after its send
             return
         if self.grad_scaler is not None:
             output = output * self.grad_scaler.scale
@@ -211,39 +241,55 @@ class MixedPrecisionOptimizer:
             return self.main_params, [main.grad for main in self.main_params]
         return self.model_params, [p.main_grad for p in self.model_params]
 
-    def _unscale_and_check(self, grads: list[torch.Tensor]) -> bool:
-        """Divide the fp32 gradients by the loss scale; True when any of them (on any rank) is inf/nan."""
-        nonfinite = torch.zeros((), dtype=torch.float32, device=self.grad_buffer.data.device)
-        if grads:
-            torch._foreach_mul_(grads, 1.0 / self.grad_scaler.scale)
-            nonfinite = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float()
-        return _sum_over_gradient_holders(nonfinite, self.parallel_state, self.sharded is not None) > 0
+    def _unscale(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Divide the fp32 gradients by the loss scale; returns 1.0 (fp32 scalar on the device) when any
+        of this rank's is inf/nan, else 0.0."""
+        if not grads:
+            return torch.zeros((), dtype=torch.float32, device=self.grad_buffer.data.device)
+        torch._foreach_mul_(grads, 1.0 / self.grad_scaler.scale)
+        return torch.stack([~torch.isfinite(g).all() for g in grads]).any().float()
 
-    def step(self) -> StepResult:
-        """Finish the gradient reduction, unscale (fp16), clip, and apply AdamW unless the gradients
-        overflowed or are non-finite; then refresh the model (all-gather under the distributed optimizer)."""
+    def prepare_step(self) -> PendingStep:
+        """The device half of `step`, with no host read: finish the gradient reduction, unscale (fp16),
+        and sum the squared gradient norm (and, fp16, the overflow flags) over the ranks holding distinct
+        gradients in one all-reduce. The caller reads `PendingStep.stats` together with whatever else it
+        needs on the host (the training step: its loss and the stop flag) and passes the values to
+        `finish_step`."""
         self.grad_buffer.finish_grad_sync()
         params, grads = self._grads()
+        overflow = self._unscale(grads) if self.grad_scaler is not None else None
+        stats = [local_grad_norm_squared(params, grads, self.parallel_state)]  # of the unscaled gradients
+        if overflow is not None:
+            stats.append(overflow)
+        sharded = self.sharded is not None
+        reduced = _sum_over_gradient_holders(torch.stack(stats), self.parallel_state, sharded)
+        return PendingStep(grads=grads, stats=reduced)
+
+    def finish_step(self, pending: PendingStep, stats: list[float]) -> StepResult:
+        """The host half of `step` (`stats`: `pending.stats` read on the host): adapt the loss scale and
+        skip an overflowing step (fp16), skip a non-finite gradient norm, else clip and apply AdamW, then
+        refresh the model (all-gather under the distributed optimizer)."""
         if self.grad_scaler is not None:
-            found_inf = self._unscale_and_check(grads)
+            found_inf = stats[1] > 0
             self.grad_scaler.update(found_inf)
             if found_inf:
                 return StepResult(update_successful=False, grad_norm=None, found_inf=True)
-        grad_norm = clip_grad_norm(
-            params,
-            grads,
-            self.clip_grad,
-            self.parallel_state,
-            sharded_over_data_parallel=self.sharded is not None,
-        )
+        grad_norm = math.sqrt(stats[0])
         if not math.isfinite(grad_norm):
             return StepResult(update_successful=False, grad_norm=grad_norm, found_inf=False)
+        clip_grads_(pending.grads, self.clip_grad, grad_norm)
         self.optimizer.step()
         if self.sharded is not None:
             self.sharded.copy_to_model()
         elif self.mixed:
             self._copy_main_to_model()
         return StepResult(update_successful=True, grad_norm=grad_norm, found_inf=False)
+
+    def step(self) -> StepResult:
+        """Finish the gradient reduction, unscale (fp16), clip, and apply AdamW unless the gradients
+        overflowed or are non-finite; one host read (`prepare_step` then `finish_step`)."""
+        pending = self.prepare_step()
+        return self.finish_step(pending, pending.stats.tolist())
 
     @torch.no_grad()
     def _copy_main_to_model(self) -> None:

@@ -18,13 +18,14 @@ this rank's stage, the loss is computed on the last stage and its sum reaches ev
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from megatron.parallel import pipeline
-from megatron.parallel.collectives import all_reduce
+from megatron.parallel.collectives import all_reduce, all_reduce_async, wait
 from megatron.parallel.state import ParallelState
 from megatron.training.optimizer import MixedPrecisionOptimizer
 
@@ -40,6 +41,7 @@ class StepOutput:
     update_successful: bool
     overflow: bool = False
     nonfinite: str | None = None
+    stop_requested: bool = False  # some rank asked to stop (SIGTERM): save and exit after this step
 
 
 def next_micro_batches(data_iterator, num_micro_batches: int, device: torch.device) -> list[dict]:
@@ -141,21 +143,36 @@ def train_step(
     parallel_state: ParallelState,
     *,
     trace: list | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> StepOutput:
     """Zero grads, accumulate over `micro_batches`, and step unless the loss or gradients are bad.
 
     A non-finite loss skips the optimizer (the caller stops or counts, per --skip-nonfinite); a
     non-finite gradient norm likewise. Under fp16 an inf/nan gradient is a loss-scale overflow: the step
     is skipped and the scale adapted, which is normal. `trace`: see `forward_backward`.
+
+    One host sync: everything the host needs to decide and report (the loss, the loss tokens, the
+    gradient norm, the fp16 overflow flag and the stop flag) comes back in one device-to-host read
+    (`read_on_host`) after the backward; nothing else waits for the device.
+    `stop_requested`: polled once after the backward for this rank's stop request (SIGTERM);
+    `StepOutput.stop_requested` is whether any rank of the job asked (a sum over the world, started
+    asynchronously, riding on the same read).
     """
     model.train()
     optimizer.zero_grad()
     loss_sum, total_tokens = forward_backward(model, optimizer, micro_batches, parallel_state, trace=trace)
-    lm_loss = (loss_sum / total_tokens).item()
-    num_tokens = int(total_tokens.item())
+    requested = bool(stop_requested()) if stop_requested is not None else False
+    stop_flag = torch.full((1,), float(requested), dtype=torch.float32, device=total_tokens.device)
+    stop_handle = all_reduce_async(stop_flag, parallel_state.world_group)
+    pending = optimizer.prepare_step()
+    wait(stop_handle)
+    lm_loss, tokens, stop_count, *stats = read_on_host(
+        loss_sum / total_tokens, total_tokens, stop_flag, pending.stats
+    )
+    num_tokens, stop = int(tokens), stop_count > 0
     if not math.isfinite(lm_loss):
-        return StepOutput(lm_loss, num_tokens, None, update_successful=False, nonfinite="loss")
-    result = optimizer.step()
+        return StepOutput(lm_loss, num_tokens, None, False, nonfinite="loss", stop_requested=stop)
+    result = optimizer.finish_step(pending, stats)
     nonfinite = None
     if not result.update_successful and not result.found_inf:
         nonfinite = "grad norm"
@@ -166,4 +183,11 @@ def train_step(
         update_successful=result.update_successful,
         overflow=result.found_inf,
         nonfinite=nonfinite,
+        stop_requested=stop,
     )
+
+
+def read_on_host(*tensors: torch.Tensor) -> list[float]:
+    """The values of fp32 device tensors (flattened, in order) as Python floats, in one device-to-host
+    copy: the training step's single host sync."""
+    return torch.cat([tensor.reshape(-1) for tensor in tensors]).tolist()

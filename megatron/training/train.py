@@ -280,7 +280,14 @@ def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
     lr = run.optimizer.param_groups[0]["lr"]
     batches = next_micro_batches(data_iterator, run.num_micro_batches, run.parallel_state.device)
     trace = [] if run.cfg.logging.log_pipeline_schedule and not run.schedule_logged else None
-    output = train_step(run.model, run.optimizer, batches, run.parallel_state, trace=trace)
+    output = train_step(
+        run.model,
+        run.optimizer,
+        batches,
+        run.parallel_state,
+        trace=trace,
+        stop_requested=lambda: run.stop_requested,
+    )
     if trace is not None:
         _print_schedule(run.parallel_state, trace)
         run.schedule_logged = True
@@ -367,9 +374,9 @@ def train(run: Run) -> TrainSummary:
     stats, exited = IntervalStats(), False
     with _sigterm_requests_stop(run):
         while run.state.iteration < run.train_iters and not exited:
-            _one_iteration(run, data_iterator, stats)
+            output = _one_iteration(run, data_iterator, stats)
             exited = _periodic(run, stats)
-            if not exited and _stop_requested(run):
+            if not exited and _stop_requested(run, output):
                 exited = "signal"
         if stats.iterations:  # the last, partial log interval
             _log_interval(run, stats)
@@ -398,13 +405,14 @@ class _sigterm_requests_stop:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _stop_requested(run: Run) -> bool:
-    """True when any rank got SIGTERM (agreed over all ranks, so every rank saves and stops together)."""
-    state = run.parallel_state
-    if state.world_size == 1:
+def _stop_requested(run: Run, output: StepOutput) -> bool:
+    """True when any rank got SIGTERM. With several ranks, the flags polled after the iteration's backward
+    were summed over all ranks inside the step and read with its one host sync, so every rank sees the
+    same answer and they save and stop together (a signal arriving later is acted on one iteration later);
+    one process reads its own flag now."""
+    if run.parallel_state.world_size == 1:
         return run.stop_requested
-    flag = torch.tensor([float(run.stop_requested)], device=state.device)
-    return all_reduce(flag, state.world_group, op="max").item() > 0
+    return output.stop_requested
 
 
 def _log_start(run: Run) -> None:

@@ -18,9 +18,11 @@ the full GPTModel parity matrix is tests/distributed/test_parity.py.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import zlib
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -30,6 +32,7 @@ from torch import nn
 from megatron.config import OptimizerConfig, ParallelConfig
 from megatron.model import build_model
 from megatron.parallel import pipeline
+from megatron.parallel.collectives import COMM_BYTES
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import DistributedTestError, run_distributed
 from megatron.training.grad_scaler import ConstantGradScaler
@@ -42,6 +45,7 @@ from tests.distributed.schedule_orders import (
     parse_order,
 )
 from tests.helpers import tiny_model_config
+from tests.host_syncs import count_host_syncs
 
 HIDDEN = 8
 VOCAB = 16
@@ -166,16 +170,44 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@contextmanager
+def _watch_sent_outputs():
+    """Yields a list that gets, at every backward of the schedule on this rank, (outputs sent on and
+    waiting for their backward, bytes of data those output tensors still hold)."""
+    seen, original = [], pipeline._StageRunner.backward
+
+    def backward(runner, chunk, micro_batch, grad):
+        sent = [out for _, out in runner.saved.values() if out.dim() > 0 and out is not runner.unsent]
+        seen.append((len(sent), sum(out.untyped_storage().nbytes() for out in sent)))
+        return original(runner, chunk, micro_batch, grad)
+
+    pipeline._StageRunner.backward = backward
+    try:
+        yield seen
+    finally:
+        pipeline._StageRunner.backward = original
+
+
 def _schedule_run(state, num_chunks: int, num_micro_batches: int, *, forward_only: bool) -> dict:
-    """One forward_backward of the toy model on this rank, plain autograd; trace, loss, gradients."""
+    """One forward_backward of the toy model on this rank, plain autograd; trace, loss, gradients, the
+    outputs held while waiting for their backward and the pipeline bytes sent."""
     model = ToyPipelineModel(
         state.pipeline_model_parallel_size, state.pipeline_model_parallel_rank, num_chunks
     )
     trace: pipeline.Trace = []
-    loss_sum, tokens = forward_backward(
-        model, None, toy_batches(num_micro_batches), state, forward_only=forward_only, trace=trace
-    )
-    return {"trace": trace, "loss_sum": loss_sum.item(), "tokens": tokens.item(), "grads": _grads(model)}
+    COMM_BYTES.reset()
+    with _watch_sent_outputs() as held:
+        loss_sum, tokens = forward_backward(
+            model, None, toy_batches(num_micro_batches), state, forward_only=forward_only, trace=trace
+        )
+    return {
+        "trace": trace,
+        "loss_sum": loss_sum.item(),
+        "tokens": tokens.item(),
+        "grads": _grads(model),
+        "held": held,
+        "pp_bytes": (COMM_BYTES.bytes.get(("pp", "send"), 0), COMM_BYTES.calls.get(("pp", "send"), 0)),
+    }
 
 
 def _optimizer_config() -> OptimizerConfig:
@@ -198,15 +230,27 @@ def _train_toy(
         model, _optimizer_config(), grad_scaler=scaler, parallel_state=state, parallel_config=parallel
     )
     dp, dp_rank = state.data_parallel_size, state.data_parallel_rank
-    losses, norms = [], []
+    losses, norms, steps = [], [], []
     for iteration in range(iterations):
         batches = toy_batches(micro_batches, iteration)[dp_rank::dp]
-        output = train_step(model, optimizer, batches, state)
+        output, syncs = _counted_step(state, iteration, train_step, model, optimizer, batches, state)
         assert output.update_successful, output
         losses.append(output.lm_loss)
         norms.append(output.grad_norm)
+        steps.append((syncs, output.stop_requested))
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    return {"losses": losses, "grad_norms": norms, "weights": weights}
+    return {"losses": losses, "grad_norms": norms, "weights": weights, "steps": steps}
+
+
+STOP_ITERATION = 1  # the last rank (only) asks to stop there: every rank's step must report it
+
+
+def _counted_step(state, iteration: int, train_step, *args):
+    """train_step(*args) with the last rank's SIGTERM flag raised at STOP_ITERATION; (output, host syncs)."""
+    asked = state.rank == state.world_size - 1 and iteration == STOP_ITERATION
+    with count_host_syncs() as syncs:
+        output = train_step(*args, stop_requested=lambda: asked)
+    return output, syncs.count
 
 
 GPT_VOCAB = 128
@@ -249,18 +293,22 @@ def _train_gpt(state, layers_per_virtual_stage: int | None = None) -> dict:
         lr=3e-3, weight_decay=0.1, clip_grad=1.0, adam_beta2=0.95, adam_eps=1e-6
     )
     optimizer = build_optimizer(model, optimizer_config, parallel_state=state, parallel_config=parallel)
-    losses, norms = [], []
-    for iteration in range(GPT_ITERATIONS):
-        output = train_step(model, optimizer, _gpt_batches(iteration), state)
-        assert output.update_successful, output
-        losses.append(output.lm_loss)
-        norms.append(output.grad_norm)
-    return {"losses": losses, "grad_norms": norms, "weights": full_state_dict(model, state)}
+    losses, norms, steps = [], [], []
+    with _watch_sent_outputs() as held:
+        for iteration in range(GPT_ITERATIONS):
+            batches = _gpt_batches(iteration)
+            output, syncs = _counted_step(state, iteration, train_step, model, optimizer, batches, state)
+            assert output.update_successful, output
+            losses.append(output.lm_loss)
+            norms.append(output.grad_norm)
+            steps.append((syncs, output.stop_requested))
+    weights = full_state_dict(model, state)
+    return {"losses": losses, "grad_norms": norms, "weights": weights, "steps": steps, "held": held}
 
 
 def _schedules_and_training(world: int) -> dict:
     """Everything one spawn of `world` ranks checks (module docstring); runs on every rank."""
-    state = ParallelState.initialize(1, world, backend="gloo")  # PP = world
+    state = ParallelState.initialize(1, world, backend="strict")  # PP = world; NCCL's rules checked
     results = {}
     for name, _, num_chunks, counts in SCHEDULES[world]:
         for m in counts:
@@ -275,7 +323,7 @@ def _schedules_and_training(world: int) -> dict:
     if world == 2:
         results["gpt"] = {virtual: _train_gpt(state, virtual) for virtual in (None, 1)}
     if world == 4:  # the same 4 ranks as PP 2 x DP 2, with and without overlapped reduction
-        hybrid = ParallelState.initialize(1, 2, backend="gloo")
+        hybrid = ParallelState.initialize(1, 2, backend="strict")
         results["pp2xdp2"] = {overlap: _train_toy(hybrid, 1, overlap=overlap) for overlap in (False, True)}
     return results
 
@@ -421,13 +469,58 @@ def test_gpt_model_pp2_training_equals_one_process(world2):
 
 
 # --------------------------------------------------------------------------- failures
+def _training_runs(ranks: list[dict]) -> list[dict]:
+    """Every train_step run of a spawn, on every rank."""
+    runs = []
+    for rank in ranks:
+        runs += list(rank["train"].values())
+        runs += list(rank.get("pp2xdp2", {}).values()) + list(rank.get("gpt", {}).values())
+    return runs
+
+
+def test_each_training_step_syncs_the_host_once_and_every_rank_sees_a_stop_request(spawn):
+    """train_step reads the host once per iteration on every rank (PP 2 and 4, 1F1B and interleaved,
+    loss scaling, PP 2 x DP 2 with overlapped reduction, the GPT model), the SIGTERM agreement over the
+    world included: the flag raised on the last rank alone comes back set on every rank."""
+    _, ranks = spawn
+    for run in _training_runs(ranks):
+        syncs, stops = zip(*run["steps"], strict=True)
+        assert list(syncs) == [1] * len(syncs)
+        assert list(stops) == [i == STOP_ITERATION for i in range(len(stops))]
+
+
+MESSAGE_BYTES = MICRO_BATCH * SEQ * HIDDEN * 4  # one fp32 hidden-state message of the toy model
+
+
+def test_sent_outputs_hold_no_data_until_their_backward_and_messages_are_counted(spawn):
+    """After its send, a stage output keeps only its graph (one element of data, against MESSAGE_BYTES)
+    until its backward; every message is counted in COMM_BYTES under the pp group."""
+    world, ranks = spawn
+    waiting = 0
+    for name, pp, num_chunks, counts in SCHEDULES[world]:
+        for m, forward_only, (rank, result) in itertools.product(counts, (False, True), enumerate(ranks)):
+            run = result[(name, m, forward_only)]
+            for count, nbytes in run["held"]:
+                assert nbytes <= count * 4, (name, m, rank, run["held"])
+                waiting += count
+            stages = [chunk * pp + rank for chunk in range(num_chunks)]
+            forwards = m * sum(stage != pp * num_chunks - 1 for stage in stages)
+            backwards = 0 if forward_only else m * sum(stage != 0 for stage in stages)
+            assert run["pp_bytes"] == (MESSAGE_BYTES * (forwards + backwards), forwards + backwards)
+    for run in _training_runs(ranks):
+        for count, nbytes in run.get("held", []):  # the GPT model's layers (fp32)
+            assert nbytes <= count * 4
+            waiting += count
+    assert waiting > 0
+
+
 def _fail_inside_the_schedule(
     num_chunks: int, failing_rank: int, fail: tuple[str, int], linger: float
 ) -> None:
     """Pipeline over every rank; `failing_rank` raises per `fail`, then stays alive `linger` seconds
     (its neighbours then learn of it only by their timeout, not by its exit)."""
     world = int(os.environ["WORLD_SIZE"])
-    state = ParallelState.initialize(1, world, backend="gloo", timeout_minutes=ERROR_TIMEOUT_MINUTES)
+    state = ParallelState.initialize(1, world, backend="strict", timeout_minutes=ERROR_TIMEOUT_MINUTES)
     pp, rank = state.pipeline_model_parallel_size, state.pipeline_model_parallel_rank
     model = ToyPipelineModel(pp, rank, num_chunks, fail=fail if rank == failing_rank else None)
     try:
