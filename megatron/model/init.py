@@ -16,14 +16,21 @@ The generator (`N`): element indices 2p and 2p + 1 share the pair p, hashed by S
 h = mix64(start + p * gamma) (wrapping 64-bit arithmetic; `start` and the odd `gamma` come from a BLAKE2b
 hash of "{seed}/{name}", so every tensor has its own stream). Box-Muller turns h into two independent
 standard normals: the top 32 bits give u = (bits + 1/2) / 2^32 in (0, 1) and the radius
-r = sqrt(-2 ln u); bits 31..30 pick the quadrant and bits 29..0 the angle within it, phi = pi/2 * f;
-element 2p is r cos(theta), element 2p + 1 is r sin(theta). The value is rounded once from float64 to
-float32 (then to the parameter's dtype).
+r = sqrt(-2 ln u); bits 29..0 give f = (bits + 1/2) / 2^30 and the angle phi = pi/2 * f in the first
+quadrant; element 2p is +-r cos(phi), element 2p + 1 is +-r sin(phi), negative where bit 30 (resp. 31)
+is set. (The sign bits reflect the point into a uniformly chosen quadrant, so its angle is uniform over
+the circle, as Box-Muller needs.) The value is rounded once from float64 to float32 (then to the
+parameter's dtype).
 
-Every step is integer arithmetic or a correctly rounded IEEE float64 operation (+, -, *, /, sqrt; ln, cos
-and sin are polynomials evaluated with those, each torch call one rounding), so the bits are the same on
-any CPU and on CUDA, and equal to the scalar Python definition `reference_normal` (the tests compare
-them). Tails: |N| <= sqrt(2 * 33 ln 2) = 6.77 (u >= 2^-33), a cut at probability 1.4e-11.
+Every step is integer arithmetic or a correctly rounded IEEE float64 +, -, * or / (ln, cos and sin are
+polynomials, sqrt a bit-level guess and Newton steps, built from those; torch.log or torch.sqrt may come
+from a CPU vector-math library that does not round correctly), each torch call one rounding, so the bits
+are the same on any CPU and on CUDA, and equal to the scalar Python definition `reference_normal` (the
+tests compare them). Tails: |N| <= sqrt(2 * 33 ln 2) = 6.77 (u >= 2^-33), a cut at probability 1.4e-11.
+
+Cost: about 95 elementwise torch calls per block of pairs, on the CPU about as many seconds per element
+as torch's sequential normal_ takes for four (so a TP 4 shard costs what the full-tensor draw did on one
+thread), but parallel over threads and runnable on the GPU (`bench/init.py`).
 """
 
 from __future__ import annotations
@@ -141,11 +148,7 @@ def reference_normal(stream: tuple[int, int], index: int, std: float = 1.0) -> f
     radius = _sqrt(ln_u * -2.0) * std
     f = _as_float((h << 22) & (((1 << 30) - 1) << 22) | _ONE | (1 << 21)) - 1.0  # (bits 29..0 + 1/2) / 2^30
     cos_phi, sin_phi = _horner(f * f, _COS_TERMS), _horner(f * f, _SIN_TERMS) * f
-    swap, quadrant_high = (h >> 30) & 1, (h >> 31) & 1
-    if index & 1 == 0:  # cos(theta): -sin(phi), -cos(phi), sin(phi) in quadrants 1, 2, 3
-        value, negative = (sin_phi if swap else cos_phi), swap ^ quadrant_high
-    else:  # sin(theta): cos(phi), -sin(phi), -cos(phi) in quadrants 1, 2, 3
-        value, negative = (cos_phi if swap else sin_phi), quadrant_high
+    value, negative = (cos_phi, (h >> 30) & 1) if index & 1 == 0 else (sin_phi, (h >> 31) & 1)
     return -(radius * value) if negative else radius * value
 
 
@@ -227,14 +230,9 @@ def _normal_pairs(h: torch.Tensor, stream: tuple[int, int], std: float, buffers:
     square, cos_phi, sin_phi = torch.mul(a, a, out=t.view(torch.float64)), d, c
     _horner_(cos_phi, square, _COS_TERMS)
     _horner_(sin_phi, square, _SIN_TERMS).mul_(a)
-    # quadrants 1 and 3 (bit 30) swap cos and sin: a bitwise select, x ^ ((x ^ y) & mask)
-    swap = torch.bitwise_left_shift(h, 33, out=a_bits).bitwise_right_shift_(63)  # all ones or zero
-    swap.bitwise_and_(torch.bitwise_xor(c_bits, d_bits, out=t))
-    d_bits.bitwise_xor_(swap)  # cos(theta) up to sign
-    c_bits.bitwise_xor_(swap)  # sin(theta) up to sign
-    high = torch.bitwise_left_shift(h, 32, out=t)  # quadrant bit 31 at the sign bit: sin(theta) < 0
-    c_bits.bitwise_xor_(torch.bitwise_and(high, _SIGN, out=a_bits))
-    d_bits.bitwise_xor_(high.bitwise_xor_(h.bitwise_left_shift_(33)).bitwise_and_(_SIGN))  # cos < 0
+    # the signs: bit 30 (31) of h moved to the sign bit of the cosine (sine)
+    d_bits.bitwise_xor_(torch.bitwise_left_shift(h, 33, out=a_bits).bitwise_and_(_SIGN))
+    c_bits.bitwise_xor_(h.bitwise_left_shift_(32).bitwise_and_(_SIGN))
     torch.mul(cos_phi, b, out=values[:, 0])
     torch.mul(sin_phi, b, out=values[:, 1])
     return values

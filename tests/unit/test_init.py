@@ -52,8 +52,10 @@ def test_scalar_definition_is_box_muller_within_rounding():
     for index in range(0, 4000, 3):
         h = init_module._mix64((start + (index >> 1) * gamma) % 2**64)
         u = ((h >> 32) + 0.5) / 2**32
-        theta = ((h >> 30) & 3) * math.pi / 2 + math.pi / 2 * ((h & (2**30 - 1)) + 0.5) / 2**30
-        trig = math.cos(theta) if index % 2 == 0 else math.sin(theta)
+        phi = math.pi / 2 * ((h & (2**30 - 1)) + 0.5) / 2**30  # first quadrant, reflected by sign bits
+        trig = (
+            math.cos(phi) * (-1) ** (h >> 30 & 1) if index % 2 == 0 else math.sin(phi) * (-1) ** (h >> 31 & 1)
+        )
         ideal = math.sqrt(-2.0 * math.log(u)) * trig
         assert reference_normal((start, gamma), index) == pytest.approx(ideal, rel=1e-9, abs=1e-9)
     for x in (2.3e-10, 1e-5, 0.3, 1.0, 2.0, 3.999, 45.7):
