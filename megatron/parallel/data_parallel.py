@@ -44,9 +44,10 @@ Distributed optimizer (`ShardedMainParams`)
   bucket, none in fp32) and every bucket is all-gathered over DP straight into the buffer, in place: the
   model's parameters are its views, so nothing else is copied. With `overlap_param_gather` the
   all-gathers are only started (in forward order) and each module's forward pre-hook waits for the
-  buckets of its parameters (and of every earlier bucket) just before its first use in the next forward;
-  anything else that reads the parameters (checkpoint save, evaluation, the replica check) calls
-  `finish_param_gather` first.
+  buckets of its subtree's parameters (and of every earlier bucket) just before their first use in the
+  next forward; weights read outside their module's forward (the tied output embedding) are waited for
+  by the forward's first hook. Anything else that reads the parameters (checkpoint save, evaluation,
+  the replica check) calls `finish_param_gather` first.
 
 Bytes per step and rank (ring model, `collectives.wire_bytes`): `sync_wire_bytes` gives them per group
 kind and collective from a `bucket_layout`, padding included; the planner prints them and the tests
@@ -445,7 +446,9 @@ class ShardedMainParams:
             self.fragments.extend(self._bucket_fragments(bucket))
         self.main_params = [fragment.main for fragment in self.fragments]
         self._pending: deque[Bucket] = deque()  # started parameter all-gathers, in start order
-        self._hooks: list = []
+        self._first_wait: int | None = None  # set per gather: see `register_forward_pre_hooks`
+        self._hooked: list[torch.nn.Module] = []  # modules with a forward pre-hook
+        self._ran: set[int] | None = None  # id() of hooked modules whose forward ran (None: no hooks)
 
     def _own_chunk(self, bucket: Bucket) -> torch.Tensor:
         state = self.grad_buffer.parallel_state
@@ -493,6 +496,8 @@ class ShardedMainParams:
         """Write the updated masters into the own chunks and start the all-gather of every bucket over
         DP into its parameter buffer, in forward order (the last bucket holds the first layers)."""
         self.finish_param_gather()  # never two gathers into one buffer
+        if self._ran is not None:
+            self._first_wait = self._first_wait_index()
         dp_group = self.grad_buffer.parallel_state.dp_group
         for bucket in reversed(self.grad_buffer.buckets):
             own = self._own_chunk(bucket)
@@ -519,20 +524,36 @@ class ShardedMainParams:
             self.finish_param_gather()
 
     def register_forward_pre_hooks(self, model: torch.nn.Module) -> None:
-        """Before each module's forward, wait for the all-gather of the buckets holding its own
-        parameters and of every bucket started before them (earlier layers: also covers a weight read
-        outside its module, such as the tied output embedding). Replaces hooks of an earlier optimizer."""
+        """Before each module's forward (every module below `model`), wait for the all-gathers of the
+        buckets holding the parameters of its subtree (a module may read its children's weights without
+        calling them) and of every bucket started before those (the earlier layers). A parameter outside
+        the subtree of every module whose forward has run so far is read by the model itself (the tied
+        output embedding of the last stage): the first hook of a forward waits for its bucket too.
+        Replaces the hooks of an earlier optimizer over the same model."""
         for handle in getattr(model, "_param_gather_hooks", []):
             handle.remove()
         bucket_index = {id(p): bucket.index for bucket in self.grad_buffer.buckets for p in bucket.params}
-        handles = []
+        self._ran, self._hooked, handles = set(), [], []
         for module in model.modules():
-            indices = [bucket_index[id(p)] for p in module.parameters(recurse=False) if id(p) in bucket_index]
-            if indices:
+            indices = [bucket_index[id(p)] for p in module.parameters() if id(p) in bucket_index]
+            if module is not model and indices:
                 hook = functools.partial(self._before_forward, min(indices))
                 handles.append(module.register_forward_pre_hook(hook))
+                self._hooked.append(module)
         model._param_gather_hooks = handles
 
+    def _first_wait_index(self) -> int:
+        """The lowest bucket index holding a parameter that no module whose forward ran holds in its
+        subtree (before any forward: every bucket)."""
+        covered = {id(p) for module in self._hooked if id(module) in self._ran for p in module.parameters()}
+        indices = [
+            bucket.index for bucket in self.grad_buffer.buckets for p in bucket.params if id(p) not in covered
+        ]
+        return min(indices, default=len(self.grad_buffer.buckets))
+
     def _before_forward(self, bucket_index: int, module, args) -> None:
+        self._ran.add(id(module))
         if self._pending:
+            if self._first_wait is not None:
+                bucket_index, self._first_wait = min(bucket_index, self._first_wait), None
             self.finish_param_gather(bucket_index)

@@ -7,9 +7,10 @@ overlap (of the gradient reduce-scatter and of the parameter all-gather, the lat
 that only happen when waited for), bf16/fp16 short runs, the overlap mechanisms themselves, the bytes
 one step sends at DP 2, and (on a second ParallelState over the same 2 ranks, TP 2) the tensor-parallel
 gradient reduction and the grad norm's counting of replicated parameters. One spawn of 4 ranks counts
-the bytes at DP 4, TP 2 x DP 2 and PP 2 x DP 2 and checks the reduction order (DP first, TP last) keeps
-TP replicas identical when DP communicators round differently. The single-process references run in the
-test process.
+the bytes at DP 4, TP 2 x DP 2 and PP 2 x DP 2, checks the reduction order (DP first, TP last) keeps
+TP replicas identical when DP communicators round differently, and trains PP 2 x DP 2 with the
+overlapped (deferred, poisoned) parameter gather against the plain one. The single-process references
+run in the test process.
 """
 
 from __future__ import annotations
@@ -319,9 +320,34 @@ def _tp_replicas_when_dp_sums_round_differently(distributed: bool) -> dict:
     return {"compared": compared, "moved": sum(moved)}
 
 
+def _pipeline_training(overlap_param_gather: bool) -> dict:
+    """PP 2 x DP 2 with the distributed optimizer, 3 steps: losses and this rank's final weights. The
+    last stage reads its tied output embedding outside that module's forward; with
+    --overlap-param-gather the gathers are deferred and poisoned (`_DeferredGather`), so a read before
+    its wait would show."""
+    from megatron.model import build_model
+
+    state = _state(1, 2)
+    config = _parallel_config(True, overlap_param_gather, SMALL_BUCKET, overlap_param_gather)
+    model = build_model(tiny_model_config(seq_length=SEQ), VOCAB, state, config)
+    model.init_weights(SEED)
+    optimizer = build_optimizer(model, _optimizer_config(), parallel_state=state, parallel_config=config)
+    losses = []
+    with _gathers_deferred_and_poisoned() if overlap_param_gather else contextlib.nullcontext():
+        for iteration in range(3):
+            batches = [_micro_batch(iteration, index) for index in _my_micro_batches(state)]
+            output = train_step(model, optimizer, batches, state)
+            assert output.update_successful, output
+            losses.append(output.lm_loss)
+        optimizer.finish_param_sync()
+    weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return {"losses": losses, "weights": weights}
+
+
 def _four_rank_runs() -> dict:
     """Everything the 4-rank spawn checks (see the module docstring); runs on each rank."""
     results = {"bytes": {name: _sync_bytes_of_one_step(argv) for name, argv in _byte_layouts(4).items()}}
+    results["pipeline"] = {overlap: _pipeline_training(overlap) for overlap in (False, True)}
     results["replicas"] = {
         distributed: _tp_replicas_when_dp_sums_round_differently(distributed) for distributed in (False, True)
     }
@@ -616,3 +642,11 @@ def test_tp_replicas_stay_identical_when_dp_sums_round_differently(four_ranks, d
     assert all(run["compared"] == runs[0]["compared"] for run in runs)
     assert isinstance(runs[0]["compared"], int) and runs[0]["compared"] > 0, runs[0]["compared"]
     assert sum(run["moved"] for run in runs) > 0  # TP rank 1 really rounded its DP sums differently
+
+
+def test_overlapped_param_gather_under_pipelining_is_bit_identical(four_ranks):
+    for rank in four_ranks:
+        plain, overlapped = rank["pipeline"][False], rank["pipeline"][True]
+        assert overlapped["losses"] == plain["losses"]
+        for name, value in plain["weights"].items():
+            assert torch.equal(overlapped["weights"][name], value), name
