@@ -84,19 +84,34 @@ class LogicalChunks:
         return sum(box.numel() * box.element_size() for _, box in self.boxes)
 
 
+def fragment_boxes(
+    param: torch.nn.Parameter, tp_rank: int, offset: int, numel: int
+) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """Elements `[offset, offset + numel)` of the flattened tensor-parallel-local `param` as boxes of the
+    logical tensor: (index of the box's first element in the fragment, logical offsets, sizes) each."""
+    base = block_offsets(param, tp_rank)
+    return [
+        (flat - offset, tuple(b + o for b, o in zip(base, offsets, strict=True)), sizes)
+        for flat, offsets, sizes in flat_range_boxes(offset, offset + numel, param.shape)
+    ]
+
+
+def logical_chunks(param: torch.nn.Parameter) -> LogicalChunks:
+    """No boxes yet of `param`'s logical tensor, in fp32 (optimizer state)."""
+    return LogicalChunks(tuple(getattr(param, "full_shape", param.shape)), torch.float32)
+
+
 def fragment_chunks(
     param: torch.nn.Parameter, tp_rank: int, fragments: list[tuple[int, torch.Tensor]]
 ) -> LogicalChunks:
     """`fragments` (offset into the flattened tensor-parallel-local `param`, flat fp32 CPU values) as
     chunks of the logical tensor; each box is a view of its fragment's values (so loading into the boxes
     fills the fragments)."""
-    base = block_offsets(param, tp_rank)
-    chunks = LogicalChunks(tuple(getattr(param, "full_shape", param.shape)), torch.float32)
+    chunks = logical_chunks(param)
     for offset, values in fragments:
         assert values.dim() == 1 and values.dtype == torch.float32, (values.shape, values.dtype)
-        for flat, offsets, sizes in flat_range_boxes(offset, offset + values.numel(), param.shape):
-            box = values[flat - offset : flat - offset + math.prod(sizes)].view(sizes)
-            chunks.boxes.append((tuple(b + o for b, o in zip(base, offsets, strict=True)), box))
+        for start, offsets, sizes in fragment_boxes(param, tp_rank, offset, values.numel()):
+            chunks.boxes.append((offsets, values[start : start + math.prod(sizes)].view(sizes)))
     return chunks
 
 

@@ -6,6 +6,7 @@ the model. See docs/checkpoints.md.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from megatron.checkpoint.dcp_io import CheckpointGroup, TensorLayout
 from megatron.checkpoint.files import MOMENTS, rng_key
-from megatron.checkpoint.fragments import CHECKPOINT_BYTES, LogicalChunks, fragment_chunks
+from megatron.checkpoint.fragments import CHECKPOINT_BYTES, LogicalChunks, fragment_boxes, logical_chunks
 from megatron.checkpoint.single_file import plain
 from megatron.parallel.state import ParallelState
 
@@ -106,9 +107,10 @@ def _stage_fragments(
     optimizer, params, parallel_state: ParallelState, copy: bool
 ) -> dict[str, LogicalChunks]:
     """Distributed optimizer: `optimizer/<kind>/<name>` -> this rank's own fragments of that logical
-    tensor, copied to the CPU fragment by fragment (nothing else is staged, nothing is communicated).
-    The DP ranks' fragments tile each tensor-parallel block. A parameter replicated over tensor-parallel
-    ranks (identical replicas, identical fragments) is saved by tensor-parallel rank 0's ranks only."""
+    tensor, copied to the CPU box by box (a copied box is a tensor of its own, which the writer need not
+    copy again; nothing else is staged, nothing is communicated). The DP ranks' fragments tile each
+    tensor-parallel block. A parameter replicated over tensor-parallel ranks (identical replicas,
+    identical fragments) is saved by tensor-parallel rank 0's ranks only."""
     pieces = _pieces_by_param(optimizer)
     tp_rank = parallel_state.tensor_model_parallel_rank
     out = {}
@@ -116,12 +118,16 @@ def _stage_fragments(
         if tp_rank != 0 and not getattr(param, "tensor_model_parallel", False):
             continue
         for kind in _optimizer_kinds(param):
-            fragments = []
+            chunks = out[f"optimizer/{kind}/{name}"] = logical_chunks(param)
             for offset, main in pieces.get(id(param), []):
                 source = _piece_source(optimizer, main, kind)
-                values = torch.zeros(main.numel()) if source is None else _to_cpu(source, copy).view(-1)
-                fragments.append((offset, values.to(torch.float32)))
-            out[f"optimizer/{kind}/{name}"] = fragment_chunks(param, tp_rank, fragments)
+                flat = None if source is None else source.detach().view(-1)
+                for start, offsets, sizes in fragment_boxes(param, tp_rank, offset, main.numel()):
+                    if flat is None:  # a moment AdamW has not created yet: zeros
+                        box = torch.zeros(sizes, dtype=torch.float32)
+                    else:
+                        box = _to_cpu(flat[start : start + math.prod(sizes)].view(sizes), copy)
+                    chunks.boxes.append((offsets, box))
     return out
 
 
