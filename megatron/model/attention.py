@@ -271,25 +271,27 @@ class SelfAttention(nn.Module):
         # output gradient saves a GEMM and an add in backward (the weight concat is a cheap copy, rebuilt
         # in backward rather than kept; a KV cache keeps it for the whole generation instead).
         #
-        # Under TP the fused GEMM runs on the TP region's input (`gather_input`: a copy with a backward
-        # all-reduce, or the sequence-parallel all-gather with a backward reduce-scatter). Each rank's K/V
-        # output gradient then holds only its own query heads' contribution. The input gradient of the
-        # fused GEMM is summed over TP by that input mapping anyway, which adds the K/V contributions of
+        # Under TP the fused GEMM runs on the TP region's input (`ColumnParallelLinear.forward_fused`: the
+        # replicated input, whose gradient backward all-reduces, or under sequence parallelism the
+        # all-gathered sequence chunk, whose gradient backward reduce-scatters; only the chunk is kept).
+        # Each rank's K/V output gradient then holds only its own query heads' contribution. The input
+        # gradient of the fused GEMM is summed over TP anyway, which adds the K/V contributions of
         # all ranks exactly once; what is left is the K/V weight and bias gradient, a partial sum on each
         # rank: those parameters carry `tp_grad_reduce` and are all-reduced over TP after backward (with
         # and without sequence parallelism). Equivalent to summing the K/V output gradient over TP before
         # the GEMM's backward, without a second collective and while keeping the one fused GEMM.
         d = self.head_dim
-        gather_input = getattr(self.query, "gather_input", None)  # only the tensor-parallel layer has one
-        x_region = x if gather_input is None else gather_input(x)  # [b, s, h]
-        b, s = x_region.shape[:2]
-        if kv_cache is None:
+        forward_fused = getattr(self.query, "forward_fused", None)  # only the tensor-parallel layer has one
+        if kv_cache is not None:  # one process
+            qkv = kernels.linear(x, *kv_cache.fused_projection(self.query, self.key_value))
+        elif forward_fused is not None:
+            qkv = forward_fused(x, self.key_value.weight, self.key_value.bias)  # [b, s, nh*d + 2d]
+        else:
             # [b, s, nh*d + 2d] from the weight [nh*d + 2d, h], whose concatenation is not kept for backward
             qkv = kernels.concat_linear(
-                x_region, self.query.weight, self.query.bias, self.key_value.weight, self.key_value.bias
+                x, self.query.weight, self.query.bias, self.key_value.weight, self.key_value.bias
             )
-        else:
-            qkv = kernels.linear(x_region, *kv_cache.fused_projection(self.query, self.key_value))
+        b, s = qkv.shape[:2]
         q, k, v = qkv.split([self.num_heads * d, d, d], dim=-1)
         return q.view(b, s, self.num_heads, d), k.view(b, s, 1, d), v.view(b, s, 1, d)
 

@@ -32,12 +32,14 @@ Tensor and sequence parallelism (a `parallel_state` with tensor_model_parallel_s
 layers (`megatron.model.layers`; at TP 1 they are plain `Linear` / `nn.Embedding` / `nn.LayerNorm`) and in
 the few calls of `megatron.parallel.mappings` below, each of which returns its input at TP 1:
 - embedding: vocabulary-parallel word lookup (all-reduced) + positions, whole on every TP rank; under
-  sequence parallelism split along the sequence, each rank keeping [b, s / tp, h].
+  sequence parallelism the lookup is reduce-scattered along the sequence instead (half the bytes) and
+  each rank adds its chunk's positions, keeping [b, s / tp, h].
 - blocks: the residual stream is replicated on every TP rank, or under sequence parallelism this rank's
   sequence chunk; attention and MLP enter their TP region through column-parallel layers and leave it
   through row-parallel ones.
 - head: the final LayerNorm's output enters the TP region (sequence all-gathered under sequence
-  parallelism) and feeds the vocabulary-parallel fused loss; the logits path gathers the vocabulary.
+  parallelism, only the chunk kept for backward) and feeds the vocabulary-parallel fused loss; the
+  logits path gathers the vocabulary.
 Dropout on activations every TP rank holds whole draws from torch's default stream (the same on every
 TP rank); dropout on split activations (attention probabilities of this rank's heads, the residual
 stream's sequence chunk) from the per-rank stream `parallel_state.rng`. docs/parallelism.md has the
@@ -60,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron import kernels
 from megatron.config import ModelConfig
 from megatron.model import init, layers, recompute
 from megatron.model.attention import SelfAttention
 from megatron.model.kv_cache import KVCache, LayerKVCache
 from megatron.model.loss import linear_cross_entropy
+from megatron.parallel import layers as parallel_layers
 from megatron.parallel import mappings
 from megatron.parallel.collectives import TRIVIAL, Group
 
@@ -111,15 +113,16 @@ class Embedding(nn.Module):
             )
         if self.sequence_parallel:
             mappings.check_sequence_split(s, self.tp_group)
-        words = self.word_embeddings(tokens)  # [b, s, h] (whole on every TP rank)
         if position_ids is None:  # consecutive: a slice, cheaper than a lookup forward and backward
             positions = self.position_embeddings.weight[start : start + s]  # [s, h]
         else:
             positions = self.position_embeddings(position_ids)  # [b, s, h]
-        x = words + positions  # [b, s, h]
         if not self.sequence_parallel:  # the default stream: the same mask on every TP rank
+            x = self.word_embeddings(tokens) + positions  # [b, s, h] (whole on every TP rank)
             return self.dropout(x) if self.training else x
-        x = mappings.scatter_to_sequence_parallel_region(x, self.tp_group)  # [b, s/tp, h]
+        # this rank's vocabulary rows, summed over TP by one reduce-scatter, plus this chunk's positions
+        words = self.word_embeddings.partial(tokens)  # [b, s, h], zeros for rows other ranks hold
+        x = mappings.reduce_scatter_add_to_sequence_parallel_region(words, positions, self.tp_group)
         with _fork(self.rng if self.training and self.dropout.p > 0 else None, x.device):
             return self.dropout(x)
 
@@ -217,15 +220,22 @@ def language_model_head(
     """The final LayerNorm's output [b, s(/tp), h] -> logits [b, s, V] (model dtype), or with labels [b, s]
     the per-token cross-entropy float32 [b, s]. `weight` [V(/tp), h] is the output projection (this
     rank's vocabulary rows under TP)."""
-    if sequence_parallel:
-        x = mappings.gather_from_sequence_parallel_region(x, tp_group)  # [b, s, h]
-    else:  # the TP region's input: identity forward, backward sums the hidden gradient over TP
-        x = mappings.copy_to_tensor_parallel_region(x, tp_group)  # [b, s, h]
-    b, s, h = x.shape
+    # x enters the TP region inside the GEMMs, which keep only the sequence chunk for backward under
+    # sequence parallelism and sum the hidden gradient over TP
     if labels is None:
-        logits = kernels.linear(x, weight)  # [b, s, V/tp]
+        logits = parallel_layers.column_parallel_linear(
+            x, [weight], [None], tp_group, sequence_parallel=sequence_parallel
+        )  # [b, s, V/tp]
         return mappings.gather_from_tensor_parallel_region(logits, tp_group)  # [b, s, V]
-    loss = linear_cross_entropy(x.reshape(b * s, h), weight, labels.reshape(b * s), tp_group)  # [b*s]
+    b, s = labels.shape
+    hidden = x if sequence_parallel else x.reshape(b * s, x.shape[-1])  # [b, s/tp, h] or [b*s, h]
+    loss = linear_cross_entropy(
+        hidden,
+        weight,
+        labels.reshape(b * s),
+        tp_group,
+        input_mapping="gather" if sequence_parallel else "copy",
+    )  # [b*s]
     return loss.view(b, s)  # the same on every TP rank
 
 

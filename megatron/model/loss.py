@@ -14,10 +14,16 @@ under CPU contention: many small ops, each a thread rendezvous.)
 
 Communication (tp > 1): two all-reduces of [N] vectors in forward: the max logit (max), then the target
 logit (held by one rank, zeros elsewhere) together with the sum of exp(logit - max) (sum) in one call. The
-per-token loss, log(sum_exp) + max - target, is then the same bits on every rank. Backward needs none: the
-logit gradient softmax - onehot is local to each shard, each rank's weight gradient is complete for its
-rows, and the hidden gradient is this shard's partial sum, which the caller's input mapping
-(`copy_to_tensor_parallel_region` or the sequence-parallel gather) sums over the group.
+per-token loss, log(sum_exp) + max - target, is then the same bits on every rank. The logit gradient
+softmax - onehot is local to each shard and each rank's weight gradient is complete for its rows; the
+hidden gradient is this shard's partial sum, summed over the group as `input_mapping` says:
+- "none": by the caller (the function returns the partial sum);
+- "copy": `hidden` [N, h] is whole on every rank; backward all-reduces its gradient in place (it is the
+  GEMM's own output: no copy, and the all-reduce overlaps the weight-gradient GEMM);
+- "gather": `hidden` is this rank's sequence chunk [b, s / tp, h] (sequence parallelism), all-gathered to
+  [b * s, h] for the logits. Only the chunk is kept for backward, which gathers it again while computing
+  the hidden gradient, then reduce-scatters that gradient to the chunk while computing the weight
+  gradient (as `megatron.parallel.layers.column_parallel_linear`).
 
 The logits and hidden-gradient GEMMs go through `kernels.matmul_nt` (oneDNN for fp32 on the CPU).
 """
@@ -27,14 +33,20 @@ from __future__ import annotations
 import torch
 
 from megatron import kernels
-from megatron.parallel import collectives
+from megatron.parallel import collectives, mappings
 from megatron.parallel.collectives import TRIVIAL, Group
+
+INPUT_MAPPINGS = ("none", "copy", "gather")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, group):
-        logits = kernels.matmul_nt(hidden, weight)  # [N, V/tp] in the model (or autocast) dtype
+    def forward(ctx, hidden, weight, labels, group, input_mapping):
+        ctx.group, ctx.sequence_parallel = group, input_mapping == "gather"
+        ctx.reduce_hidden_grad = input_mapping != "none"
+        whole = mappings.start_input_gather(hidden, group, ctx.sequence_parallel).wait()
+        whole = whole.reshape(-1, whole.shape[-1])  # [N, h]
+        logits = kernels.matmul_nt(whole, weight)  # [N, V/tp] in the model (or autocast) dtype
         ctx.compute_dtype = logits.dtype
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the softmax and the saved buffer are fp32
@@ -60,6 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             )
         ctx.consumed = True
         hidden, weight, local_labels, here, exp_logits, sum_exp = ctx.saved_tensors
+        gathering = mappings.start_input_gather(hidden, ctx.group, ctx.sequence_parallel)
         # d loss_i / d logit_ij = softmax_ij - [j == label_i]; the saved buffer becomes the gradient
         grad_logits = exp_logits
         grad_loss = grad_loss.to(sum_exp.dtype)
@@ -69,21 +82,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_logits.index_put_((rows, local_labels), onehot, accumulate=True)
         dtype = ctx.compute_dtype  # the forward matmul's dtype (bf16 under autocast), not fp32
         grad_logits = grad_logits.to(dtype)
-        grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0]:  # this shard's share; the caller's input mapping sums it over TP
-            grad_hidden = kernels.matmul_nt(grad_logits, weight.to(dtype).t()).to(hidden.dtype)  # grad @ W
+        grad_hidden = grad_weight = reducing = None
+        if ctx.needs_input_grad[0]:  # this shard's share of grad @ W, while the input is gathered
+            grad_hidden = kernels.matmul_nt(grad_logits, weight.to(dtype).t()).to(hidden.dtype)  # [N, h]
+            if ctx.reduce_hidden_grad:  # summed over TP while the weight gradient is computed
+                shape = (
+                    (hidden.shape[0], -1, hidden.shape[-1]) if ctx.sequence_parallel else grad_hidden.shape
+                )
+                reducing = mappings.start_input_grad_reduction(
+                    grad_hidden.view(shape), ctx.group, ctx.sequence_parallel
+                )
+        whole = gathering.wait()
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_logits.t() @ hidden.to(dtype)).to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+            grad_weight = (grad_logits.t() @ whole.reshape(-1, whole.shape[-1]).to(dtype)).to(weight.dtype)
+        if reducing is not None:
+            grad_hidden = reducing.wait()
+        return grad_hidden, grad_weight, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, group: Group = TRIVIAL
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    group: Group = TRIVIAL,
+    input_mapping: str = "none",
 ) -> torch.Tensor:
     """Per-token cross-entropy (fp32) of the logits `hidden @ full_weight.T` against `labels`.
 
-    hidden [N, h] (model dtype; identical on every rank of `group`), weight [V / tp, h] (this rank's
-    vocabulary rows; the whole [V, h] at tp 1), labels int64 [N] in [0, V) -> loss float32 [N], identical
-    on every rank. Backward may run once (the saved buffer is overwritten by it).
+    hidden [N, h] (model dtype; identical on every rank of `group`), or with `input_mapping="gather"` this
+    rank's sequence chunk [b, s / tp, h] of the [b, s, h] whose rows are the N = b * s tokens; weight
+    [V / tp, h] (this rank's vocabulary rows; the whole [V, h] at tp 1), labels int64 [N] in [0, V) ->
+    loss float32 [N], identical on every rank. `input_mapping` ("none", "copy", "gather"): who sums the
+    hidden gradient over the group (module docstring). Backward may run once (the saved buffer is
+    overwritten by it).
     """
-    return _LinearCrossEntropy.apply(hidden, weight, labels, group)
+    assert input_mapping in INPUT_MAPPINGS, input_mapping
+    return _LinearCrossEntropy.apply(hidden, weight, labels, group, input_mapping)

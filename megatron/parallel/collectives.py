@@ -189,25 +189,46 @@ def reduce_scatter_tensor_async(output: torch.Tensor, tensor: torch.Tensor, grou
         return dist.reduce_scatter_tensor(output, tensor, group=group.pg, async_op=True)
 
 
+class Pending:
+    """An asynchronous collective in flight: `wait()` completes it and returns its result (a tensor).
+    It holds the collective's input until then (`keep`), so the memory is not reused while it is read."""
+
+    __slots__ = ("_handle", "_finish", "_keep")
+
+    def __init__(self, handle, finish, keep=None) -> None:
+        self._handle, self._finish, self._keep = handle, finish, keep
+
+    def wait(self) -> torch.Tensor:
+        wait(self._handle)
+        self._keep = None
+        return self._finish()
+
+
+def all_gather_async(tensor: torch.Tensor, group: Group, dim: int) -> Pending:
+    """Start `all_gather(tensor, group, dim)`; `.wait()` returns the gathered tensor."""
+    if group.is_trivial:
+        return Pending(None, lambda: tensor)
+    dim = dim % tensor.dim()
+    tensor = tensor.contiguous()
+    flat = torch.empty(
+        (group.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+    )  # the layout every backend accepts: ranks' tensors stacked along dim 0
+    handle = all_gather_into_tensor_async(flat, tensor, group)
+    if dim == 0:
+        return Pending(handle, lambda: flat, keep=tensor)
+    shape = list(tensor.shape)
+    shape[dim] *= group.size
+    rank_leading = flat.view(group.size, *tensor.shape)
+    return Pending(handle, lambda: rank_leading.movedim(0, dim).reshape(shape), keep=tensor)
+
+
 def all_gather(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Concatenation along `dim` of `tensor` from every rank of `group`, in group order.
 
     One `all_gather_into_tensor` into a buffer with the ranks leading; for `dim` != 0 the result is that
     buffer with the rank axis moved next to `dim` (a view when everything before `dim` has size 1, e.g.
     the sequence of a micro-batch of one, else one copy)."""
-    if group.is_trivial:
-        return tensor
-    dim = dim % tensor.dim()
-    tensor = tensor.contiguous()
-    flat = torch.empty(
-        (group.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
-    )  # the layout every backend accepts: ranks' tensors stacked along dim 0
-    wait(all_gather_into_tensor_async(flat, tensor, group))
-    if dim == 0:
-        return flat
-    shape = list(tensor.shape)
-    shape[dim] *= group.size
-    return flat.view(group.size, *tensor.shape).movedim(0, dim).reshape(shape)
+    return all_gather_async(tensor, group, dim).wait()
 
 
 def all_gather_into(output_chunks: list[torch.Tensor], tensor: torch.Tensor, group: Group) -> None:
@@ -220,11 +241,10 @@ def all_gather_into(output_chunks: list[torch.Tensor], tensor: torch.Tensor, gro
         dist.all_gather(output_chunks, tensor.contiguous(), group=group.pg)
 
 
-def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
-    """Sum over `group`, then this rank's chunk along `dim` (`tensor.shape[dim]` divisible by the size):
-    one `reduce_scatter_tensor` (the input is laid out with `dim` leading first when `dim` != 0)."""
+def reduce_scatter_async(tensor: torch.Tensor, group: Group, dim: int) -> Pending:
+    """Start `reduce_scatter(tensor, group, dim)`; `.wait()` returns this rank's chunk of the sum."""
     if group.is_trivial:
-        return tensor
+        return Pending(None, lambda: tensor)
     dim = dim % tensor.dim()
     size = tensor.shape[dim]
     _check_split(size, group, dim)
@@ -239,8 +259,14 @@ def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor
         dtype=tensor.dtype,
         device=tensor.device,
     )
-    wait(reduce_scatter_tensor_async(output, moved.view(-1, *output.shape[1:]), group))
-    return output
+    handle = reduce_scatter_tensor_async(output, moved.view(-1, *output.shape[1:]), group)
+    return Pending(handle, lambda: output, keep=moved)
+
+
+def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """Sum over `group`, then this rank's chunk along `dim` (`tensor.shape[dim]` divisible by the size):
+    one `reduce_scatter_tensor` (the input is laid out with `dim` leading first when `dim` != 0)."""
+    return reduce_scatter_async(tensor, group, dim).wait()
 
 
 def split(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:

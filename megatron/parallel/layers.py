@@ -1,9 +1,19 @@
 """Tensor-parallel leaf layers: column-, row- and vocabulary-parallel, each holding this rank's shard.
 
 - `ColumnParallelLinear(in, out)`: weight [out / tp, in] and bias [out / tp] (output features split).
-  Its input enters the TP region through `gather_input`: a copy (backward all-reduce) of the replicated
-  activations, or under sequence parallelism an all-gather of the sequence (backward reduce-scatter).
-  The output stays split: [b, s, out / tp].
+  Its input enters the TP region inside its own GEMM (`column_parallel_linear`): the replicated
+  activations (backward all-reduces the input gradient), or under sequence parallelism this rank's
+  sequence chunk, all-gathered for the GEMM (backward reduce-scatters the input gradient). The output
+  stays split: [b, s, out / tp].
+- `column_parallel_linear(x, weights, biases, group, sequence_parallel=...)`: that GEMM as a function,
+  for the fused multi-query projection (the query and the replicated K/V weights read one input) and
+  the output embedding. Under sequence parallelism it keeps only the chunk [b, s / tp, in] for backward,
+  not the gathered [b, s, in] (tp times less: at 15B, TP 4, bf16, s 8192 that is 75 MB instead of 300 MB
+  per column-parallel input per layer). Backward, as Megatron's
+  LinearWithGradAccumulationAndAsyncCommunication: start re-gathering the chunk, compute the input
+  gradient meanwhile, start reducing it (reduce-scatter under sequence parallelism, else an in-place
+  all-reduce), compute the weight gradients meanwhile, wait. The GEMMs are the ones `kernels.linear` /
+  `kernels.concat_linear` run on the gathered input, so the gradients are the same numbers.
 - `RowParallelLinear(in, out)`: weight [out, in / tp] (input features split) and a whole bias [out].
   The partial products are summed over TP by an all-reduce, or under sequence parallelism by a
   reduce-scatter to this rank's sequence chunk, and the bias is added after the sum (once, not tp times).
@@ -93,19 +103,86 @@ class ColumnParallelLinear(nn.Module):
         )
         _uniform_(self.weight, self.bias, in_features)
 
-    def gather_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input mapping: [b, s / tp, in] -> [b, s, in] (all-gather, backward reduce-scatter)
-        under sequence parallelism, else identity with a backward all-reduce. Callers that fuse this
-        layer's GEMM with another (the multi-query projection) apply it themselves."""
-        if self.sequence_parallel:
-            return mappings.gather_from_sequence_parallel_region(x, self.group)
-        return mappings.copy_to_tensor_parallel_region(x, self.group)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(self.gather_input(x), self.weight, self.bias)
+        return column_parallel_linear(
+            x, [self.weight], [self.bias], self.group, sequence_parallel=self.sequence_parallel
+        )
+
+    def forward_fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """This layer's GEMM fused with another linear reading the same TP-region input (the replicated
+        multi-query K/V projection): [b, s(/tp), in] -> [b, s, out / tp + weight rows]."""
+        return column_parallel_linear(
+            x, [self.weight, weight], [self.bias, bias], self.group, sequence_parallel=self.sequence_parallel
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tp={self.group.size}"
+
+
+def _gemm(x: torch.Tensor, weights, biases) -> torch.Tensor:
+    """x [..., in] @ cat(weights).T + cat(biases) (biases may be None), as `kernels.linear` computes it."""
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    bias = None if biases[0] is None else biases[0] if len(biases) == 1 else torch.cat(biases)
+    out = kernels.matmul_nt(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class _ColumnParallelLinear(torch.autograd.Function):
+    """`column_parallel_linear` (see the module docstring). Inputs: x, group, sequence_parallel, then
+    weight and bias of each fused linear (biases all None or all tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, group, sequence_parallel, *params):
+        weights, biases = params[0::2], params[1::2]
+        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        ctx.sizes = [weight.shape[0] for weight in weights]
+        ctx.save_for_backward(x, *weights)  # x as given: the sequence chunk under sequence parallelism
+        whole = mappings.start_input_gather(x, group, sequence_parallel).wait()  # [b, s, in]
+        return _gemm(whole, weights, biases)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *weights = ctx.saved_tensors
+        gathering = mappings.start_input_gather(x, ctx.group, ctx.sequence_parallel)
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+        reducing = None
+        if ctx.needs_input_grad[0]:  # grad @ W while the input is gathered
+            weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+            grad_x = kernels.matmul_nt(grad_2d, weight.t()).view(*grad_out.shape[:-1], weight.shape[1])
+            reducing = mappings.start_input_grad_reduction(grad_x, ctx.group, ctx.sequence_parallel)
+        whole = gathering.wait()
+        needs = ctx.needs_input_grad[3:]
+        weight_grads = bias_grads = [None] * len(weights)
+        if any(needs[0::2]):  # the weight gradients while the input gradient is reduced
+            weight_grads = (grad_2d.t() @ whole.reshape(-1, whole.shape[-1])).split(ctx.sizes)
+        if any(needs[1::2]):
+            bias_grads = kernels.bias_grad(grad_2d).split(ctx.sizes)
+        grad_x = None if reducing is None else reducing.wait()
+        params = [grad for pair in zip(weight_grads, bias_grads) for grad in pair]
+        return grad_x, None, None, *params
+
+
+def column_parallel_linear(
+    x: torch.Tensor, weights: list, biases: list, group: Group, *, sequence_parallel: bool
+) -> torch.Tensor:
+    """x @ cat(weights).T + cat(biases) on the tensor-parallel region's input: x [b, s / tp, in] under
+    sequence parallelism (this rank's chunk), else [b, s, in] whole on every rank -> [b, s, sum of rows].
+    `biases` lists one bias (or None) per weight. See the module docstring for what it saves and how
+    backward overlaps its collectives. On a trivial group it is `kernels.linear` / `concat_linear`."""
+    if group.is_trivial or torch.is_autocast_enabled(x.device.type) or x.dtype != weights[0].dtype:
+        # one process; or autocast / mixed dtypes, which the kernels leave to torch: the mapping, then the
+        # GEMM (which keeps the gathered input under sequence parallelism)
+        enter = (
+            mappings.gather_from_sequence_parallel_region
+            if sequence_parallel
+            else mappings.copy_to_tensor_parallel_region
+        )
+        region = enter(x, group)  # x itself on a trivial group
+        if len(weights) == 2:
+            return kernels.concat_linear(region, weights[0], biases[0], weights[1], biases[1])
+        return kernels.linear(region, weights[0], biases[0])
+    params = [tensor for pair in zip(weights, biases) for tensor in pair]
+    return _ColumnParallelLinear.apply(x, group, sequence_parallel, *params)
 
 
 class RowParallelLinear(nn.Module):
@@ -177,10 +254,17 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.group.is_trivial:
             return F.embedding(tokens, self.weight)
+        return mappings.reduce_from_tensor_parallel_region(self.partial(tokens), self.group)
+
+    def partial(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, s] -> [b, s, h]: the rows this rank holds, zeros for the others. Summed over the
+        group it is the lookup (one rank holds each row, so the sum is exact in any order); under
+        sequence parallelism the embedding reduce-scatters it instead of all-reducing."""
+        if self.group.is_trivial:
+            return F.embedding(tokens, self.weight)
         outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)  # [b, s]
         local_ids = (tokens - self.vocab_start).masked_fill(outside, 0)
-        words = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h]
-        return mappings.reduce_from_tensor_parallel_region(words, self.group)  # one rank holds each row
+        return F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, {self.vocab_end})"

@@ -13,13 +13,24 @@ vocabulary) features the last dim.
 | gather_from_sequence_parallel_region       | all-gather dim 1        | reduce-scatter dim 1    |
 | reduce_scatter_to_sequence_parallel_region | reduce-scatter dim 1    | all-gather dim 1        |
 
+`reduce_scatter_add_to_sequence_parallel_region(x, addend)` is the last one plus a replicated addend's
+chunk (the position embeddings), whose gradient is the whole all-gathered one on every rank.
+
 On a group of size 1 every function returns its input unchanged (no autograd node), so the
 single-process model computes exactly what it computes without them.
 
-The all-reduces work on a copy: a gradient handed to `backward` may be the very tensor autograd also
-passes to another input (an addition's backward gives both operands the same tensor), so reducing it
-in place could corrupt a gradient elsewhere. The copy costs one pass over `[b, s, h]`, small next to
-the collective.
+Copies. `reduce_from_tensor_parallel_region` sums in place: its input is a fresh partial product (a
+row-parallel GEMM's output, the vocabulary-parallel lookup) that nothing else reads, and the autograd
+node bumps its version counter, so a caller that did keep it for backward would get autograd's
+in-place error, not a wrong gradient (a leaf that requires grad, or a non-contiguous input, is copied
+first). The backward all-reduce of `copy_to_tensor_parallel_region` works on a copy: the gradient
+handed to `backward` may be the very tensor autograd also passes to another input (an addition's
+backward gives both operands the same tensor), so reducing it in place could corrupt a gradient
+elsewhere. The column-parallel layers and the vocabulary-parallel loss
+(`megatron.parallel.layers.column_parallel_linear`, `megatron.model.loss`) enter their region without
+these functions: their input gradient is a GEMM output of their own, so they reduce it in place
+(`start_input_grad_reduction`), and under sequence parallelism they keep only the sequence chunk for
+backward and gather it again there (`start_input_gather`).
 """
 
 from __future__ import annotations
@@ -32,8 +43,23 @@ from megatron.parallel.collectives import Group
 SEQUENCE_DIM = 1
 
 
-def _all_reduce(tensor: torch.Tensor, group: Group) -> torch.Tensor:
-    return collectives.all_reduce(tensor.contiguous().clone(), group)
+def start_input_gather(x: torch.Tensor, group: Group, sequence_parallel: bool) -> collectives.Pending:
+    """Start rebuilding a TP region's input from what a layer kept: under sequence parallelism the
+    all-gather of the chunk [b, s / tp, h] -> [b, s, h] along the sequence, else `x` itself (it is whole)."""
+    if sequence_parallel:
+        return collectives.all_gather_async(x, group, dim=SEQUENCE_DIM)
+    return collectives.Pending(None, lambda: x)
+
+
+def start_input_grad_reduction(
+    grad: torch.Tensor, group: Group, sequence_parallel: bool
+) -> collectives.Pending:
+    """Start summing a TP region's input gradient [b, s, h] over `group`: under sequence parallelism
+    reduce-scatter it to this rank's chunk [b, s / tp, h], else all-reduce it in place (`grad` must be
+    the caller's own fresh tensor: a GEMM output nothing else holds)."""
+    if sequence_parallel:
+        return collectives.reduce_scatter_async(grad, group, dim=SEQUENCE_DIM)
+    return collectives.Pending(collectives.all_reduce_async(grad, group), lambda: grad)
 
 
 def check_sequence_split(seq_length: int, group: Group) -> None:
@@ -53,14 +79,20 @@ class _CopyToTensorParallelRegion(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+    def backward(ctx, grad):  # a copy: `grad` may be shared with another input's gradient
+        return collectives.all_reduce(grad.contiguous().clone(), ctx.group), None
 
 
 class _ReduceFromTensorParallelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        if not x.is_contiguous() or (x.is_leaf and x.requires_grad):
+            return collectives.all_reduce(x.contiguous().clone(), group)
+        collectives.all_reduce(x, group)  # in place (see the module docstring)
+        # what mark_dirty would record (it cannot be used: x is a view a custom GEMM returned), so a
+        # saved reference to x fails autograd's version check instead of computing with the sum
+        torch.autograd.graph.increment_version(x)
+        return x
 
     @staticmethod
     def backward(ctx, grad):
@@ -111,6 +143,20 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
         return collectives.all_gather(grad, ctx.group, dim=SEQUENCE_DIM), None
 
 
+class _ReduceScatterAddToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, addend, group):
+        ctx.group, ctx.addend_shape = group, addend.shape
+        chunk = x.shape[SEQUENCE_DIM] // group.size
+        total = collectives.reduce_scatter(x, group, dim=SEQUENCE_DIM)  # [b, s/tp, h]
+        return total + addend.narrow(-2, group.rank * chunk, chunk)
+
+    @staticmethod
+    def backward(ctx, grad):
+        whole = collectives.all_gather(grad, ctx.group, dim=SEQUENCE_DIM)  # [b, s, h]
+        return whole, whole.sum_to_size(ctx.addend_shape), None
+
+
 def copy_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Enter a TP region with a replicated input: identity forward; backward sums the gradient over TP."""
     return x if group.is_trivial else _CopyToTensorParallelRegion.apply(x, group)
@@ -147,3 +193,19 @@ def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) ->
         return x
     check_sequence_split(x.shape[SEQUENCE_DIM], group)
     return _ReduceScatterToSequenceParallelRegion.apply(x, group)
+
+
+def reduce_scatter_add_to_sequence_parallel_region(
+    x: torch.Tensor, addend: torch.Tensor, group: Group
+) -> torch.Tensor:
+    """This rank's sequence chunk [b, s / tp, h] of `sum over TP of x + addend`: `x` [b, s, h] partial
+    sums, `addend` [b, s, h] or [s, h] whole and identical on every rank (the position embeddings).
+
+    One reduce-scatter (half the bytes of the all-reduce and split it replaces) then the addend's chunk.
+    Backward all-gathers the gradient, which is `x`'s and, summed over broadcast dimensions, the addend's
+    whole gradient on every rank: what it receives when `x` is all-reduced, the addend added and the
+    sum split, so a replicated addend's gradient stays whole and identical without a reduction."""
+    if group.is_trivial:
+        return x + addend
+    check_sequence_split(x.shape[SEQUENCE_DIM], group)
+    return _ReduceScatterAddToSequenceParallelRegion.apply(x, addend, group)
