@@ -71,11 +71,13 @@ def port_is_free(port: int) -> bool:
 
 def free_port() -> int:
     """A TCP port in FREE_PORT_RANGE that was free a moment ago on 127.0.0.1 (random, so that concurrent
-    test runs rarely pick the same one)."""
+    test runs rarely pick the same one; from the OS's entropy, since `ParallelState.seed` seeds the
+    `random` module and would give every run of a test the same sequence of ports)."""
     import random
 
+    draw = random.SystemRandom()
     for _ in range(200):
-        port = random.randrange(*FREE_PORT_RANGE)
+        port = draw.randrange(*FREE_PORT_RANGE)
         if port_is_free(port):
             return port
     raise RuntimeError(f"no free TCP port in {FREE_PORT_RANGE[0]}-{FREE_PORT_RANGE[1] - 1} on 127.0.0.1")
