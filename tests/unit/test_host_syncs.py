@@ -11,6 +11,7 @@ tests/distributed/test_pipeline.py.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -125,10 +126,10 @@ def _syncs_per_iteration(cfg, poison_iteration: int | None = None) -> tuple[list
     "flags",
     [
         ("--fp32",),
-        ("--bf16", "--use-distributed-optimizer"),
+        ("--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"),
         ("--fp16", "--initial-loss-scale", "1048576", "--hysteresis", "1"),
     ],
-    ids=["fp32", "bf16-distopt", "fp16"],
+    ids=["fp32", "bf16-distopt-overlap", "fp16"],
 )
 def test_each_training_iteration_syncs_the_host_once(
     tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, flags
@@ -158,3 +159,32 @@ def test_a_skipped_nonfinite_iteration_syncs_once_too(tmp_path, tiny_dataset_pre
     per_iteration, run = _syncs_per_iteration(cfg, poison_iteration=3)
     assert [len(calls) for calls in per_iteration] == [1] * (ITERS - 1), per_iteration
     assert run.state.nonfinite_iterations == 1 and math.isnan(run.losses[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_training_step_synchronises_once():
+    """On a GPU, torch's own detector (`torch.cuda.set_sync_debug_mode`, which warns at every call that
+    makes the host wait for the device) sees one synchronising call per steady-state step, and so does
+    the counter (bf16 with fp32 masters, fused AdamW)."""
+    from megatron.training.optimizer import build_optimizer
+    from megatron.training.step import train_step
+    from tests.unit.test_training import _batch, _opt_config, _split, _tiny_model
+
+    cuda = ParallelState.single("cuda")
+    model = _tiny_model(torch.bfloat16).cuda()
+    optimizer = build_optimizer(model, _opt_config(clip_grad=0.1), parallel_state=cuda)
+    micro_batches = [{key: value.cuda() for key, value in b.items()} for b in _split(_batch(4), 2)]
+    train_step(model, optimizer, micro_batches, cuda)  # the first step creates AdamW's state
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught, count_host_syncs() as syncs:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                output = train_step(model, optimizer, micro_batches, cuda)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        synchronising = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+        assert output.update_successful and math.isfinite(output.grad_norm)
+        assert len(synchronising) == 1, synchronising
+        assert syncs.count == 1, syncs.calls
