@@ -9,11 +9,12 @@ step, one process per rank. Per step and rank it reports:
 - planned: the `--dry-run` table's data-parallel bytes for the same flags (`megatron.planner`);
 - before: the former scheme, an all-reduce of every fp32 gradient bucket (then reading the own slice)
   plus the same all-gather, priced with the same formula; and the plain optimizer's all-reduce;
-- time: seconds per step spent in one reduce-scatter of the gradient buffer vs one all-reduce of it,
-  measured in the same run on the same buffer (gloo, so a CPU-network figure, not a GPU one).
+- time: seconds of one reduce-scatter of the whole gradient buffer vs one all-reduce of it (after a
+  warm-up, mean of `--repeats`), measured in the same run on the same buffer. gloo on CPU: its
+  reduce-scatter is not the bandwidth-optimal ring NCCL runs, so this column says nothing about GPUs.
 Ratios are counted / before; the gradient part alone is half (reduce-scatter vs all-reduce).
 
-Usage: python bench/dp_comm.py [--iters 3] [--bf16]
+Usage: python bench/dp_comm.py [--iters 3] [--repeats 10] [--bf16]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ FLAGS = [
 ]
 
 
-def _worker(argv: list[str], iters: int) -> dict:
+def _worker(argv: list[str], iters: int, repeats: int) -> dict:
     import torch
 
     from megatron.config import OptimizerConfig, load_config
@@ -67,11 +68,12 @@ def _worker(argv: list[str], iters: int) -> dict:
         ("reduce_scatter", lambda: collectives.reduce_scatter_tensor_async(chunk, buffer, state.dp_group)),
         ("all_reduce", lambda: collectives.all_reduce_async(buffer, state.dp_group)),
     ):
+        collectives.wait(run())  # warm-up
         state.barrier()
         start = time.perf_counter()
-        for _ in range(iters):
+        for _ in range(repeats):
             collectives.wait(run())
-        timings[name] = (time.perf_counter() - start) / iters
+        timings[name] = (time.perf_counter() - start) / repeats
     return {
         "sync": sync,
         "grad_bytes": buffer.numel() * 4,
@@ -83,6 +85,7 @@ def _worker(argv: list[str], iters: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=3, help="training steps per layout (default 3)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed collectives of each kind (default 10)")
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters (all-gathers half the bytes)")
     args = parser.parse_args(argv)
 
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'ratio':>8}{'RS s':>9}{'AR s':>9}{'ratio':>8}"
     )
     for dp in (2, 4):
-        results = run_distributed(_worker, dp, flags, args.iters, timeout=900)
+        results = run_distributed(_worker, dp, flags, args.iters, args.repeats, timeout=900)
         planned = plan(load_config(flags, world_size=dp, check_paths=False))["stages"][0].sync_bytes
         planned_dp = sum(value for (kind, _), value in planned.items() if kind == "dp")
         for rank, result in enumerate(results):
