@@ -18,11 +18,13 @@ Per GPU (one rank of the stage), in bytes:
 
   Tensor parallelism splits the attention/MLP interior (Q, dense input, GELU, scores) by t; with sequence
   parallelism the LayerNorm/dropout part (LN inputs/outputs, hidden masks: 4E + 2 per sbh) too, otherwise
-  it stays whole. Without dropout its masks (and the attention-dropout output) are not stored. Selective
+  it stays whole (the column-parallel GEMMs keep the sequence chunk of their input, the LN output, and
+  gather it again in backward; tests/distributed/test_tensor_parallel.py counts it). Without dropout its masks (and the attention-dropout output) are not stored. Selective
   recomputation, and flash attention in 16-bit (the StarCoder setting), drop the s^2 terms. Full
   recomputation keeps only each layer's input (sbh E, / t under sequence parallelism) plus one layer's
   full set (the working set of the layer being recomputed). The first stage adds the embedding's dropout
-  mask (sbh); the last the final LayerNorm input (sbh E) and the fp32 logits of the loss (s b V / t x 4).
+  mask (sbh); the last the final LayerNorm input and output (2 sbh E: the loss keeps the output, both / t
+  under sequence parallelism) and the fp32 logits of the loss (s b V / t x 4).
 - in flight: 1F1B keeps min(PP, micro-batches) micro-batches of activations on the first stage (each
   stage's figure uses min(PP - stage, micro-batches)); the interleaved schedule with v chunks per stage
   keeps min(2 (PP - stage - 1) + (v - 1) PP + 1, v x micro-batches) chunk forwards, each 1/v of the
@@ -203,8 +205,8 @@ def _stage_activation_bytes(model_cfg, layout: _Layout, stage: int, num_layers: 
         act += _layer_bytes(m, layout, sp=sp, recompute=None)  # the layer being recomputed
     if stage == 0 and m.hidden_dropout > 0:
         act += sbh // (tp if sp else 1)  # the embedding's dropout mask
-    if stage == layout.pp - 1:  # the final LayerNorm input and the fp32 logits of the loss
-        act += sbh * layout.element // (tp if sp else 1)
+    if stage == layout.pp - 1:  # the final LayerNorm input and output (the loss's), the fp32 logits
+        act += 2 * sbh * layout.element // (tp if sp else 1)
         act += m.seq_length * layout.micro_batch_size * m.vocab_size * 4 // tp
     return act
 

@@ -1,7 +1,9 @@
 """Tensor and sequence parallelism against one process: the conjugate mappings, the vocabulary-parallel
 loss, layout-invariant init, one forward + backward of the tiny model at TP 2 and 4 (with and without
 sequence parallelism, multi-query and multi-head), the dropout streams, and the errors for layouts the
-model cannot split.
+model cannot split. Costs are counted: the bytes each decoder layer saves for backward against the
+planner's activation model, the bytes the sequence-parallel embedding and column-parallel GEMM send, what
+the column-parallel GEMM keeps for backward, and that the forward all-reduce sums in place.
 
 One spawn per world size (2 and 4 gloo ranks); each rank builds the one-process reference itself and
 returns the largest relative error of every comparison, so a failure names the tensor.
@@ -23,12 +25,14 @@ from model_fixtures import BATCH, SEED, SEQ, VOCAB, batch, document_mask, relati
 
 from megatron.model import GPTModel
 from megatron.model.loss import linear_cross_entropy
+from megatron.model.memory import SavedActivationCounter
 from megatron.parallel import collectives, mappings
-from megatron.parallel.collectives import TRIVIAL, Group
+from megatron.parallel.collectives import COMM_BYTES, TRIVIAL, Group, wire_bytes
 from megatron.parallel.debug import fingerprint
-from megatron.parallel.layers import full_state_dict, gather_tensor
+from megatron.parallel.layers import column_parallel_linear, full_state_dict, gather_tensor
 from megatron.parallel.state import ParallelState
 from megatron.parallel.testing import run_distributed
+from megatron.planner import layer_activation_bytes
 from tests.helpers import tiny_model_config
 
 RTOL = 1e-5
@@ -105,6 +109,117 @@ def _cross_entropy_errors(group: Group) -> dict[str, float]:
     }
 
 
+def _column_parallel_checks(group: Group) -> dict:
+    """`column_parallel_linear` (two fused weights with biases, and one weight without) against one
+    process's GEMM on every rank's data, with and without sequence parallelism: output and gradients, the
+    bytes it keeps for backward (the input as given: the sequence chunk under SP) and the bytes it sends."""
+    tp, rank = group.size, group.rank
+    generator = torch.Generator().manual_seed(11)
+    full = torch.randn(2, 4 * tp, 8, generator=generator)  # [b, s, in], the TP region's whole input
+    grad_out = torch.randn(tp, 2, 4 * tp, 6, generator=generator)  # each rank's output gradient
+    weights = [torch.randn(4, 8, generator=generator), torch.randn(2, 8, generator=generator)]
+    biases = [torch.randn(4, generator=generator), torch.randn(2, generator=generator)]
+    result = {}
+    for sequence_parallel in (False, True):
+        for fused in (True, False):
+            ws = [w.clone().requires_grad_() for w in (weights if fused else weights[:1])]
+            bs = [b.clone().requires_grad_() for b in biases] if fused else [None]
+            mine = full[:, rank * 4 : (rank + 1) * 4] if sequence_parallel else full
+            x = mine.clone().requires_grad_()
+            COMM_BYTES.reset()
+            with SavedActivationCounter(exclude=ws) as counter:
+                out = column_parallel_linear(x, ws, bs, group, sequence_parallel=sequence_parallel)
+            forward_bytes = COMM_BYTES.by_op()
+            COMM_BYTES.reset()
+            rows = out.shape[-1]
+            out.backward(grad_out[rank][..., :rows])
+            # one process: every rank's output gradient flows into the same whole input and weights
+            ref_x = full.clone().requires_grad_()
+            ref_w = torch.cat(ws).detach().requires_grad_()
+            ref_out = F.linear(ref_x, ref_w, None if bs[0] is None else torch.cat(bs).detach())
+            ref_out.backward(grad_out[..., :rows].sum(0))
+            expected_x_grad = ref_x.grad[:, rank * 4 : (rank + 1) * 4] if sequence_parallel else ref_x.grad
+            name = ("sp" if sequence_parallel else "tp") + ("-fused" if fused else "")
+            result[name] = {
+                "errors": {
+                    "output": relative_error(out, ref_out),
+                    "input grad": relative_error(x.grad, expected_x_grad),
+                    # this rank's weights see only its own output gradient: their gradient is its share
+                    "weight grad": relative_error(
+                        torch.cat([w.grad for w in ws]),
+                        grad_out[rank][..., :rows].flatten(0, 1).t() @ full.flatten(0, 1),
+                    ),
+                },
+                "saved": counter.peak_bytes,
+                "input bytes": x.numel() * x.element_size(),
+                "forward bytes": forward_bytes,
+                "backward bytes": COMM_BYTES.by_op(),
+                "whole input bytes": full.numel() * full.element_size(),
+            }
+    return result
+
+
+def _embedding_and_in_place_checks(group: Group) -> dict:
+    """The sequence-parallel embedding's reduce-scatter + positions against its definition, with its
+    bytes, and the forward all-reduce of `reduce_from_tensor_parallel_region` summing in place."""
+    tp, rank = group.size, group.rank
+    generator = torch.Generator().manual_seed(13)
+    partials = torch.randn(tp, 2, 4 * tp, 6, generator=generator)  # every rank's partial lookup
+    positions = torch.randn(4 * tp, 6, generator=generator)
+    grads = torch.randn(tp, 2, 4, 6, generator=generator)  # every rank's chunk's output gradient
+    x, addend = partials[rank].clone().requires_grad_(), positions.clone().requires_grad_()
+    COMM_BYTES.reset()
+    out = mappings.reduce_scatter_add_to_sequence_parallel_region(x, addend, group)
+    forward_bytes = COMM_BYTES.by_op()
+    out.backward(grads[rank])
+    whole_grad = torch.cat(list(grads), dim=1)  # [b, s, h]
+    mine = slice(rank * 4, (rank + 1) * 4)
+    result = {
+        "errors": {
+            "forward": relative_error(out, (partials.sum(0) + positions)[:, mine]),
+            "partial grad": relative_error(x.grad, whole_grad),
+            "positions grad": relative_error(addend.grad, whole_grad.sum(0)),
+        },
+        "forward bytes": forward_bytes,
+        "whole bytes": x.numel() * x.element_size(),
+    }
+    weight = torch.randn(6, 6, requires_grad=True)
+    fresh = partials[rank] @ weight  # a non-leaf partial product, as a row-parallel GEMM's output
+    summed = mappings.reduce_from_tensor_parallel_region(fresh, group)
+    leaf = partials[rank].clone().requires_grad_()
+    result["in place"] = summed.data_ptr() == fresh.data_ptr()
+    result["in-place sum"] = relative_error(summed, partials.sum(0) @ weight.detach())
+    leaf_sum = mappings.reduce_from_tensor_parallel_region(leaf, group)
+    result["leaf kept"] = torch.equal(leaf, partials[rank]) and leaf_sum.data_ptr() != leaf.data_ptr()
+    result["leaf sum"] = relative_error(leaf_sum, partials.sum(0))
+    return result
+
+
+def _saved_bytes_per_layer(model: GPTModel, run) -> tuple[object, list[int]]:
+    """`run()`'s result and the bytes each decoder layer's forward left saved for backward (parameters
+    excluded): the saved-tensor counter's growth from the layer's forward pre-hook to its hook (nothing
+    is released during a forward)."""
+    starts: dict = {}
+    sizes: list[int] = []
+    with SavedActivationCounter(exclude=list(model.parameters())) as counter:
+        hooks = []
+        for layer in model.layers.values():
+            hooks.append(
+                layer.register_forward_pre_hook(lambda m, args: starts.__setitem__(m, counter.current_bytes))
+            )
+            hooks.append(
+                layer.register_forward_hook(
+                    lambda m, args, out: sizes.append(counter.current_bytes - starts[m])
+                )
+            )
+        try:
+            result = run()
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return result, sizes
+
+
 def _gathered_grads(model: GPTModel, state: ParallelState) -> dict[str, torch.Tensor]:
     """Every gradient as one process would hold it: `tp_grad_reduce` ones summed over TP (what the data
     parallel buffer does after backward), split ones gathered along `partition_dim`."""
@@ -126,7 +241,7 @@ def _parity(state: ParallelState, head_type: str, reference: dict) -> dict:
         torch.equal(weights[name], expected[name]) for name in expected
     )
     errors = {}
-    loss = model(tokens, labels=labels)
+    loss, saved_per_layer = _saved_bytes_per_layer(model, lambda: model(tokens, labels=labels))
     loss.mean().backward()
     errors["loss per token"] = relative_error(loss.detach(), reference["loss"])
     for name, grad in _gathered_grads(model, state).items():
@@ -148,13 +263,14 @@ def _parity(state: ParallelState, head_type: str, reference: dict) -> dict:
         "loss": fingerprint(loss),
         "replicated": replicated,
         "reduced": reduced,
+        "saved_per_layer": saved_per_layer,
     }
 
 
 def _reference(head_type: str) -> dict:
     tokens, labels = batch()
     model = build(None, head_type)
-    loss = model(tokens, labels=labels)
+    loss, saved_per_layer = _saved_bytes_per_layer(model, lambda: model(tokens, labels=labels))
     loss.mean().backward()
     with torch.no_grad():
         logits = model(tokens)
@@ -166,6 +282,7 @@ def _reference(head_type: str) -> dict:
         "logits": logits,
         "masked_logits": masked_logits,
         "weights": full_state_dict(model),
+        "saved_per_layer": saved_per_layer,
     }
 
 
@@ -208,7 +325,7 @@ def _dropout_checks(state: ParallelState) -> dict:
 def _run_rank(tensor_parallel: int) -> dict:
     state = ParallelState.initialize(tensor_parallel, 1, backend="gloo")
     references = {head_type: _reference(head_type) for head_type in HEAD_TYPES}
-    result = {"parity": {}}
+    result = {"parity": {}, "one_process_saved_per_layer": references["multiquery"]["saved_per_layer"]}
     for head_type in HEAD_TYPES:
         for name, layout in _layouts(state).items():
             result["parity"][(name, head_type)] = _parity(layout, head_type, references[head_type])
@@ -216,6 +333,8 @@ def _run_rank(tensor_parallel: int) -> dict:
         result["mappings"] = _mapping_errors(state.tp_group)
         result["cross_entropy"] = _cross_entropy_errors(state.tp_group)
         result["dropout"] = _dropout_checks(state)
+        result["column_parallel"] = _column_parallel_checks(state.tp_group)
+        result["embedding"] = _embedding_and_in_place_checks(state.tp_group)
     return result
 
 
@@ -240,6 +359,74 @@ def _assert_small(errors: dict[str, float], tolerance: float = RTOL) -> None:
 def test_mappings_forward_and_backward(tp2):
     for rank_result in tp2:
         _assert_small(rank_result["mappings"], 1e-6)
+
+
+def test_column_parallel_linear_keeps_only_what_this_rank_holds(tp2):
+    """Under sequence parallelism the GEMM keeps the sequence chunk (1/tp of the gathered input) for
+    backward and sends: forward one all-gather of the input, backward one all-gather again and one
+    reduce-scatter of the input gradient; without it one backward all-reduce. Outputs and gradients
+    equal one process's."""
+    for rank_result in tp2:
+        for name, checks in rank_result["column_parallel"].items():
+            _assert_small(checks["errors"], 1e-6)
+            whole = checks["whole input bytes"]
+            assert (
+                checks["saved"] == checks["input bytes"] == (whole // 2 if name.startswith("sp") else whole)
+            )
+            if name.startswith("sp"):
+                gathered = wire_bytes("all_gather", whole, 2)
+                assert checks["forward bytes"] == {("tp", "all_gather"): gathered}, name
+                rows_grad = whole  # the input gradient is as large as the gathered input
+                assert checks["backward bytes"] == {
+                    ("tp", "all_gather"): gathered,
+                    ("tp", "reduce_scatter"): wire_bytes("reduce_scatter", rows_grad, 2),
+                }, name
+            else:
+                assert checks["forward bytes"] == {}, name
+                assert checks["backward bytes"] == {("tp", "all_reduce"): wire_bytes("all_reduce", whole, 2)}
+
+
+def test_sequence_parallel_embedding_reduce_scatters(tp2):
+    """The vocabulary-parallel lookup is summed by one reduce-scatter ((n-1)/n of it, half the all-reduce
+    it replaces) and the positions' gradient is the whole one on every rank; the forward all-reduce of a
+    fresh partial product sums in place, a leaf's is a copy."""
+    for rank_result in tp2:
+        checks = rank_result["embedding"]
+        _assert_small(checks["errors"], 1e-6)
+        assert checks["forward bytes"] == {
+            ("tp", "reduce_scatter"): wire_bytes("reduce_scatter", checks["whole bytes"], 2)
+        }
+        assert checks["in place"] and checks["in-place sum"] <= 1e-6
+        assert checks["leaf kept"] and checks["leaf sum"] <= 1e-6
+
+
+@pytest.mark.parametrize("world", ["tp2", "tp4"])
+def test_saved_activations_per_layer_match_the_planner(world, request):
+    """Bytes each decoder layer saves for backward, counted on every rank, equal the planner's activation
+    model (megatron.planner.layer_activation_bytes) within 5%, with and without sequence parallelism and
+    in one process. Under sequence parallelism a layer that kept the gathered [b, s, h] input of its
+    column-parallel GEMMs (QKV, fc1) instead of the chunk is 17% (TP 2) to 39% (TP 4) over.
+
+    Multi-query (StarCoder's attention) without dropout: the CPU's multi-query core keeps the causal
+    blocks of the s x s probabilities (5/8 of them at 4 blocks) and a contiguous copy of Q, which about
+    cancel against the planner's full s x s; CPU dropout keeps fp32 masks where CUDA keeps bytes, and the
+    multi-head SDPA kernel on the CPU keeps no probabilities, so those are not compared here."""
+    per_rank = request.getfixturevalue(world)
+    tp = int(world[2:])
+    config = tiny_model_config(attention_head_type="multiquery")
+    for sequence_parallel in (False, True):
+        planned = layer_activation_bytes(
+            config, b=BATCH, tp=tp, sp=sequence_parallel, element=4, recompute=None, flash=False
+        )
+        key = (world + ("-sp" if sequence_parallel else ""), "multiquery")
+        for rank_result in per_rank:
+            for measured in rank_result["parity"][key]["saved_per_layer"]:
+                assert abs(measured - planned) <= 0.05 * planned, (key, measured, planned)
+    one_process = layer_activation_bytes(
+        config, b=BATCH, tp=1, sp=False, element=4, recompute=None, flash=False
+    )
+    for measured in per_rank[0]["one_process_saved_per_layer"]:
+        assert abs(measured - one_process) <= 0.05 * one_process, (measured, one_process)
 
 
 def test_vocab_parallel_cross_entropy_equals_plain(tp2):
