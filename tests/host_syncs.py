@@ -114,3 +114,49 @@ def count_host_syncs():
                 delattr(owner, name)
             else:
                 setattr(owner, name, original)
+
+
+LOOP_FLAGS = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --attention-head-type multiquery "
+    "--seq-length 16 --max-position-embeddings 16 --micro-batch-size 2 --global-batch-size 4 "
+    "--train-iters 6 --lr 1e-3 --lr-warmup-iters 2 --log-interval 2 --eval-iters 0 --seed 7 "
+    "--split 90,10,0 --num-workers 0 --tokenizer-type TokenizerFromFile"
+)
+
+
+def loop_config(workdir, dataset: str, tokenizer, *extra: str):
+    """A 6-iteration run of the tiny GPT (hidden 64, 2 layers), logging every 2 iterations, no
+    evaluation; `extra` flags appended."""
+    from megatron.config import load_config
+
+    argv = LOOP_FLAGS.split()
+    argv += ["--data-path", dataset, "--tokenizer-file", str(tokenizer)]
+    argv += ["--data-cache-path", str(Path(workdir) / "cache")]
+    argv += ["--metrics-jsonl", str(Path(workdir) / "metrics.jsonl")]
+    return load_config([*argv, *extra])
+
+
+def loop_syncs_per_iteration(cfg, parallel_state, *, before_iteration=None) -> tuple[list[list], object]:
+    """Train through the real loop (`build_run` + `train`) counting host syncs. Returns (the counted calls
+    of each iteration, from its start to the next one's: step, logging, the stop check; the last
+    iteration, which runs into the end of training, left out) and the run. `before_iteration(run, i)`
+    is called before iteration i + 1 starts."""
+    from megatron.training import train as loop
+
+    run = loop.build_run(cfg, parallel_state)
+    starts, one_iteration = [], loop._one_iteration
+
+    def counted_iteration(run, *args, **kwargs):
+        if before_iteration is not None:
+            before_iteration(run, run.state.iteration)
+        starts.append(syncs.count)
+        return one_iteration(run, *args, **kwargs)
+
+    loop._one_iteration = counted_iteration
+    try:
+        with count_host_syncs() as syncs:
+            loop.train(run)
+    finally:
+        loop._one_iteration = one_iteration
+        run.metrics.close()
+    return [syncs.calls[a:b] for a, b in zip(starts, starts[1:], strict=False)], run

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from megatron.parallel.state import ParallelState
-from tests.host_syncs import MEGATRON_DIR, count_host_syncs
+from tests.host_syncs import MEGATRON_DIR, count_host_syncs, loop_config, loop_syncs_per_iteration
 from tests.unit.test_training import _poison_call
 
 CPU = ParallelState.single("cpu")
-ITERS = 6
+ITERS = 6  # loop_config's --train-iters
 
 
 def test_the_counter_sees_each_kind_of_read_from_framework_code_only():
@@ -83,43 +83,15 @@ def test_optimizer_step_and_clip_grad_norm_read_once():
     assert math.isfinite(norm) and syncs.count == 1, syncs.calls
 
 
-def _config(tmp_path, dataset, tokenizer, *extra: str):
-    from megatron.config import load_config
-
-    argv = (
-        "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --attention-head-type multiquery "
-        "--seq-length 16 --max-position-embeddings 16 --micro-batch-size 2 --global-batch-size 4 "
-        f"--train-iters {ITERS} --lr 1e-3 --lr-warmup-iters 2 --log-interval 2 --eval-iters 0 --seed 7 "
-        "--split 90,10,0 --num-workers 0 --tokenizer-type TokenizerFromFile"
-    ).split()
-    argv += ["--data-path", dataset, "--tokenizer-file", str(tokenizer)]
-    argv += ["--data-cache-path", str(tmp_path / "cache"), "--metrics-jsonl", str(tmp_path / "m.jsonl")]
-    return load_config([*argv, *extra])
-
-
 def _syncs_per_iteration(cfg, poison_iteration: int | None = None) -> tuple[list[list], object]:
-    """Train through the real loop (`build_run` + `train`) counting host syncs; the calls of each
-    iteration (from one iteration's start to the next one's: step, logging, the stop check)."""
-    from megatron.training import train as loop
+    """The calls of each iteration through the real loop in one process (`loop_syncs_per_iteration`),
+    with a NaN loss on the forward call `poison_iteration` when given."""
 
-    run = loop.build_run(cfg, CPU)
-    if poison_iteration is not None:  # a NaN loss on that iteration (one micro-batch per iteration)
-        run.model.register_forward_hook(_poison_call(poison_iteration))
-    starts, one_iteration = [], loop._one_iteration
+    def poison(run, iteration):
+        if iteration == 0 and poison_iteration is not None:
+            run.model.register_forward_hook(_poison_call(poison_iteration))
 
-    def counted_iteration(*args, **kwargs):
-        starts.append(syncs.count)
-        return one_iteration(*args, **kwargs)
-
-    loop._one_iteration = counted_iteration
-    try:
-        with count_host_syncs() as syncs:
-            loop.train(run)
-    finally:
-        loop._one_iteration = one_iteration
-        run.metrics.close()
-    # the last iteration runs into the end of training (final save, evaluation): left out
-    return [syncs.calls[a:b] for a, b in zip(starts, starts[1:], strict=False)], run
+    return loop_syncs_per_iteration(cfg, CPU, before_iteration=poison)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +107,7 @@ def test_each_training_iteration_syncs_the_host_once(
     tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, flags
 ):
     per_iteration, run = _syncs_per_iteration(
-        _config(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, *flags)
+        loop_config(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, *flags)
     )
     assert len(per_iteration) == ITERS - 1
     for iteration, calls in enumerate(per_iteration, start=1):  # iterations 2 and 4 log
@@ -147,7 +119,7 @@ def test_each_training_iteration_syncs_the_host_once(
 
 
 def test_a_skipped_nonfinite_iteration_syncs_once_too(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
-    cfg = _config(
+    cfg = loop_config(
         tmp_path,
         tiny_dataset_prefix,
         tiny_tokenizer_path,
