@@ -112,8 +112,9 @@ def main(argv=None) -> int:
         f"full tensors; torch threads {args.threads}"
     )
     samples = SAMPLES[2:] if args.quick else SAMPLES
+    workspace, seed = {}, cfg.training.seed  # the work buffers, kept across tensors as init_weights does
     rows = [
-        time_one(params[f"layers.0.{s}"], f"layers.0.{s}", cfg.training.seed, args.repeats) for s in samples
+        time_one(params[f"layers.0.{s}"], f"layers.0.{s}", seed, args.repeats, workspace) for s in samples
     ]
     new_cpu = sum(r[3][0] for r in rows) / sum(r[1] for r in rows)
     old_cpu = sum(r[4][0] for r in rows) / sum(r[2] for r in rows)
