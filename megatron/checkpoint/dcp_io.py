@@ -87,19 +87,20 @@ def dcp_save(state: dict, directory: Path, pg) -> dict[str, dict]:
     of every data file this rank wrote, computed while writing."""
     import torch.distributed.checkpoint as dcp
 
-    from megatron.checkpoint.dcp_streams import checksum_file_system
+    from megatron.checkpoint.dcp_streams import checksum_file_system, without_record_checksums
 
     writer = dcp.FileSystemWriter(directory, single_file_per_rank=True, sync_files=True, thread_count=1)
     writer.fs = checksum_file_system()
     planner = chunk_save_planner()  # DCP's default, plus LogicalChunks values (fragments.py)
-    if pg is not None:
-        dcp.save(state, storage_writer=writer, process_group=pg, planner=planner)
-    elif "no_dist" in inspect.signature(dcp.save).parameters:
-        dcp.save(state, storage_writer=writer, no_dist=True, planner=planner)
-    else:  # torch < 2.5: the private entry point has the flag
-        from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
+    with without_record_checksums():
+        if pg is not None:
+            dcp.save(state, storage_writer=writer, process_group=pg, planner=planner)
+        elif "no_dist" in inspect.signature(dcp.save).parameters:
+            dcp.save(state, storage_writer=writer, no_dist=True, planner=planner)
+        else:  # torch < 2.5: the private entry point has the flag
+            from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
-        _save_state_dict(state, storage_writer=writer, no_dist=True, planner=planner)
+            _save_state_dict(state, storage_writer=writer, no_dist=True, planner=planner)
     return dict(writer.fs.entries)
 
 

@@ -58,10 +58,34 @@ def checksum_file_system():
                 yield stream
             finally:
                 stream.close()
-            with self._lock:
-                self.entries[path.name] = stream.entry()
+            entry = stream.entry()
+            if entry is not None:
+                with self._lock:
+                    self.entries[path.name] = entry
 
     return ChecksumFileSystem()
+
+
+@contextmanager
+def without_record_checksums():
+    """torch.save computes a CRC32 of every zip record it writes (a quarter of the write time); the
+    checkpoint's own CRC32 of each whole file replaces it (torch.load does not check it). Where the torch
+    has the setting (>= 2.6)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        yield
+        return
+    save_config = getattr(config, "save", None)
+    before = getattr(save_config, "compute_crc32", None)
+    if before is None:
+        yield
+        return
+    save_config.compute_crc32 = False
+    try:
+        yield
+    finally:
+        save_config.compute_crc32 = before
 
 
 class _MemoryReader(io.RawIOBase):

@@ -102,14 +102,6 @@ def entry_problem(path: Path, expected: dict, checksum: bool = True) -> str | No
     return None
 
 
-def entries_of(paths: list[Path]) -> list[dict]:
-    """`file_entry` of several files, hashed in parallel threads (zlib and the reads release the GIL)."""
-    if len(paths) <= 1:
-        return [file_entry(path) for path in paths]
-    with ThreadPoolExecutor(min(_VERIFY_THREADS, len(paths))) as pool:
-        return list(pool.map(file_entry, paths))
-
-
 def problems_of(checks: list[tuple[Path, dict, bool]]) -> list[str]:
     """`entry_problem` of several (path, expected entry, checksum) checks, in parallel threads; the
     problems found."""
@@ -123,20 +115,42 @@ def problems_of(checks: list[tuple[Path, dict, bool]]) -> list[str]:
 
 class ChecksumWriter(io.BufferedWriter):
     """A file being written that computes its manifest entry from the bytes passing through (CRC32 and
-    size), so a save never reads its files back to hash them."""
+    size), so a save never reads its files back to hash them. A large write is checksummed by a helper
+    thread while this one hands the same bytes to the kernel (both release the GIL); the write returns
+    when both are done, so no memory is read after the caller got it back."""
+
+    _OVERLAP_BYTES = 1 << 20
 
     def __init__(self, path) -> None:
         super().__init__(io.FileIO(path, "wb"))
-        self.crc, self.nbytes = 0, 0
+        self.crc, self.nbytes, self.seeked = 0, 0, False
+        self._helper = ThreadPoolExecutor(1)
 
     def write(self, data) -> int:
-        view = memoryview(data)
-        self.crc = zlib.crc32(view, self.crc)
+        view = memoryview(data).cast("B")
         self.nbytes += view.nbytes
-        return super().write(view)
+        if view.nbytes < self._OVERLAP_BYTES:
+            self.crc = zlib.crc32(view, self.crc)
+            return super().write(view)
+        checksum = self._helper.submit(zlib.crc32, view, self.crc)
+        try:
+            return super().write(view)
+        finally:
+            self.crc = checksum.result()
 
-    def entry(self) -> dict:
-        return {"bytes": self.nbytes, "crc32": crc32_hex(self.crc)}
+    def seek(self, *args) -> int:  # a skipped region: no checksum from the stream (never done by DCP)
+        self.seeked = True
+        return super().seek(*args)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._helper.shutdown()
+
+    def entry(self) -> dict | None:
+        """The manifest entry of what was written (None after a seek: hash the file instead)."""
+        return None if self.seeked else {"bytes": self.nbytes, "crc32": crc32_hex(self.crc)}
 
 
 def relative_files(directory: Path) -> list[str]:
