@@ -109,6 +109,42 @@ def _cross_entropy_errors(group: Group) -> dict[str, float]:
     }
 
 
+def _sequence_parallel_loss_checks(group: Group) -> dict:
+    """The fused loss given this rank's sequence chunk (`input_mapping="gather"`) against
+    F.cross_entropy of the full logits, and the bytes it keeps for backward: those it keeps given the
+    whole hidden state, less the part of the hidden state other ranks hold."""
+    generator = torch.Generator().manual_seed(17)
+    tp, rank = group.size, group.rank
+    b, s, h, vocab = 2, 6 * tp, 16, 8 * tp
+    hidden = torch.randn(b, s, h, generator=generator)
+    weight = torch.randn(vocab, h, generator=generator)
+    labels = torch.randint(0, vocab, (b * s,), generator=generator)
+    grad_loss = torch.rand(b * s, generator=generator)
+    reference_leaves = (hidden.clone().requires_grad_(), weight.clone().requires_grad_())
+    reference = F.cross_entropy(
+        reference_leaves[0].flatten(0, 1) @ reference_leaves[1].t(), labels, reduction="none"
+    )
+    ref_hidden, ref_weight = torch.autograd.grad(reference, reference_leaves, grad_loss)
+    shard, chunk = slice(rank * 8, (rank + 1) * 8), slice(rank * 6, (rank + 1) * 6)
+    saved = {}
+    for mapping, mine in (("none", hidden.flatten(0, 1)), ("gather", hidden[:, chunk])):
+        leaves = (mine.clone().requires_grad_(), weight[shard].clone().requires_grad_())
+        with SavedActivationCounter(exclude=[leaves[1]]) as counter:
+            loss = linear_cross_entropy(leaves[0], leaves[1], labels, group, input_mapping=mapping)
+        saved[mapping] = counter.peak_bytes
+    grad_hidden, grad_weight = torch.autograd.grad(loss, leaves, grad_loss)
+    elsewhere = hidden.numel() * hidden.element_size() * (tp - 1) // tp
+    return {
+        "errors": {
+            "loss": relative_error(loss, reference),
+            "hidden grad": relative_error(grad_hidden, ref_hidden[:, chunk]),
+            "weight grad": relative_error(grad_weight, ref_weight[shard]),
+        },
+        "saved": saved["gather"],
+        "saved expected": saved["none"] - elsewhere,
+    }
+
+
 def _column_parallel_checks(group: Group) -> dict:
     """`column_parallel_linear` (two fused weights with biases, and one weight without) against one
     process's GEMM on every rank's data, with and without sequence parallelism: output and gradients, the
@@ -334,6 +370,7 @@ def _run_rank(tensor_parallel: int) -> dict:
         result["cross_entropy"] = _cross_entropy_errors(state.tp_group)
         result["dropout"] = _dropout_checks(state)
         result["column_parallel"] = _column_parallel_checks(state.tp_group)
+        result["sequence_parallel_loss"] = _sequence_parallel_loss_checks(state.tp_group)
         result["embedding"] = _embedding_and_in_place_checks(state.tp_group)
     return result
 
@@ -384,6 +421,15 @@ def test_column_parallel_linear_keeps_only_what_this_rank_holds(tp2):
             else:
                 assert checks["forward bytes"] == {}, name
                 assert checks["backward bytes"] == {("tp", "all_reduce"): wire_bytes("all_reduce", whole, 2)}
+
+
+def test_sequence_parallel_loss_keeps_only_the_chunk(tp2):
+    """Given the sequence chunk, the fused loss equals one process's and keeps 1/tp of the hidden state
+    for backward (gathered again there), all else as given the whole hidden state."""
+    for rank_result in tp2:
+        checks = rank_result["sequence_parallel_loss"]
+        _assert_small(checks["errors"])
+        assert checks["saved"] == checks["saved expected"]
 
 
 def test_sequence_parallel_embedding_reduce_scatters(tp2):
