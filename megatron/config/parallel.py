@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from megatron.config._fields import ConfigError, arg, require_choice, require_positive
 
-DISTRIBUTED_BACKENDS = ("nccl", "gloo")
+# strict: gloo that checks NCCL's rules (megatron/parallel/strict_backend.py)
+DISTRIBUTED_BACKENDS = ("nccl", "gloo", "strict")
 
 
 @dataclass
@@ -54,7 +55,11 @@ class ParallelConfig:
         "missing or unreachable at start-up fails within it.",
     )
     distributed_backend: str | None = arg(
-        None, "torch.distributed backend (default: nccl on GPUs, gloo on CPUs).", choices=DISTRIBUTED_BACKENDS
+        None,
+        "torch.distributed backend (default: nccl on GPUs, gloo on CPUs). strict: gloo that fails on what NCCL "
+        "would not run (collectives issued in different orders or shapes across ranks, point-to-point messages "
+        "only tags keep apart, non-contiguous tensors); CPU only, for tests.",
+        choices=DISTRIBUTED_BACKENDS,
     )
     num_layers_per_virtual_pipeline_stage: int | None = arg(
         None,

@@ -105,7 +105,7 @@ def _encode(text: str, size: int, digest_of: str | None = None, flag: bool = Fal
 
 
 def _decode(record: torch.Tensor) -> tuple[bytes, bool, str]:
-    data = bytes(record.tolist())
+    data = record.numpy().tobytes()
     text = data[_DIGEST_BYTES + 1 :].rstrip(b"\0").decode(errors="replace")
     return data[:_DIGEST_BYTES], bool(data[_DIGEST_BYTES]), text
 
@@ -137,7 +137,7 @@ class StrictWork(dist.distributed_c10d.Work):
         return self._tensors
 
     def get_future(self) -> torch.futures.Future:
-        self.wait()
+        self.wait()  # a completed future: the checks must run in this thread, before the result is used
         future = torch.futures.Future()
         future.set_result(self._tensors)
         return future
@@ -166,6 +166,15 @@ class StrictProcessGroup(dist.ProcessGroup):
 
     def getBackendName(self) -> str:  # noqa: N802 - the name torch's C++ ProcessGroup calls
         return BACKEND
+
+    # torch's ProcessGroup keeps its name in its backends, and this one has none (every call is Python):
+    # kept here, for DeviceMesh (the checkpoint's) and torch's group registry
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
+
+    @property
+    def group_name(self) -> str:
+        return getattr(self, "_group_name", self.group_id)
 
     def name(self) -> str:
         return BACKEND
@@ -338,6 +347,33 @@ class StrictProcessGroup(dist.ProcessGroup):
 
     def recv_anysource(self, tensors, tag: int):
         raise StrictCollectiveError("receive from any source: NCCL has no such operation")
+
+
+def _unsupported(op: str):
+    def method(self, *args, **kwargs):
+        raise StrictCollectiveError(
+            f"{op} on {self._where()}: not supported by the strict backend (the framework does not use it); "
+            "add it to megatron/parallel/strict_backend.py with its fingerprint"
+        )
+
+    return method
+
+
+for _op in (
+    "gather",
+    "scatter",
+    "alltoall",
+    "alltoall_base",
+    "all_to_all_single",
+    "allreduce_coalesced",
+    "allgather_coalesced",
+    "allgather_into_tensor_coalesced",
+    "all_gather_single_coalesced",
+    "reduce_scatter_tensor_coalesced",
+    "reduce_scatter_single_coalesced",
+    "monitored_barrier",
+):
+    setattr(StrictProcessGroup, _op, _unsupported(_op))
 
 
 def _p2p_header(number: int, tag: int, tensor: torch.Tensor) -> str:

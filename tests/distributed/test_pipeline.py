@@ -1,4 +1,5 @@
-"""Pipeline schedules (megatron/parallel/pipeline.py) on spawned gloo ranks.
+"""Pipeline schedules (megatron/parallel/pipeline.py) on spawned ranks of the strict backend (gloo checking
+NCCL's rules: collectives in one order, p2p messages matched per pair in posting order, tags ignored).
 
 A small chunked model with GPTModel's pipeline interface (`ToyPipelineModel`: an embedding, one
 residual tanh block per virtual stage, the tied embedding as output head) runs the real schedules and

@@ -3,9 +3,9 @@ order by hand (each stage's output handed to the next as a tensor, which is what
 send/recv does), compared with the one-process model in loss, logits and gradients.
 
 One process for PP alone (a ParallelState per pipeline rank without process groups: building a stage and
-running its chunks does not communicate over the pipeline), one spawn of 4 gloo ranks (TP 2 x PP 2) for
-tensor parallelism inside the stages, `full_state_dict` over the real pipeline group, and recomputation
-at TP 2 with sequence parallelism.
+running its chunks does not communicate over the pipeline), one spawn of 4 ranks (TP 2 x PP 2, on the
+strict backend: gloo checking NCCL's rules) for tensor parallelism inside the stages, `full_state_dict`
+over the real pipeline group, and recomputation at TP 2 with sequence parallelism.
 
 Tolerances: pipeline parallelism alone runs the very same kernels on the same tensors in the same order
 (the hidden state is just handed over), so loss, logits and gradients are compared bit for bit; the one
@@ -305,7 +305,7 @@ def _recompute_is_bit_identical(state: ParallelState) -> dict:
 
 
 def _run_rank() -> dict:
-    state = ParallelState.initialize(2, 2, backend="gloo")
+    state = ParallelState.initialize(2, 2, backend="strict")  # gloo checking NCCL's rules
     # this rank's own stage (interleaved: two chunks), gathered over TP and PP
     cfg = tiny_model_config(num_layers=4)
     layout = ParallelConfig(

@@ -95,6 +95,7 @@ def _collective_mismatches(state: ParallelState) -> dict:
             lambda: dist.all_reduce(torch.ones(4, 4).t() if rank else torch.ones(4, 4), group=group)
         ),
         "non_contiguous_send": _error(lambda: dist.isend(torch.ones(4, 2).t(), 1 - rank, group=group)),
+        "unsupported": _error(lambda: dist.all_to_all_single(torch.empty(2), torch.ones(2), group=group)),
     }
 
 
@@ -136,6 +137,9 @@ def _cases() -> dict:
     results["p2p_strict"] = _swapped_p2p(state.world_group.pg)
     results["p2p_gloo"] = _swapped_p2p(dist.new_group([0, 1], backend="gloo"))
     results["after_p2p"] = _correct_program(state)  # the groups still work after every caught mismatch
+    from torch.distributed.device_mesh import init_device_mesh  # the checkpoint's mesh, on this backend
+
+    results["mesh"] = dist.get_backend(init_device_mesh("cpu", (2,), mesh_dim_names=("dp",)).get_group("dp"))
     results["unmatched"] = _unmatched_call(state.rank)
     return results
 
@@ -148,6 +152,7 @@ def ranks() -> list[dict]:
 def test_a_correct_program_runs_and_moves_the_right_data(ranks):
     for rank, result in enumerate(ranks):
         assert result["backend"] == "strict" and result["strict_groups"] == [True, True]
+        assert result["mesh"] == "strict"
         expected = {
             "all_reduce": [3.0] * 4,
             "all_gather_into_tensor": [10.0] * 3 + [11.0] * 3,
@@ -195,6 +200,11 @@ def test_a_non_contiguous_tensor_fails(ranks):
         )
         assert "rank 0:" not in result["non_contiguous"]
         assert "float32[2, 4] is not contiguous (strides (1, 2))" in result["non_contiguous_send"]
+
+
+def test_an_operation_without_a_fingerprint_fails_instead_of_running_unchecked(ranks):
+    for result in ranks:
+        assert "not supported by the strict backend" in result["unsupported"]
 
 
 def test_point_to_point_messages_that_only_tags_keep_apart_fail(ranks):
