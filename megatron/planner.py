@@ -64,6 +64,8 @@ class StagePlan:
     # bytes one GPU of the stage sends per step to synchronise gradients and parameters, per (group kind,
     # collective): `_sync_bytes`
     sync_bytes: dict[tuple[str, str], Fraction] = field(default_factory=dict)
+    # bytes one GPU of the stage sends per step to its pipeline neighbours (`pipeline.send_bytes`)
+    pipeline_send_bytes: int = 0
 
     @property
     def activations(self) -> int:
@@ -231,8 +233,18 @@ def _stage_plan(cfg, layout: _Layout, stage: int) -> tuple[StagePlan, int]:
         activations_per_micro_batch=_stage_activation_bytes(m, layout, stage, len(model.layers)),
         in_flight=_in_flight(layout.pp, stage, layout.micro_batches, layout.vpp),
         sync_bytes=_sync_bytes(cfg, layout, model),
+        pipeline_send_bytes=_pipeline_send_bytes(m, layout, stage),
     )
     return stage_plan, logical
+
+
+def _pipeline_send_bytes(model_cfg, layout: _Layout, stage: int) -> int:
+    """The stage's pipeline messages per step: one [b, s(/t), h] tensor in the model dtype each."""
+    from megatron.parallel.pipeline import send_bytes
+
+    seq = model_cfg.seq_length // (layout.tp if layout.sp else 1)
+    message = layout.micro_batch_size * seq * model_cfg.hidden_size * layout.element
+    return send_bytes(layout.pp, stage, layout.micro_batches, layout.vpp or 1, message)
 
 
 def _sync_bytes(cfg, layout: _Layout, model) -> dict[tuple[str, str], Fraction]:
@@ -364,6 +376,9 @@ def format_plan(p: dict) -> str:
             f"  stage {st.stage}: gradient/parameter sync per step, bytes sent per GPU by group: "
             f"{format_sync_bytes(st.sync_bytes)}"
         )
+    if p["pp"] > 1:
+        sends = ", ".join(f"stage {st.stage} {st.pipeline_send_bytes / GB:.3f} GB" for st in p["stages"])
+        lines.append(f"  pipeline point-to-point per step, bytes sent per GPU (pp group): {sends}")
     options = "; ".join(
         f"{'SP' if sp_option else 'no SP'} + {option or 'no'} recompute {value / GB:.2f} GB"
         for (sp_option, option), value in p["activation_alternatives"].items()

@@ -81,6 +81,7 @@ __all__ = [
     "in_flight_limit",
     "record",
     "run_schedule",
+    "send_bytes",
 ]
 
 
@@ -517,6 +518,18 @@ def in_flight_limit(pp: int, rank: int, num_micro_batches: int, num_chunks: int 
         return min(pp - rank, num_micro_batches)
     warmup = interleaved_warmup(pp, rank, num_micro_batches, num_chunks)
     return min(warmup + 1, num_micro_batches * num_chunks)
+
+
+def send_bytes(pp: int, rank: int, num_micro_batches: int, num_chunks: int, message_bytes: int) -> int:
+    """Bytes pipeline rank `rank` sends in one training step (what `COMM_BYTES` counts under the pp
+    group): every chunk's output to the next virtual stage but the last's, every chunk's input gradient
+    to the previous one but the first's, one `message_bytes` message per micro-batch each."""
+    if pp == 1:
+        return 0
+    stages = [chunk * pp + rank for chunk in range(num_chunks)]
+    forwards = sum(stage != pp * num_chunks - 1 for stage in stages)
+    backwards = sum(stage != 0 for stage in stages)
+    return num_micro_batches * (forwards + backwards) * message_bytes
 
 
 def format_trace(trace: Trace) -> str:

@@ -298,11 +298,12 @@ def _train_gpt(state, layers_per_virtual_stage: int | None = None) -> dict:
     with _watch_sent_outputs() as held:
         for iteration in range(GPT_ITERATIONS):
             batches = _gpt_batches(iteration)
+            COMM_BYTES.reset()
             output, syncs = _counted_step(state, iteration, train_step, model, optimizer, batches, state)
             assert output.update_successful, output
             losses.append(output.lm_loss)
             norms.append(output.grad_norm)
-            steps.append((syncs, output.stop_requested))
+            steps.append((syncs, output.stop_requested, COMM_BYTES.bytes.get(("pp", "send"), 0)))
     weights = full_state_dict(model, state)
     return {"losses": losses, "grad_norms": norms, "weights": weights, "steps": steps, "held": held}
 
@@ -485,7 +486,7 @@ def test_each_training_step_syncs_the_host_once_and_every_rank_sees_a_stop_reque
     world included: the flag raised on the last rank alone comes back set on every rank."""
     _, ranks = spawn
     for run in _training_runs(ranks):
-        syncs, stops = zip(*run["steps"], strict=True)
+        syncs, stops = [step[0] for step in run["steps"]], [step[1] for step in run["steps"]]
         assert list(syncs) == [1] * len(syncs)
         assert list(stops) == [i == STOP_ITERATION for i in range(len(stops))]
 
@@ -513,6 +514,27 @@ def test_sent_outputs_hold_no_data_until_their_backward_and_messages_are_counted
             assert nbytes <= count * 4
             waiting += count
     assert waiting > 0
+
+
+def test_gpt_pipeline_bytes_per_step_equal_the_plan(world2):
+    """The pp bytes each rank counted per training step of the GPT model equal the planner's
+    `pipeline_send_bytes` for the same configuration (1F1B and interleaved)."""
+    from megatron.config import load_config
+    from megatron.planner import plan
+
+    argv = (
+        "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --attention-head-type multiquery "
+        f"--seq-length {GPT_SEQ} --max-position-embeddings {GPT_SEQ} --micro-batch-size {MICRO_BATCH} "
+        f"--global-batch-size {MICRO_BATCH * GPT_MICRO_BATCHES} --pipeline-model-parallel-size 2 --fp32 "
+        f"--vocab-size {GPT_VOCAB} --train-iters {GPT_ITERATIONS} --lr 1e-3"
+    ).split()
+    for virtual in (None, 1):
+        extra = ["--num-layers-per-virtual-pipeline-stage", str(virtual)] if virtual else []
+        stages = plan(load_config([*argv, *extra], world_size=2, check_paths=False))["stages"]
+        for rank, result in enumerate(world2):
+            counted = [step[2] for step in result["gpt"][virtual]["steps"]]
+            assert counted == [stages[rank].pipeline_send_bytes] * GPT_ITERATIONS, (virtual, rank)
+            assert counted[0] > 0
 
 
 def _fail_inside_the_schedule(
