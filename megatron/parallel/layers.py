@@ -8,8 +8,8 @@
 - `column_parallel_linear(x, weights, biases, group, sequence_parallel=...)`: that GEMM as a function,
   for the fused multi-query projection (the query and the replicated K/V weights read one input) and
   the output embedding. Under sequence parallelism it keeps only the chunk [b, s / tp, in] for backward,
-  not the gathered [b, s, in] (tp times less: at 15B, TP 4, bf16, s 8192 that is 75 MB instead of 300 MB
-  per column-parallel input per layer). Backward, as Megatron's
+  not the gathered [b, s, in] (tp times less: at 15B, TP 4, bf16, s 8192, micro-batch 1 that is 25 MB
+  instead of 101 MB per column-parallel input, two per layer: 151 MB less per layer). Backward, as Megatron's
   LinearWithGradAccumulationAndAsyncCommunication: start re-gathering the chunk, compute the input
   gradient meanwhile, start reducing it (reduce-scatter under sequence parallelism, else an in-place
   all-reduce), compute the weight gradients meanwhile, wait. The GEMMs are the ones `kernels.linear` /
