@@ -210,8 +210,9 @@ class StrictProcessGroup(dist.ProcessGroup):
         if bad:
             details = "; ".join(f"rank {rank}: {text.replace(chr(10), ': ', 1)}" for rank, text in bad)
             raise StrictCollectiveError(
-                f"call #{self._calls} on {self._where()}: {details}. NCCL reads and writes every tensor "
-                "as one flat buffer of the stated size: pass contiguous tensors (.contiguous())."
+                f"call #{self._calls} on {self._where()}: {details}. NCCL reads and writes each tensor as "
+                "one flat buffer of the size the collective implies (in place only at this rank's own "
+                "chunk): pass contiguous tensors (.contiguous()) of those sizes."
             )
 
     def _by_rank(self, records) -> str:
@@ -230,9 +231,9 @@ class StrictProcessGroup(dist.ProcessGroup):
         mine = f"call #{self._calls} on {self._where()}: {what}"
         others = _share_waiting(me, mine, [rank for rank in self.global_ranks if rank != me])
         return (
-            f"rank {me}: {mine} was not issued by every rank of the group within the timeout "
-            f"({self.timeout}): some rank issued fewer collectives on this group, or is blocked in another "
-            f"group's collective first (NCCL would hang). "
+            f"rank {me}: {mine} was not issued by every rank of the group (waited up to the timeout, "
+            f"{self.timeout}): some rank issued fewer collectives on this group, is blocked in another "
+            f"group's collective first (NCCL would hang), or is gone. "
             + ("Waiting at the time: " + "; ".join(others) + ". " if others else "")
             + f"gloo: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
         )
@@ -270,6 +271,7 @@ class StrictProcessGroup(dist.ProcessGroup):
     def all_gather_single(self, output, tensor, opts):
         what = f"all_gather_into_tensor {describe(tensor)} -> {describe(output)}"
         extra = _size_problem(output, tensor, self.size(), "output", "input")
+        extra += _alias_problem(output, tensor, self.rank(), "input", "output")
         run = lambda: self._data._allgather_base(output, tensor, opts)  # noqa: E731
         return self._collective(what, [tensor, output], ["input", "output"], run, [output], extra)
 
@@ -280,6 +282,7 @@ class StrictProcessGroup(dist.ProcessGroup):
             f"reduce_scatter_tensor({_reduce_name(opts.reduceOp)}) {describe(tensor)} -> {describe(output)}"
         )
         extra = _size_problem(tensor, output, self.size(), "input", "output")
+        extra += _alias_problem(tensor, output, self.rank(), "output", "input")
         run = lambda: self._data._reduce_scatter_base(output, tensor, opts)  # noqa: E731
         return self._collective(what, [tensor, output], ["input", "output"], run, [output], extra)
 
@@ -391,6 +394,18 @@ def _size_problem(whole, part, size: int, whole_name: str, part_name: str) -> li
     if whole.numel() == part.numel() * size and whole.dtype == part.dtype:
         return []
     return [f"{whole_name} {describe(whole)} is not {size} x {part_name} {describe(part)}"]
+
+
+def _alias_problem(whole, part, rank: int, part_name: str, whole_name: str) -> list[str]:
+    """NCCL runs an all-gather or reduce-scatter in place only when the per-rank tensor is exactly this
+    rank's chunk of the whole one; any other overlap is undefined."""
+    start, end = part.data_ptr(), part.data_ptr() + part.numel() * part.element_size()
+    whole_start = whole.data_ptr()
+    whole_end = whole_start + whole.numel() * whole.element_size()
+    own = whole_start + rank * (end - start)
+    if end <= whole_start or start >= whole_end or start == own:
+        return []
+    return [f"{part_name} overlaps the {whole_name} but is not this rank's chunk {rank} of it"]
 
 
 def _share_waiting(me: int, mine: str, peers: list[int]) -> list[str]:

@@ -75,6 +75,7 @@ def _correct_program(state: ParallelState) -> dict:
 
 def _collective_mismatches(state: ParallelState) -> dict:
     rank, group = state.rank, state.world_group.pg
+    chunked = torch.zeros(4)  # rank 1 passes its own chunk (in place), rank 0 rank 1's chunk
     swapped = [
         lambda: dist.all_reduce(torch.ones(3), group=group),
         lambda: dist.all_gather_into_tensor(torch.empty(4), torch.ones(2), group=group),
@@ -95,6 +96,7 @@ def _collective_mismatches(state: ParallelState) -> dict:
             lambda: dist.all_reduce(torch.ones(4, 4).t() if rank else torch.ones(4, 4), group=group)
         ),
         "non_contiguous_send": _error(lambda: dist.isend(torch.ones(4, 2).t(), 1 - rank, group=group)),
+        "wrong_chunk": _error(lambda: dist.all_gather_into_tensor(chunked, chunked[2:], group=group)),
         "unsupported": _error(lambda: dist.all_to_all_single(torch.empty(2), torch.ones(2), group=group)),
     }
 
@@ -202,6 +204,15 @@ def test_a_non_contiguous_tensor_fails(ranks):
         assert "float32[2, 4] is not contiguous (strides (1, 2))" in result["non_contiguous_send"]
 
 
+def test_an_in_place_gather_from_another_ranks_chunk_fails(ranks):
+    for result in ranks:
+        assert (
+            "rank 0: all_gather_into_tensor float32[2] -> float32[4]: input overlaps the output but is not "
+            in (result["wrong_chunk"])
+        )
+        assert "rank 1:" not in result["wrong_chunk"]
+
+
 def test_an_operation_without_a_fingerprint_fails_instead_of_running_unchecked(ranks):
     for result in ranks:
         assert "not supported by the strict backend" in result["unsupported"]
@@ -225,7 +236,7 @@ def test_a_call_not_issued_by_every_rank_fails_by_the_timeout_naming_what_each_w
     for rank, result in enumerate(ranks):
         message = result["unmatched"]
         assert message is not None and f"rank {rank}: call #1 on the process group of ranks [0, 1]" in message
-        assert "was not issued by every rank of the group within the timeout (0:00:03)" in message
+        assert "was not issued by every rank of the group (waited up to the timeout, 0:00:03)" in message
         # the other rank wrote what it waits in: its first call, on the other group of the same ranks
         other = message.split("Waiting at the time: ")[1]
         assert other.startswith(f"rank {1 - rank}: call #1 on the process group of ranks [0, 1] (group ")
