@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import sys
 import threading
 import zlib
 from contextlib import contextmanager
@@ -117,9 +118,11 @@ class _MemoryReader(io.RawIOBase):
         return count
 
 
-def _load_tensor(view: memoryview, storage) -> torch.Tensor:
+def _load_tensor(view: memoryview, storage, recipes: dict) -> torch.Tensor:
     """The tensor `torch.save` wrote into `view` (one DCP item), its data a view of `storage` (the same
-    bytes, mapped from the file): torch.load's own mmap path, pointed at one record of a larger file."""
+    bytes, mapped from the file): torch.load's own mmap path, pointed at one record of a larger file.
+    `recipes` maps a record's pickle (its dtype, shape, strides) to how it rebuilt the tensor, so items
+    of the same shape skip the unpickling."""
     from torch import serialization
 
     try:
@@ -128,7 +131,30 @@ def _load_tensor(view: memoryview, storage) -> torch.Tensor:
     except AttributeError:  # another torch's private names: the copying path
         return torch.load(_MemoryReader(view), map_location="cpu", weights_only=True)
     with reader as zip_file:
-        return load(zip_file, "cpu", torch._weights_only_unpickler, overall_storage=storage, encoding="utf-8")
+        key = (zip_file.get_record("data.pkl"), zip_file.get_record("byteorder"))
+        recipe = recipes.get(key)
+        if recipe is not None:
+            dtype, nbytes, offset, size, stride = recipe
+            start = zip_file.get_record_offset("data/0")
+            data = storage[start : start + nbytes]
+            return torch.empty(0, dtype=dtype).set_(data, offset, size, stride)
+        tensor = load(
+            zip_file, "cpu", torch._weights_only_unpickler, overall_storage=storage, encoding="utf-8"
+        )
+        data = tensor.untyped_storage()
+        if key[
+            1
+        ] == sys.byteorder.encode() and data.data_ptr() == storage.data_ptr() + zip_file.get_record_offset(
+            "data/0"
+        ):
+            recipes[key] = (
+                tensor.dtype,
+                data.nbytes(),
+                tensor.storage_offset(),
+                tensor.size(),
+                tensor.stride(),
+            )
+        return tensor
 
 
 def _covers(spans: list[tuple[int, int]], size: int) -> bool:
@@ -183,16 +209,17 @@ def _read_file(reader, path: Path, items: list, planner, checksum: bool) -> dict
     if thread is not None:
         thread.start()
     storage = torch.frombuffer(mapped, dtype=torch.uint8).untyped_storage() if size else None
+    recipes: dict = {}
     try:
         for info, request in items:
-            _read_item(reader, view, storage, info, request, planner)
+            _read_item(reader, view, storage, info, request, planner, recipes)
     finally:
         if thread is not None:
             thread.join()
     return {"bytes": size, "crc32": crc32_hex(thread.crc)} if thread is not None else None
 
 
-def _read_item(reader, view: memoryview, storage, info, request, planner) -> None:
+def _read_item(reader, view: memoryview, storage, info, request, planner, recipes: dict) -> None:
     from torch.distributed._shard._utils import narrow_tensor_by_index
     from torch.distributed.checkpoint.planner import LoadItemType
 
@@ -207,7 +234,7 @@ def _read_item(reader, view: memoryview, storage, info, request, planner) -> Non
             return
         tensor = torch.load(stream, map_location="cpu", weights_only=True)
     else:
-        tensor = _load_tensor(item, storage[info.offset : info.offset + info.length])
+        tensor = _load_tensor(item, storage[info.offset : info.offset + info.length], recipes)
     tensor = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
     target = planner.resolve_tensor(request).detach()
     if target.size() != tensor.size():
