@@ -35,7 +35,8 @@ def single_process_losses(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_
 
 LAYOUTS = {
     "tp2xdp2-sp-distopt": (
-        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"]
+        + ["--overlap-grad-reduce", "--overlap-param-gather"],  # replica checks and saves wait for gathers
         "world 4 = TP 2 x PP 1 x DP 2 with sequence parallelism",
     ),
     "tp2xpp2": (
