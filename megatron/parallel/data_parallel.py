@@ -449,6 +449,7 @@ class ShardedMainParams:
         self._first_wait: int | None = None  # set per gather: see `register_forward_pre_hooks`
         self._hooked: list[torch.nn.Module] = []  # modules with a forward pre-hook
         self._ran: set[int] | None = None  # id() of hooked modules whose forward ran (None: no hooks)
+        self._first_wait_cache: tuple[int, int] = (-1, 0)  # (len(self._ran), its _first_wait_index)
 
     def _own_chunk(self, bucket: Bucket) -> torch.Tensor:
         state = self.grad_buffer.parallel_state
@@ -497,7 +498,9 @@ class ShardedMainParams:
         DP into its parameter buffer, in forward order (the last bucket holds the first layers)."""
         self.finish_param_gather()  # never two gathers into one buffer
         if self._ran is not None:
-            self._first_wait = self._first_wait_index()
+            if self._first_wait_cache[0] != len(self._ran):  # recomputed only while new modules run
+                self._first_wait_cache = (len(self._ran), self._first_wait_index())
+            self._first_wait = self._first_wait_cache[1]
         dp_group = self.grad_buffer.parallel_state.dp_group
         for bucket in reversed(self.grad_buffer.buckets):
             own = self._own_chunk(bucket)
@@ -534,6 +537,7 @@ class ShardedMainParams:
             handle.remove()
         bucket_index = {id(p): bucket.index for bucket in self.grad_buffer.buckets for p in bucket.params}
         self._ran, self._hooked, handles = set(), [], []
+        self._first_wait_cache = (-1, 0)
         for module in model.modules():
             indices = [bucket_index[id(p)] for p in module.parameters() if id(p) in bucket_index]
             if module is not model and indices:
