@@ -1,6 +1,7 @@
 """Every tensor/sequence/data-parallel layout trains the same model as one process (the acceptance matrix).
 
-One spawn per world size (2, 4 and 8 gloo ranks) trains every layout of that size for both attention types,
+One spawn per world size (2, 4 and 8 ranks on the strict backend: gloo that fails on what NCCL would not
+run, megatron/parallel/strict_backend.py) trains every layout of that size for both attention types,
 10 iterations each, through the real `train_step` and `MixedPrecisionOptimizer`; the one-process runs are
 done here in the test process. Each layout is then compared to one process: the loss of every iteration
 and the final TP-gathered weights.
@@ -194,7 +195,7 @@ def _train_layouts(world: int) -> dict:
     results = {}
     for layout in (layout for layout in LAYOUTS if layout.world == world):
         state = ParallelState.initialize(
-            layout.tp, layout.pp, sequence_parallel=layout.sequence_parallel, backend="gloo"
+            layout.tp, layout.pp, sequence_parallel=layout.sequence_parallel, backend="strict"
         )
         for head_type in HEAD_TYPES:
             results[(layout.name, head_type)] = train(state, head_type, layout)
@@ -280,7 +281,7 @@ def _missing_kv_reduction(head_type: str) -> None:
     from megatron.training.optimizer import build_optimizer
     from megatron.training.step import train_step
 
-    state = ParallelState.initialize(2, 1, backend="gloo")
+    state = ParallelState.initialize(2, 1, backend="strict")
     state.seed(SEED)
     model = GPTModel(
         tiny_model_config(num_layers=4, attention_head_type=head_type, seq_length=SEQ), VOCAB, state
