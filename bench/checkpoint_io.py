@@ -349,7 +349,7 @@ def measure_stall(args, shape, workdir: Path) -> None:
     sync, asyn = stalls("sync save"), stalls("async save")
     if sync and asyn:
         ratio = statistics.median(asyn) / statistics.median(sync)
-        print(f"\nasync stall per save is {ratio:.2f}x the sync save's (median)")
+        print(f"\nasync stall per save is {ratio:.3f}x the sync save's (median)")
 
 
 def main(argv: list[str] | None = None) -> int:
