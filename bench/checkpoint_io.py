@@ -4,7 +4,8 @@ the same bytes, and the training stall of an async save against a synchronous on
 Throughput: a GPT model (fp32, default about 60M parameters, so model + Adam moments are about 0.7 GB)
 is checkpointed with `megatron.checkpoint.Checkpointer` (one process) and loaded back into fresh
 objects; the reference writes the same tensors' bytes to one file with plain `write` calls (then fsync)
-and reads them back into preallocated tensors with `readinto`. Both sides are timed in the same run,
+and reads them back into preallocated tensors with `readinto` (and, for comparison, into newly allocated
+ones: first-touching new memory is part of any resume, and costly on some virtual machines). Both sides are timed in the same run,
 alternating, `--repeats` times (median shown). GB/s counts tensor bytes (the same numerator for both;
 the checkpoint's on-disk size is printed too). The checkpoint's save time is everything a caller
 waits for: DCP write, fsync, manifest hashing, rename, tracker. Before each read the files' pages are
@@ -232,6 +233,7 @@ def measure_throughput(args, shape, workdir: Path) -> None:
         "plain write": [],
         "checkpoint save": [],
         "plain read": [],
+        "plain read new": [],
         "checkpoint load": [],
     }
     disk_bytes = 0
@@ -245,6 +247,9 @@ def measure_throughput(args, shape, workdir: Path) -> None:
             _drop_cache(plain)
             _drop_cache(root)
         times["plain read"].append(plain_read(plain_targets, plain))
+        if not args.warm_cache:
+            _drop_cache(plain)
+        times["plain read new"].append(plain_read([torch.empty_like(t) for t in tensors], plain))
         times["checkpoint load"].append(checkpoint_load(target, root))
         plain.unlink()
         shutil.rmtree(root)
@@ -262,6 +267,12 @@ def measure_throughput(args, shape, workdir: Path) -> None:
         for name in (reference, f"checkpoint {kind}"):
             seconds = statistics.median(times[name])
             print(f"{name:<18}{seconds:>10.3f}{nbytes / seconds / 1e9:>9.2f}{base / seconds:>9.2f}x")
+    new = statistics.median(times["plain read new"])
+    print(
+        f"\n(plain read into newly allocated tensors, as a process that resumes reads: {new:.3f} s; the "
+        f"checkpoint load is {new / statistics.median(times['checkpoint load']):.2f}x of that. The load "
+        "fills new CPU buffers and copies them into the model only after every checksum matched.)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
