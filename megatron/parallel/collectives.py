@@ -163,30 +163,30 @@ def all_gather_into_tensor_async(output: torch.Tensor, tensor: torch.Tensor, gro
     """Start gathering every rank's `tensor` (contiguous, 1/n of `output`) into the contiguous `output`,
     in group order along dim 0; returns a handle for `wait` (None for a trivial group: copied now).
     `tensor` may be this rank's slice of `output` (an in-place gather, no staging copy)."""
-    assert output.is_contiguous() and tensor.is_contiguous(), "all-gather needs contiguous tensors"
-    assert output.numel() == tensor.numel() * group.size, (tuple(output.shape), tuple(tensor.shape), group)
-    if group.is_trivial:
-        if output.data_ptr() != tensor.data_ptr():
-            output.view(-1).copy_(tensor.view(-1))
-        return None
-    COMM_BYTES.record(group, "all_gather", output)
-    with COMM_TIMER.measure():
-        return dist.all_gather_into_tensor(output, tensor, group=group.pg, async_op=True)
+    return _start_flat("all_gather", output, tensor, whole=output, group=group)
 
 
 def reduce_scatter_tensor_async(output: torch.Tensor, tensor: torch.Tensor, group: Group):
     """Start summing the contiguous `tensor` over `group` into `output`, this rank's 1/n chunk of the sum
     (chunks along dim 0 in group order); returns a handle for `wait` (None for a trivial group: copied
     now). `output` may be this rank's chunk of `tensor` itself."""
-    assert output.is_contiguous() and tensor.is_contiguous(), "reduce-scatter needs contiguous tensors"
-    assert tensor.numel() == output.numel() * group.size, (tuple(output.shape), tuple(tensor.shape), group)
+    return _start_flat("reduce_scatter", output, tensor, whole=tensor, group=group)
+
+
+def _start_flat(op: str, output: torch.Tensor, tensor: torch.Tensor, *, whole: torch.Tensor, group: Group):
+    """The two flat collectives: `whole` (the output of an all-gather, the input of a reduce-scatter) is
+    the group size times the other side; the byte counter charges the whole tensor's ring traffic."""
+    assert output.is_contiguous() and tensor.is_contiguous(), f"{op} needs contiguous tensors"
+    part = tensor if whole is output else output
+    assert whole.numel() == part.numel() * group.size, (op, tuple(output.shape), tuple(tensor.shape), group)
     if group.is_trivial:
         if output.data_ptr() != tensor.data_ptr():
             output.view(-1).copy_(tensor.view(-1))
         return None
-    COMM_BYTES.record(group, "reduce_scatter", tensor)
+    COMM_BYTES.record(group, op, whole)
+    start = dist.all_gather_into_tensor if op == "all_gather" else dist.reduce_scatter_tensor
     with COMM_TIMER.measure():
-        return dist.reduce_scatter_tensor(output, tensor, group=group.pg, async_op=True)
+        return start(output, tensor, group=group.pg, async_op=True)
 
 
 class Pending:
@@ -229,16 +229,6 @@ def all_gather(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     buffer with the rank axis moved next to `dim` (a view when everything before `dim` has size 1, e.g.
     the sequence of a micro-batch of one, else one copy)."""
     return all_gather_async(tensor, group, dim).wait()
-
-
-def all_gather_into(output_chunks: list[torch.Tensor], tensor: torch.Tensor, group: Group) -> None:
-    """All-gather `tensor` into the given contiguous output chunks (one per rank, in group order)."""
-    if group.is_trivial:
-        output_chunks[0].copy_(tensor)
-        return
-    COMM_BYTES.record(group, "all_gather", tensor.new_empty((group.size, *tensor.shape)))
-    with COMM_TIMER.measure():
-        dist.all_gather(output_chunks, tensor.contiguous(), group=group.pg)
 
 
 def reduce_scatter_async(tensor: torch.Tensor, group: Group, dim: int) -> Pending:
