@@ -147,6 +147,7 @@ class ParallelState:
                     timeout=timedelta(minutes=timeout_minutes),
                     rank=launch.rank,
                     world_size=launch.world_size,
+                    store=restart_store(launch, timedelta(minutes=timeout_minutes)),
                 )
             except (RuntimeError, TimeoutError, OSError) as error:  # DistError is a RuntimeError
                 raise RendezvousError(rendezvous_error(launch, timeout_minutes, error)) from error
@@ -269,6 +270,30 @@ class ParallelState:
             f"{' with sequence parallelism' if self.sequence_parallel else ''}; backend {self.backend or 'none'}, "
             f"device {self.device}"
         )
+
+
+def restart_store(launch, timeout: timedelta, environ=None):
+    """The key-value store of this attempt under torchrun's agent store, else None (env:// makes its own).
+
+    torchrun (torch.distributed.elastic) serves one store for the whole job and keeps it across restarts
+    of the worker group; gloo publishes each rank's address in it under fixed keys, so a restarted round
+    would read the dead round's addresses and fail to connect (pytorch/pytorch#167288). Prefixing every
+    key with the restart count (TORCHELASTIC_RESTART_COUNT) gives each round a clean namespace.
+    """
+    import torch.distributed as dist
+
+    environ = os.environ if environ is None else environ
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    store = dist.TCPStore(
+        launch.master_addr,
+        launch.master_port,
+        world_size=launch.world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"megatron/restart_{attempt}/", store)
 
 
 class RendezvousError(RuntimeError):
