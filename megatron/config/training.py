@@ -88,6 +88,19 @@ class LoggingConfig:
     """Console, JSONL, TensorBoard and Weights & Biases logging."""
 
     log_interval: int = arg(100, "Log training metrics every this many iterations.")
+    log_straggler: bool = arg(
+        False,
+        "Every log interval, compare each rank's busy time per iteration (wall time minus the time blocked "
+        "waiting for peers; host time on GPUs) over all ranks: log min / median / max with their ranks and "
+        "name the ranks slower than the median by more than --straggler-threshold (one small all-gather "
+        "per log interval). Off by default.",
+    )
+    straggler_threshold: float = arg(
+        0.2,
+        "With --log-straggler: name a rank whose busy time per iteration exceeds the median over ranks by "
+        "more than this fraction (0.2: 20% slower).",
+    )
+    straggler_minmax_count: int = arg(1, "With --log-straggler: how many slowest and fastest ranks to list.")
     metrics_jsonl: str | None = arg(
         None,
         "Write the logged metrics as one JSON object per line here (default SAVE/metrics.jsonl with --save).",
@@ -107,4 +120,4 @@ class LoggingConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending flags."""
-        require_positive(self, "log_interval")
+        require_positive(self, "log_interval", "straggler_threshold", "straggler_minmax_count")

@@ -13,6 +13,11 @@ Accounting, for tests and benchmarks (costs that do not depend on the machine ar
 - `COMM_TIMER`: wall seconds and calls. gloo collectives are synchronous, so on CPU that is the time spent
   communicating (including waiting for slower ranks); NCCL collectives are asynchronous on the CUDA
   stream, so there it only counts the launch.
+- `HOST_WAIT`: seconds the host thread spent blocked in the calls that wait for peers (the synchronous
+  collectives, `wait()` on an asynchronous one, object gathers, the pipeline's send/receive), never reset:
+  readers take differences. Busy time = wall time minus this is what the straggler report compares
+  (`megatron.training.stragglers`). With NCCL those calls return once the work is queued on the stream,
+  so there it is host time only (the wait for peers then happens on the device).
 - `COMM_BYTES`: per group kind, the bytes each rank sends under the bandwidth-optimal (ring) algorithm, the
   standard cost model: for a tensor of B bytes over n ranks, all-reduce 2 (n-1)/n B, reduce-scatter
   (n-1)/n B of its input, all-gather (n-1)/n B of its output, a point-to-point send B. The planner's
@@ -55,6 +60,16 @@ class Group:
 TRIVIAL = Group()
 
 
+class HostWait:
+    """Seconds blocked waiting for peers since the process started (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+HOST_WAIT = HostWait()
+
+
 class CommTimer:
     """Accumulated seconds and number of calls spent in collectives (see the module docstring)."""
 
@@ -66,13 +81,18 @@ class CommTimer:
         self.seconds, self.calls = 0.0, 0
 
     @contextmanager
-    def measure(self):
+    def measure(self, blocking: bool = True):
+        """Time the block; `blocking` (the call waits for peers, not only starts a collective) also adds
+        the seconds to `HOST_WAIT`."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.seconds += seconds
             self.calls += 1
+            if blocking:
+                HOST_WAIT.seconds += seconds
 
 
 COMM_TIMER = CommTimer()
@@ -143,7 +163,7 @@ def all_reduce_async(tensor: torch.Tensor, group: Group):
     if group.is_trivial:
         return None
     COMM_BYTES.record(group, "all_reduce", tensor)
-    with COMM_TIMER.measure():
+    with COMM_TIMER.measure(blocking=False):
         return dist.all_reduce(tensor, group=group.pg, async_op=True)
 
 
@@ -185,7 +205,7 @@ def _start_flat(op: str, output: torch.Tensor, tensor: torch.Tensor, *, whole: t
         return None
     COMM_BYTES.record(group, op, whole)
     start = dist.all_gather_into_tensor if op == "all_gather" else dist.reduce_scatter_tensor
-    with COMM_TIMER.measure():
+    with COMM_TIMER.measure(blocking=False):
         return start(output, tensor, group=group.pg, async_op=True)
 
 

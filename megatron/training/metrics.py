@@ -50,13 +50,16 @@ class IntervalStats:
         self.num_losses = 0
         self.skipped = 0
         self.seconds = 0.0
+        self.waited_seconds = 0.0  # of `seconds`, blocked waiting for peers (the straggler report)
         self.grad_norm = None
 
-    def add(self, output, seconds: float, *, lr: float, skipped: bool) -> None:
-        """Account one iteration (`output` is its `StepOutput`)."""
+    def add(self, output, seconds: float, *, lr: float, skipped: bool, waited: float = 0.0) -> None:
+        """Account one iteration (`output` is its `StepOutput`) that took `seconds`, `waited` of them
+        blocked waiting for peers."""
         self.iterations += 1
         self.lr = lr
         self.seconds += seconds
+        self.waited_seconds += waited
         self.skipped += int(skipped)
         if math.isfinite(output.lm_loss):  # an fp16 overflow skips the update, yet its loss is valid
             self.loss_sum += output.lm_loss

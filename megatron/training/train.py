@@ -19,7 +19,7 @@ from megatron.log import get_logger
 from megatron.parallel.collectives import all_reduce
 from megatron.parallel.debug import check_replicas
 from megatron.parallel.state import ParallelState
-from megatron.training import builders
+from megatron.training import builders, stragglers
 from megatron.training.evaluate import evaluate, perplexity
 from megatron.training.metrics import (
     IntervalStats,
@@ -276,7 +276,7 @@ def _handle_nonfinite(run: Run, output: StepOutput) -> None:
 
 
 def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
-    start = time.perf_counter()
+    start, waited = time.perf_counter(), stragglers.host_wait_seconds()
     lr = run.optimizer.param_groups[0]["lr"]
     batches = next_micro_batches(data_iterator, run.num_micro_batches, run.parallel_state.device)
     trace = [] if run.cfg.logging.log_pipeline_schedule and not run.schedule_logged else None
@@ -300,7 +300,8 @@ def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
     run.state.iteration += 1
     run.state.consumed_samples += run.global_batch_size
     run.losses.append(output.lm_loss)
-    stats.add(output, time.perf_counter() - start, lr=lr, skipped=not output.update_successful)
+    waited = stragglers.host_wait_seconds() - waited
+    stats.add(output, time.perf_counter() - start, lr=lr, skipped=not output.update_successful, waited=waited)
     return output
 
 
@@ -319,6 +320,7 @@ def _print_schedule(state: ParallelState, trace: list) -> None:
 def _log_interval(run: Run, stats: IntervalStats) -> None:
     metrics = _interval_metrics(run, stats)
     logger.info(format_training_line(metrics))
+    metrics.update(stragglers.log_interval(run.cfg.logging, stats, run.parallel_state, run.state.iteration))
     run.metrics.write(metrics, run.state.iteration)
     stats.reset()
 
