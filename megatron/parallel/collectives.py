@@ -14,10 +14,11 @@ Accounting, for tests and benchmarks (costs that do not depend on the machine ar
   communicating (including waiting for slower ranks); NCCL collectives are asynchronous on the CUDA
   stream, so there it only counts the launch.
 - `HOST_WAIT`: seconds the host thread spent blocked in the calls that wait for peers (the synchronous
-  collectives, `wait()` on an asynchronous one, object gathers, the pipeline's send/receive), never reset:
-  readers take differences. Busy time = wall time minus this is what the straggler report compares
-  (`megatron.training.stragglers`). With NCCL those calls return once the work is queued on the stream,
-  so there it is host time only (the wait for peers then happens on the device).
+  collectives, `wait()` on an asynchronous one, object gathers, the pipeline's send/receive) and in the
+  training step's device sync (`host_waiting`), never reset: readers take differences. Busy time = wall
+  time minus this is what the straggler report compares (`megatron.training.stragglers`). With NCCL the
+  collectives return once queued on the stream and the wait for peers happens on the device, which the
+  host meets at the step's device sync: there busy time is host time only.
 - `COMM_BYTES`: per group kind, the bytes each rank sends under the bandwidth-optimal (ring) algorithm, the
   standard cost model: for a tensor of B bytes over n ranks, all-reduce 2 (n-1)/n B, reduce-scatter
   (n-1)/n B of its input, all-gather (n-1)/n B of its output, a point-to-point send B. The planner's
@@ -96,6 +97,18 @@ class CommTimer:
 
 
 COMM_TIMER = CommTimer()
+
+
+@contextmanager
+def host_waiting():
+    """Count the block's seconds in `HOST_WAIT` only: a device sync, where with NCCL the host waits for
+    the queued collectives, hence for the slowest peer."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        HOST_WAIT.seconds += time.perf_counter() - start
+
 
 # bytes a rank sends, per byte of the tensor, under the ring algorithm over n ranks (module docstring)
 _WIRE_FACTORS = {
