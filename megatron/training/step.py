@@ -27,17 +27,13 @@ import torch
 from megatron.parallel import pipeline
 from megatron.parallel.collectives import all_reduce, all_reduce_async, host_waiting, wait
 from megatron.parallel.state import ParallelState
-from megatron.training.nonfinite import LocalGradCheck, name_nonfinite_ranks
 from megatron.training.optimizer import MixedPrecisionOptimizer
 
 
 @dataclass
 class StepOutput:
-    """The outcome of one iteration. `nonfinite` names what was not finite ("loss", "gradient" or "grad
-    norm"), else None; `overflow` is an fp16 loss-scale overflow (expected now and then: step skipped).
-    `nonfinite_ranks`: the ranks whose local gradients held an inf/nan (--check-for-nan-in-loss-and-grad),
-    with `nonfinite_where` a line per rank naming its first such parameter. `spike`: the loss was a spike
-    (--check-for-spiky-loss), the update skipped. `skipped_by_list`: --iterations-to-skip, not run."""
+    """The outcome of one iteration. `nonfinite` names what was not finite ("loss" or "grad norm"),
+    else None; `overflow` is an fp16 loss-scale overflow (expected now and then: step skipped)."""
 
     lm_loss: float
     num_loss_tokens: int
@@ -46,10 +42,6 @@ class StepOutput:
     overflow: bool = False
     nonfinite: str | None = None
     stop_requested: bool = False  # some rank asked to stop (SIGTERM): save and exit after this step
-    nonfinite_ranks: tuple[int, ...] = ()
-    nonfinite_where: tuple[str, ...] = ()
-    spike: bool = False
-    skipped_by_list: bool = False
 
 
 def next_micro_batches(data_iterator, num_micro_batches: int, device: torch.device) -> list[dict]:
@@ -96,7 +88,6 @@ def forward_backward(
     *,
     forward_only: bool = False,
     trace: list | None = None,
-    faults=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward (and unless `forward_only`, backward) of this rank's model over `micro_batches`,
     accumulating the gradient of the global-batch token-mean loss.
@@ -126,8 +117,6 @@ def forward_backward(
             )
         else:
             loss_sum = _no_pipelining(model, optimizer, micro_batches, total_tokens, forward_only, trace)
-    if faults is not None and faults.active:  # MEGATRON_FAULTS spike (tests): this rank's loss, unreduced
-        loss_sum = faults.scale_loss(loss_sum)
     loss_sum = all_reduce(loss_sum, parallel_state.pp_group)  # non-zero on the last stage only
     return parallel_state.all_reduce_data_parallel(loss_sum), total_tokens
 
@@ -155,8 +144,6 @@ def train_step(
     *,
     trace: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
-    check_grads: bool = False,
-    is_spike: Callable[[float], bool] | None = None,
 ) -> StepOutput:
     """Zero grads, accumulate over `micro_batches`, and step unless the loss or gradients are bad.
 
@@ -165,66 +152,39 @@ def train_step(
     is skipped and the scale adapted, which is normal. `trace`: see `forward_backward`.
 
     One host sync: everything the host needs to decide and report (the loss, the loss tokens, the
-    gradient norm, the fp16 overflow flag, the stop flag and the per-rank non-finite flags) comes back
-    in one device-to-host read (`read_on_host`) after the backward; nothing else waits for the device.
+    gradient norm, the fp16 overflow flag and the stop flag) comes back in one device-to-host read
+    (`read_on_host`) after the backward; nothing else waits for the device.
     `stop_requested`: polled once after the backward for this rank's stop request (SIGTERM);
     `StepOutput.stop_requested` is whether any rank of the job asked (a sum over the world, started
-    asynchronously, riding on the same read). `check_grads` (--check-for-nan-in-loss-and-grad, not
-    under fp16): each rank flags a non-finite LOCAL gradient (`nonfinite.LocalGradCheck`, before the
-    reductions) in its slot of that same all-reduce; a flagged step is skipped, and only then are the
-    parameters named (extra reads). `is_spike(loss)` (--check-for-spiky-loss): True skips the update.
+    asynchronously, riding on the same read).
     """
     model.train()
     optimizer.zero_grad()
-    check = LocalGradCheck.for_optimizer(optimizer) if check_grads else None
-    if check is not None:
-        check.start()
     loss_sum, total_tokens = forward_backward(model, optimizer, micro_batches, parallel_state, trace=trace)
     requested = bool(stop_requested()) if stop_requested is not None else False
-    flags = _world_flags(requested, check, parallel_state, total_tokens.device)
-    flags_handle = all_reduce_async(flags, parallel_state.world_group)
+    stop_flag = torch.full((1,), float(requested), dtype=torch.float32, device=total_tokens.device)
+    stop_handle = all_reduce_async(stop_flag, parallel_state.world_group)
     pending = optimizer.prepare_step()
-    wait(flags_handle)
-    lm_loss, tokens, stop_count, *rest = read_on_host(
-        loss_sum / total_tokens, total_tokens, flags, pending.stats
+    wait(stop_handle)
+    lm_loss, tokens, stop_count, *stats = read_on_host(
+        loss_sum / total_tokens, total_tokens, stop_flag, pending.stats
     )
-    slots, stats = rest[: flags.numel() - 1], rest[flags.numel() - 1 :]
-    skipped = StepOutput(lm_loss, int(tokens), None, False, stop_requested=stop_count > 0)
-    skipped.nonfinite_ranks = tuple(rank for rank, flag in enumerate(slots) if flag > 0)
-    if skipped.nonfinite_ranks:
-        skipped.nonfinite_where = tuple(name_nonfinite_ranks(check, skipped.nonfinite_ranks, parallel_state))
-    if not math.isfinite(lm_loss) or skipped.nonfinite_ranks:
-        skipped.nonfinite = "loss" if not math.isfinite(lm_loss) else "gradient"
-        return skipped
-    if is_spike is not None and is_spike(lm_loss):
-        skipped.spike = True
-        return skipped
+    num_tokens, stop = int(tokens), stop_count > 0
+    if not math.isfinite(lm_loss):
+        return StepOutput(lm_loss, num_tokens, None, False, nonfinite="loss", stop_requested=stop)
     result = optimizer.finish_step(pending, stats)
     nonfinite = None
     if not result.update_successful and not result.found_inf:
         nonfinite = "grad norm"
     return StepOutput(
         lm_loss,
-        int(tokens),
+        num_tokens,
         result.grad_norm,
         update_successful=result.update_successful,
         overflow=result.found_inf,
         nonfinite=nonfinite,
-        stop_requested=stop_count > 0,
+        stop_requested=stop,
     )
-
-
-def _world_flags(
-    requested: bool, check: LocalGradCheck | None, parallel_state: ParallelState, device: torch.device
-) -> torch.Tensor:
-    """[this rank's stop request] plus, with `check`, one slot per rank of the world, this rank's set to
-    its non-finite-gradient flag: summed over the world, every rank learns which ranks had one."""
-    stop = torch.full((1,), float(requested), dtype=torch.float32, device=device)
-    if check is None:
-        return stop
-    slots = torch.zeros(parallel_state.world_size, dtype=torch.float32, device=device)
-    slots[parallel_state.rank] = check.local_flag(device)  # a device copy, no host read
-    return torch.cat([stop, slots])
 
 
 def read_on_host(*tensors: torch.Tensor) -> list[float]:
