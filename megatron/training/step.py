@@ -88,6 +88,7 @@ def forward_backward(
     *,
     forward_only: bool = False,
     trace: list | None = None,
+    faults=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward (and unless `forward_only`, backward) of this rank's model over `micro_batches`,
     accumulating the gradient of the global-batch token-mean loss.
@@ -95,7 +96,8 @@ def forward_backward(
     Returns (loss sum, loss tokens): fp32 scalars, the same on every rank of the job. `optimizer`: a
     `MixedPrecisionOptimizer` (loss scaling, gradient buffer) or None for plain autograd; unused when
     `forward_only` (which runs under no_grad). `trace`: a list that receives the (kind, micro_batch,
-    chunk) order the schedule ran (`pipeline.format_trace` prints it).
+    chunk) order the schedule ran (`pipeline.format_trace` prints it). `faults`: the test-only
+    `megatron.training.faults.Faults` (a spike scales this rank's loss sum before the reduction).
     """
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
@@ -117,6 +119,8 @@ def forward_backward(
             )
         else:
             loss_sum = _no_pipelining(model, optimizer, micro_batches, total_tokens, forward_only, trace)
+    if faults is not None and faults.active:  # MEGATRON_FAULTS spike (tests): this rank's loss, unreduced
+        loss_sum = faults.scale_loss(loss_sum)
     loss_sum = all_reduce(loss_sum, parallel_state.pp_group)  # non-zero on the last stage only
     return parallel_state.all_reduce_data_parallel(loss_sum), total_tokens
 
@@ -144,6 +148,7 @@ def train_step(
     *,
     trace: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    faults=None,
 ) -> StepOutput:
     """Zero grads, accumulate over `micro_batches`, and step unless the loss or gradients are bad.
 
@@ -156,11 +161,14 @@ def train_step(
     (`read_on_host`) after the backward; nothing else waits for the device.
     `stop_requested`: polled once after the backward for this rank's stop request (SIGTERM);
     `StepOutput.stop_requested` is whether any rank of the job asked (a sum over the world, started
-    asynchronously, riding on the same read).
+    asynchronously, riding on the same read). `faults`: the test-only MEGATRON_FAULTS hooks (see
+    `forward_backward`).
     """
     model.train()
     optimizer.zero_grad()
-    loss_sum, total_tokens = forward_backward(model, optimizer, micro_batches, parallel_state, trace=trace)
+    loss_sum, total_tokens = forward_backward(
+        model, optimizer, micro_batches, parallel_state, trace=trace, faults=faults
+    )
     requested = bool(stop_requested()) if stop_requested is not None else False
     stop_flag = torch.full((1,), float(requested), dtype=torch.float32, device=total_tokens.device)
     stop_handle = all_reduce_async(stop_flag, parallel_state.world_group)

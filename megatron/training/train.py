@@ -21,6 +21,7 @@ from megatron.parallel.debug import check_replicas
 from megatron.parallel.state import ParallelState
 from megatron.training import builders, stragglers
 from megatron.training.evaluate import evaluate, perplexity
+from megatron.training.faults import Faults
 from megatron.training.metrics import (
     IntervalStats,
     MetricsLogger,
@@ -74,6 +75,7 @@ class Run:
     schedule_logged: bool = False  # --log-pipeline-schedule prints the first iteration only
     checkpointer: object | None = None  # megatron.checkpoint.Checkpointer with --save / --load
     stop_requested: bool = False  # SIGTERM arrived: save and exit after the current iteration
+    faults: Faults = field(default_factory=Faults)  # test-only MEGATRON_FAULTS (inactive when unset)
 
 
 def _throughput(cfg, vocab_size: int, parallel_state: ParallelState, global_batch: int) -> Throughput:
@@ -93,6 +95,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     """Seed, tokenizer (unless given), data, model, optimizer, scheduler, metrics sinks, and the
     checkpoint to resume."""
     parallel_state = parallel_state or ParallelState.single()
+    faults = Faults.from_env()  # test-only MEGATRON_FAULTS: a bad value fails before anything is built
     # the batch arithmetic is the config's: the process groups must have the layout it was validated for
     dp_sizes = (parallel_state.data_parallel_size, cfg.data_parallel_size)
     assert dp_sizes[0] == dp_sizes[1], f"data-parallel size {dp_sizes[0]}, config validated for {dp_sizes[1]}"
@@ -128,6 +131,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
             config_dict=cfg.to_dict(),
             is_main_rank=parallel_state.is_main_rank,
         ),
+        faults=faults,
     )
     # The training random stream (dropout) starts from the seed whatever building consumed (e.g. the
     # CPU peak measurement runs only once per process); a resumed run then restores it from the checkpoint.
@@ -277,6 +281,8 @@ def _handle_nonfinite(run: Run, output: StepOutput) -> None:
 
 def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
     start, waited = time.perf_counter(), stragglers.host_wait_seconds()
+    if run.faults.active:  # MEGATRON_FAULTS (tests): kill, hang or slow this rank; arm nan and spike
+        run.faults.at_iteration_start(run)
     lr = run.optimizer.param_groups[0]["lr"]
     batches = next_micro_batches(data_iterator, run.num_micro_batches, run.parallel_state.device)
     trace = [] if run.cfg.logging.log_pipeline_schedule and not run.schedule_logged else None
@@ -287,6 +293,7 @@ def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
         run.parallel_state,
         trace=trace,
         stop_requested=lambda: run.stop_requested,
+        faults=run.faults,
     )
     if trace is not None:
         _print_schedule(run.parallel_state, trace)
@@ -361,9 +368,13 @@ def train(run: Run) -> TrainSummary:
     """Train from `run.state` to `run.train_iters` (or --exit-interval); evaluate and save at the end."""
     cfg, start = run.cfg, time.perf_counter()
     _log_start(run)
+    rank = run.parallel_state.rank  # MEGATRON_FAULTS data_hang (tests) wraps the split
+    train_data = run.faults.wrap_dataset(
+        run.data.train, samples_per_iteration=run.global_batch_size, rank=rank
+    )
     loader = builders.build_loader(
         cfg,
-        run.data.train,
+        train_data,
         run.tokenizer,
         run.parallel_state,
         consumed_samples=run.state.consumed_samples,

@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # left in the test's own environment; none of it may leak into the runs a test starts.
 LAUNCHER_VARIABLES = (
     *("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"),
-    *("MEGATRON_LAUNCHER", "MEGATRON_CHECKPOINT_FAULT", "LAUNCHER", "DRY_RUN"),
+    *("MEGATRON_LAUNCHER", "MEGATRON_CHECKPOINT_FAULT", "MEGATRON_FAULTS", "LAUNCHER", "DRY_RUN"),
 )
 
 
