@@ -85,12 +85,24 @@ from megatron.checkpoint.files import (
     relative_files,
     remove_leftovers,
     rng_json_name,
+    storage_failure,
     write_json,
 )
 from megatron.checkpoint.load_plan import LoadPlan, load_object_state, restore_generators
+from megatron.checkpoint.ownership import (
+    SaveLock,
+    check_ownership,
+    check_writable,
+    fresh_lineage,
+    job_run_id,
+    planned_lineage,
+    read_lineage,
+    untracked_checkpoints,
+)
 from megatron.checkpoint.snapshot import BufferPool, Snapshot, fenceable
 from megatron.checkpoint.staging import SaveJob, capture_rng, plain_json, saving_layout, stage_tensors
 from megatron.checkpoint.verify import data_problems, read_common, verification_problems
+from megatron.config.faults import FaultPlan
 from megatron.log import get_logger
 from megatron.parallel.state import ParallelState
 
@@ -98,7 +110,8 @@ logger = get_logger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """A save failed (in the background with `async_save`); the message names the checkpoint and why."""
+    """A save failed (in the background with `async_save`); the message names the checkpoint and why
+    (a full disk or an I/O error by name: ENOSPC, EIO). The previous checkpoint is intact."""
 
 
 class Checkpointer:
@@ -107,11 +120,19 @@ class Checkpointer:
     Every rank constructs it (collective: it creates the checkpoint process group and device mesh) and
     calls `save`, `wait` and `load` together. `async_save`: `save` returns once the tensors are copied to
     the CPU and the files are written in a background thread. `keep_last_k`: after each save is final,
-    delete older complete `iter_*` directories beyond the newest k (never the one just written).
+    delete older complete `iter_*` directories beyond the newest k (never the one just written, never
+    an iteration in `protected`, never another lineage's once `claim`ed unless `overwrite`).
+    `faults`: the test-only fault plan (default: from MEGATRON_FAULTS) whose `in_save` runs as each rank
+    finishes writing its files.
     """
 
     def __init__(
-        self, parallel_state: ParallelState, *, async_save: bool = False, keep_last_k: int | None = None
+        self,
+        parallel_state: ParallelState,
+        *,
+        async_save: bool = False,
+        keep_last_k: int | None = None,
+        faults: FaultPlan | None = None,
     ):
         if keep_last_k is not None and keep_last_k < 1:
             raise ValueError(
@@ -131,6 +152,59 @@ class Checkpointer:
         self._buffers = BufferPool()
         self._snapshot: Snapshot | None = None
         self._fenced = 0.0
+        self.faults = faults if faults is not None else FaultPlan.from_env()
+        self.run_id = job_run_id()
+        # what common.json records (rank 0's): set by `claim` (a fresh run's) and by `load` (inherited);
+        # None until then (checkpointers of tests and tools that do not claim)
+        self.lineage: str | None = None
+        self.claimed, self.overwrite = False, False
+        # iterations keep-last-k never deletes (the last checkpoint before a run of skipped steps): the
+        # training loop adds them (`protect`)
+        self.protected: set[int] = set()
+        self._lock: SaveLock | None = None
+        self.failed_iteration: int | None = None  # the last save that failed (the run goes on without it)
+
+    # ------------------------------------------------------------------ ownership
+    def claim(
+        self, save_dir, *, load_dir=None, finetune=False, overwrite=False, lock_stale_minutes=30.0
+    ) -> None:
+        """Collective, before anything is written under `save_dir`: rank 0 takes the run lock on it and
+        checks that it holds no other lineage's checkpoints (unless `overwrite`); every rank raises the
+        same ValueError (naming the lock's owner, or the other run's checkpoints, and how to proceed)
+        when either fails. From then on replacing or deleting an `iter_*` directory needs it to be this
+        run's lineage (or `overwrite`). `release` gives the lock back."""
+        outcome = None
+        if self.group.rank == 0:
+            try:
+                lineage = planned_lineage(load_dir, finetune, self.run_id)
+                if save_dir:
+                    check_writable(save_dir)
+                    self._lock = SaveLock.acquire(save_dir, self.run_id, lock_stale_minutes)
+                    if not overwrite:
+                        check_ownership(save_dir, lineage, load_dir)
+                outcome = ("ok", lineage)
+            except (ValueError, OSError) as exc:
+                self.release()
+                outcome = ("error", str(exc))
+        outcome = self.group.broadcast(outcome)
+        if outcome[0] != "ok":
+            raise ValueError(outcome[1])
+        self.lineage, self.claimed, self.overwrite = outcome[1], True, overwrite
+
+    def release(self) -> None:
+        """Give back the run lock (rank 0; nothing elsewhere). Idempotent; also done at exit."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def protect(self, iteration: int) -> None:
+        """Never delete the checkpoint of `iteration` under keep-last-k (it does not count among the k)."""
+        self.protected.add(int(iteration))
+
+    def owns(self, directory: Path) -> bool:
+        """May this run replace or delete checkpoint `directory`: its own lineage's, or not `claim`ed,
+        or --overwrite-checkpoints."""
+        return not self.claimed or self.overwrite or read_lineage(directory) == self.lineage
 
     # ------------------------------------------------------------------ save
     def save(
@@ -168,11 +242,17 @@ class Checkpointer:
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "config": plain_json(config),
             "layout": saving_layout(self.parallel_state, optimizer),
+            "lineage": self.lineage,
+            "run_id": self.run_id,
         }
         final = checkpoint_dir(root, iteration)
         job = SaveJob(root, final, self._make_tmp(root, final), int(iteration), state, rng_record, common)
         if not self.async_save:
-            return self._write(job)
+            try:
+                return self._write(job)
+            except CheckpointError:
+                self.failed_iteration = job.iteration
+                raise
         outcome: list = []
         if snapshot is not None:
             snapshot.start(torch_optimizer)
@@ -197,6 +277,8 @@ class Checkpointer:
             self._fenced += self._snapshot.fence_seconds
             self._snapshot = None
         result = outcome[0]
+        if isinstance(result, BaseException):
+            self.failed_iteration = job.iteration
         if isinstance(result, CheckpointError):
             raise CheckpointError(f"background save: {result}") from result
         if isinstance(result, BaseException):
@@ -259,9 +341,12 @@ class Checkpointer:
                 fsync_file(job.tmp / METADATA_FILENAME)
                 small += [COMMON_FILENAME, METADATA_FILENAME]
             files.update({relative: file_entry(job.tmp / relative) for relative in small})
+            if self.faults.active:  # test-only: enospc, kill_in_save (MEGATRON_FAULTS)
+                self.faults.in_save(job.iteration, self.parallel_state.rank, job.tmp / small[0])
             return {"files": files}
         except (Exception, dcp_failure_type()) as exc:  # noqa: BLE001 - reported to rank 0, raised everywhere
-            described = describe(exc)
+            # a full disk or an I/O error by name (every rank sees DCP's failure: each names it)
+            described = storage_failure(exc, job.root) or describe(exc)
             return {"error": described if described.startswith("rank ") else f"rank {rank}: {described}"}
 
     def _commit(self, job: SaveJob, reports: list[dict]) -> str | None:
@@ -283,6 +368,11 @@ class Checkpointer:
             fsync_dir(job.tmp / RNG_DIRNAME)
             fsync_dir(job.tmp)
             fault("before_rename")
+            if job.final.exists() and not self.owns(job.final):
+                return (
+                    f"{job.final} holds a checkpoint of another run (lineage {read_lineage(job.final)}); "
+                    "not replacing it (--overwrite-checkpoints allows it)"
+                )
             replace_directory(job.tmp, job.final)
             fsync_dir(job.root)
             fault("before_tracker")
@@ -292,7 +382,7 @@ class Checkpointer:
         finally:
             shutil.rmtree(job.tmp, ignore_errors=True)  # gone after a successful rename
         if self.keep_last_k is not None:
-            delete_old(job.root, job.iteration, self.keep_last_k)
+            delete_old(job.root, job.iteration, self.keep_last_k, owns=self.owns, protect=self.protected)
         return None
 
     # ------------------------------------------------------------------ load
@@ -307,17 +397,24 @@ class Checkpointer:
         finetune: bool = False,
         load_optim: bool = True,
         load_rng: bool = True,
+        iteration: int | None = None,
     ) -> LoadedCheckpoint | None:
-        """Load the checkpoint the tracker under `load_dir` names into the given objects (None: no
-        tracker). An incomplete or corrupt one is skipped for the newest complete one, with a log line;
+        """Load the checkpoint the tracker under `load_dir` names (or, given `iteration`, that one: a
+        rollback) into the given objects (None: no tracker). An incomplete or corrupt one is skipped for the newest complete one, with a log line;
         ValueError when none is usable or the model's shapes differ (nothing is written into the model
         before every check passed). `finetune`: model weights only, iteration 0. `load_optim=False`:
         fresh optimizer, scheduler and loss scale. `load_rng=False`: keep the current generators."""
         self.wait()
         root = Path(load_dir)
-        tracked = read_tracker(root)
-        if tracked is None:
-            return None
+        tracked = read_tracker(root) if iteration is None else iteration
+        if tracked is None:  # refused unless every iter_* there is this job's (a restart before a tracker)
+            own = untracked_checkpoints(root, fresh_lineage(self.run_id) if self.run_id else None)
+            if not own:
+                return None
+            logger.info(
+                f"NOTE: --load {root} has no tracker; its checkpoints are this job's: resuming the newest"
+            )
+            tracked = int(own[0].name.removeprefix("iter_"))
         directory = checkpoint_dir(root, tracked)
         single = (directory / single_file.MODEL_FILENAME).is_file()
         if single and not (directory / MANIFEST_FILENAME).exists():
@@ -329,6 +426,8 @@ class Checkpointer:
             root, tracked, model, optimizer if with_optimizer else None, load_rng and not finetune
         )
         restore_rng = plan.restore_rng
+        if not finetune:  # a resumed run continues the lineage of what it loaded
+            self.lineage = common.get("lineage")
         plan.apply_model(model, loaded)
         if optimizer is not None and not with_optimizer:
             optimizer.reload_model_params()

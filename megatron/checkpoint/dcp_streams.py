@@ -57,6 +57,10 @@ def checksum_file_system():
             stream = ChecksumWriter(path)
             try:
                 yield stream
+            except OSError as exc:  # a write's ENOSPC or EIO names no file: name it
+                if exc.errno is None or exc.filename is not None:
+                    raise
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
             finally:
                 stream.close()
             entry = stream.entry()

@@ -9,6 +9,7 @@ tracker update.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -39,6 +40,11 @@ DATA_SUFFIX = ".distcp"
 CHECKSUMS = {"crc32": "CRC32", "blake2b": "BLAKE2b"}
 _HASH_CHUNK_BYTES = 8 << 20
 _VERIFY_THREADS = 4
+# what a failed save is reported as by name: a full disk or quota, an I/O error, a read-only file system
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]")
+_SHORT_WRITE = re.compile(r"unexpected pos \d+ vs \d+")  # torch's zip writer after a short write
+_LOW_FREE_BYTES = 1 << 20
 _LEFTOVER = re.compile(r"^\.(iter_\d+|release)\.(tmp|old|deleting)-[0-9a-f]+$")
 
 
@@ -153,6 +159,62 @@ class ChecksumWriter(io.BufferedWriter):
         return None if self.seeked else {"bytes": self.nbytes, "crc32": crc32_hex(self.crc)}
 
 
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, its causes and contexts, and the per-rank failures DCP's CheckpointException carries."""
+    seen: list[BaseException] = []
+    stack: list = [exc]
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, BaseException) or any(item is other for other in seen):
+            continue
+        seen.append(item)
+        failures = getattr(item, "failures", None)
+        if isinstance(failures, dict):
+            stack += [value[0] if isinstance(value, tuple) else value for value in failures.values()]
+        stack += [item.__cause__, item.__context__]
+    return seen
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes available to this user on the file system of `path` (os.statvfs); None if unknown."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def storage_failure(exc: BaseException, root: Path) -> str | None:
+    """A failed write's cause by name when it is the storage's: "No space left on device (ENOSPC) while
+    writing FILE: N bytes free on the file system of --save ROOT" (also EDQUOT, EIO, EROFS, and torch's
+    "unexpected pos" short write, whose cause the free space tells); None for any other failure."""
+    chain = _exception_chain(exc)
+    free = free_bytes(root)
+    where = (
+        f"{free:,} bytes free on the file system of --save {root}" if free is not None else f"--save {root}"
+    )
+    named = []  # (errno, file name or None) of each storage error in the chain
+    for item in chain:
+        code = item.errno if isinstance(item, OSError) else None
+        if code is None and (match := _ERRNO_TEXT.search(str(item))):
+            code = int(match.group(1))
+        if code in STORAGE_ERRNOS:
+            named.append((code, getattr(item, "filename", None)))
+    if named:
+        code, filename = next((found for found in named if found[1]), named[0])
+        target = filename or "the checkpoint"
+        return f"{os.strerror(code)} ({errno.errorcode[code]}) while writing {target}: {where}"
+    short = next((match.group(0) for item in chain if (match := _SHORT_WRITE.search(str(item)))), None)
+    if short is None:
+        return None
+    if free is not None and free < _LOW_FREE_BYTES:
+        return f"No space left on device (ENOSPC: a short write, torch's '{short}') while writing the checkpoint: {where}"
+    return (
+        f"a short write (torch's '{short}': the file system took fewer bytes than written; full, over quota "
+        f"or failing) while writing the checkpoint: {where}"
+    )
+
+
 def relative_files(directory: Path) -> list[str]:
     return sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file())
 
@@ -172,13 +234,25 @@ def remove_leftovers(root: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def delete_old(root: Path, just_saved: int, keep_last_k: int) -> None:
+def delete_old(
+    root: Path,
+    just_saved: int,
+    keep_last_k: int,
+    *,
+    owns=None,
+    protect: frozenset[int] | set[int] = frozenset(),
+) -> None:
     """Keep the `keep_last_k` newest complete checkpoints up to the one just saved; delete older complete
-    ones (renamed away first, so a crash never leaves a half-deleted `iter_*`)."""
+    ones (renamed away first, so a crash never leaves a half-deleted `iter_*`). Only those `owns(path)`
+    accepts (this run's lineage; default every one) count and may go; the iterations in `protect` (the
+    last checkpoint before a run of skipped steps) are never deleted and do not count among the k."""
     older = [
         (iteration, path)
         for iteration, path in find_checkpoints(root)
-        if iteration < just_saved and (path / MANIFEST_FILENAME).is_file()
+        if iteration < just_saved
+        and iteration not in protect
+        and (path / MANIFEST_FILENAME).is_file()
+        and (owns is None or owns(path))
     ]
     for _, path in older[keep_last_k - 1 :]:
         doomed = path.with_name(f".{path.name}.deleting-{secrets.token_hex(4)}")

@@ -77,10 +77,30 @@ class CheckpointConfig:
         None,
         "Keep only the newest K checkpoints under --save (older complete ones are deleted); default all.",
     )
+    overwrite_checkpoints: bool = arg(
+        False,
+        "Let this run replace and (with --keep-last-k) delete checkpoints under --save that another run "
+        "wrote. Without it (the default) a run refuses to start on a --save holding checkpoints of another "
+        "run (one it did not resume from with --load), tracked or not.",
+    )
+    on_save_failure: str = arg(
+        "continue",
+        "What a failed checkpoint save (e.g. a full disk: ENOSPC, or EIO) does; the previous checkpoint "
+        "stays intact either way. continue: log the cause and keep training, trying again at the next "
+        "--save-interval (a failed final save still exits non-zero); stop: exit non-zero at once.",
+        choices=("continue", "stop"),
+    )
+    lock_stale_minutes: float = arg(
+        30.0,
+        "The lock a run holds on --save (SAVE/megatron-run.lock: host, pid, run id) counts as abandoned when "
+        "its owner is a process on this host that no longer exists, or when it was not refreshed for this "
+        "many minutes (its owner refreshes it every minute).",
+    )
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending flags."""
         require_positive(self, "save_interval", "keep_last_k", allow_none=True)
+        require_positive(self, "lock_stale_minutes")
 
 
 @dataclass
