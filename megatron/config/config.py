@@ -105,6 +105,11 @@ class Config:
         for name in SECTIONS:
             getattr(self, name).validate()
         self._check_model_parallel()
+        if self.training.rollback_after_spikes is not None and not self.checkpoint.save:
+            raise ConfigError(
+                f"--rollback-after-spikes {self.training.rollback_after_spikes} needs --save (it rolls "
+                "back to a checkpoint saved there)"
+            )
         self._resolve_batch()
         self._resolve_schedule()
         if check_paths:  # last, so that mistakes in the flags themselves are reported first

@@ -27,7 +27,60 @@ class TrainingConfig:
     skip_nonfinite: bool = arg(
         False, "Skip (and count) steps with a non-finite loss or grad norm instead of stopping the run."
     )
+    check_for_nan_in_loss_and_grad: bool = arg(
+        True,
+        "Check each rank's local gradients for inf/nan before the data-parallel reduction (one flag per "
+        "rank rides on the step's existing all-reduce, no extra host sync) and name the ranks and the "
+        "first parameter with a non-finite gradient; the step is skipped (--skip-nonfinite) or the run "
+        "stops. Under --fp16 inf/nan gradients are loss-scale overflows instead (skipped, scale lowered). "
+        "On by default; --no-check-for-nan-in-loss-and-grad turns it off.",
+        negatable=True,
+    )
+    max_consecutive_nonfinite: int = arg(
+        10,
+        "With --skip-nonfinite: stop the run (exit status 1, no checkpoint saved at exit) after this many "
+        "consecutive iterations with a non-finite loss or gradient: the model has diverged. The last "
+        "checkpoint taken before such steps is never deleted by --keep-last-k.",
+    )
+    check_for_spiky_loss: bool = arg(
+        False,
+        "Skip the update of an iteration whose loss exceeds --spiky-loss-factor times the largest loss "
+        "of the last --spiky-loss-window accepted iterations (decided from the all-reduced loss before "
+        "the optimizer step, the same on every rank); logged with the iteration and its samples. Off by "
+        "default.",
+    )
+    spiky_loss_factor: float = arg(
+        10.0, "With --check-for-spiky-loss: a loss above this multiple of the recent maximum is a spike."
+    )
+    spiky_loss_window: int = arg(
+        100,
+        "With --check-for-spiky-loss: how many recent accepted losses the maximum is taken over; no "
+        "decision is made before that many were seen.",
+    )
+    rollback_after_spikes: int | None = arg(
+        None,
+        "With --check-for-spiky-loss and --save: after this many spikes within --rollback-window "
+        "iterations, reload the newest checkpoint taken before the first of them (model, optimizer, "
+        "random state, data position) and skip the iterations from the first to the last spike (added "
+        "to --iterations-to-skip and recorded in later checkpoints). Default: never roll back.",
+    )
+    rollback_window: int = arg(
+        100, "With --rollback-after-spikes: the spikes must fall within this many iterations."
+    )
+    iterations_to_skip: list[int] | None = arg(
+        None,
+        "Iterations (1-based: the step that makes the iteration count reach N) whose global batch is "
+        "read from the data loader (consumed samples advance) but not trained on: no forward, no update, "
+        "no learning-rate step; counted as skipped. A resumed run also skips those recorded in its "
+        "checkpoint.",
+    )
     exit_interval: int | None = arg(None, "Exit after the iteration that is a multiple of this.")
+    hang_timeout_minutes: float = arg(
+        30.0,
+        "Hang watchdog: a rank that makes no progress (an iteration step, data, evaluation, a checkpoint "
+        "save or load) for this many minutes writes every thread's stack and the stuck rank(s) to the log "
+        "and exits with status 3, so the launcher's restart policy applies; fractions allowed; 0 = off.",
+    )
     dry_run: bool = arg(
         False,
         "Print the per-stage memory and time plan for this config and layout (model on the meta device, "
@@ -47,8 +100,17 @@ class TrainingConfig:
         require_positive(
             self, "global_batch_size", "train_iters", "train_samples", "exit_interval", allow_none=True
         )
+        require_positive(
+            self, "max_consecutive_nonfinite", "spiky_loss_factor", "spiky_loss_window", "rollback_window"
+        )
+        require_positive(self, "rollback_after_spikes", allow_none=True)
+        self._check_spike_flags()
         if self.eval_iters < 0:
             raise ConfigError(f"{show('eval_iters', self.eval_iters)} must be >= 0")
+        if not self.hang_timeout_minutes >= 0:
+            raise ConfigError(
+                f"{show('hang_timeout_minutes', self.hang_timeout_minutes)} must be >= 0 (0 = off)"
+            )
         if (self.train_iters is None) == (self.train_samples is None):
             given = "both were given" if self.train_iters is not None else "neither was given"
             raise ConfigError(f"give exactly one of --train-iters and --train-samples ({given})")
@@ -56,6 +118,26 @@ class TrainingConfig:
         if len(chosen) > 1:
             flags = " and ".join("--" + name for name in chosen)
             raise ConfigError(f"{flags} given together; choose one of --fp16, --bf16, --fp32")
+
+    def _check_spike_flags(self) -> None:
+        if self.iterations_to_skip is None:
+            return self._check_rollback()
+        try:
+            self.iterations_to_skip = sorted({int(str(value)) for value in self.iterations_to_skip})
+        except ValueError:
+            raise ConfigError(
+                f"{show('iterations_to_skip', self.iterations_to_skip)}: expected iteration numbers"
+            ) from None
+        if any(value < 1 for value in self.iterations_to_skip):
+            raise ConfigError(f"{show('iterations_to_skip', self.iterations_to_skip)}: iterations start at 1")
+        return self._check_rollback()
+
+    def _check_rollback(self) -> None:
+        if self.rollback_after_spikes is not None and not self.check_for_spiky_loss:
+            raise ConfigError(
+                f"{show('rollback_after_spikes', self.rollback_after_spikes)} needs --check-for-spiky-loss "
+                "(the spikes it counts)"
+            )
 
 
 @dataclass

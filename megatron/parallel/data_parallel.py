@@ -273,6 +273,7 @@ class GradBuffer:
         self._check_embedding_group(named_params)
         self._last_micro_batch = True
         self._synced = False
+        self.before_reduction = None  # called with each bucket, its gradients still local (a NaN check)
         self._attach(params)
 
     def _check_embedding_group(self, named_params) -> None:
@@ -356,6 +357,8 @@ class GradBuffer:
         """Start the DP sum of the bucket: a reduce-scatter into the own chunk (in place) under the
         distributed optimizer, else an all-reduce."""
         dp_group = self.parallel_state.dp_group
+        if self.before_reduction is not None:
+            self.before_reduction(bucket)
         if self.shard_over_data_parallel:
             lo, hi = self.valid_range(bucket)
             bucket.handle = collectives.reduce_scatter_tensor_async(self.data[lo:hi], bucket.data, dp_group)

@@ -27,13 +27,17 @@ import torch
 from megatron.parallel import pipeline
 from megatron.parallel.collectives import all_reduce, all_reduce_async, host_waiting, wait
 from megatron.parallel.state import ParallelState
+from megatron.training.nonfinite import LocalGradCheck, name_nonfinite_ranks
 from megatron.training.optimizer import MixedPrecisionOptimizer
 
 
 @dataclass
 class StepOutput:
-    """The outcome of one iteration. `nonfinite` names what was not finite ("loss" or "grad norm"),
-    else None; `overflow` is an fp16 loss-scale overflow (expected now and then: step skipped)."""
+    """The outcome of one iteration. `nonfinite` names what was not finite ("loss", "gradient" or "grad
+    norm"), else None; `overflow` is an fp16 loss-scale overflow (expected now and then: step skipped).
+    `nonfinite_ranks`: the ranks whose local gradients held an inf/nan (--check-for-nan-in-loss-and-grad),
+    with `nonfinite_where` a line per rank naming its first such parameter. `spike`: the loss was a spike
+    (--check-for-spiky-loss), the update skipped. `skipped_by_list`: --iterations-to-skip, not run."""
 
     lm_loss: float
     num_loss_tokens: int
@@ -42,6 +46,10 @@ class StepOutput:
     overflow: bool = False
     nonfinite: str | None = None
     stop_requested: bool = False  # some rank asked to stop (SIGTERM): save and exit after this step
+    nonfinite_ranks: tuple[int, ...] = ()
+    nonfinite_where: tuple[str, ...] = ()
+    spike: bool = False
+    skipped_by_list: bool = False
 
 
 def next_micro_batches(data_iterator, num_micro_batches: int, device: torch.device) -> list[dict]:
@@ -148,6 +156,8 @@ def train_step(
     *,
     trace: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    check_grads: bool = False,
+    is_spike: Callable[[float], bool] | None = None,
     faults=None,
 ) -> StepOutput:
     """Zero grads, accumulate over `micro_batches`, and step unless the loss or gradients are bad.
@@ -157,42 +167,69 @@ def train_step(
     is skipped and the scale adapted, which is normal. `trace`: see `forward_backward`.
 
     One host sync: everything the host needs to decide and report (the loss, the loss tokens, the
-    gradient norm, the fp16 overflow flag and the stop flag) comes back in one device-to-host read
-    (`read_on_host`) after the backward; nothing else waits for the device.
+    gradient norm, the fp16 overflow flag, the stop flag and the per-rank non-finite flags) comes back
+    in one device-to-host read (`read_on_host`) after the backward; nothing else waits for the device.
     `stop_requested`: polled once after the backward for this rank's stop request (SIGTERM);
     `StepOutput.stop_requested` is whether any rank of the job asked (a sum over the world, started
-    asynchronously, riding on the same read). `faults`: the test-only MEGATRON_FAULTS hooks (see
-    `forward_backward`).
+    asynchronously, riding on the same read). `check_grads` (--check-for-nan-in-loss-and-grad, not
+    under fp16): each rank flags a non-finite LOCAL gradient (`nonfinite.LocalGradCheck`, before the
+    reductions) in its slot of that same all-reduce; a flagged step is skipped, and only then are the
+    parameters named (extra reads). `is_spike(loss)` (--check-for-spiky-loss): True skips the update.
+    `faults`: the test-only MEGATRON_FAULTS hooks (see `forward_backward`).
     """
     model.train()
     optimizer.zero_grad()
+    check = LocalGradCheck.for_optimizer(optimizer) if check_grads else None
+    if check is not None:
+        check.start()
     loss_sum, total_tokens = forward_backward(
         model, optimizer, micro_batches, parallel_state, trace=trace, faults=faults
     )
     requested = bool(stop_requested()) if stop_requested is not None else False
-    stop_flag = torch.full((1,), float(requested), dtype=torch.float32, device=total_tokens.device)
-    stop_handle = all_reduce_async(stop_flag, parallel_state.world_group)
+    flags = _world_flags(requested, check, parallel_state, total_tokens.device)
+    flags_handle = all_reduce_async(flags, parallel_state.world_group)
     pending = optimizer.prepare_step()
-    wait(stop_handle)
-    lm_loss, tokens, stop_count, *stats = read_on_host(
-        loss_sum / total_tokens, total_tokens, stop_flag, pending.stats
+    wait(flags_handle)
+    lm_loss, tokens, stop_count, *rest = read_on_host(
+        loss_sum / total_tokens, total_tokens, flags, pending.stats
     )
-    num_tokens, stop = int(tokens), stop_count > 0
-    if not math.isfinite(lm_loss):
-        return StepOutput(lm_loss, num_tokens, None, False, nonfinite="loss", stop_requested=stop)
+    slots, stats = rest[: flags.numel() - 1], rest[flags.numel() - 1 :]
+    skipped = StepOutput(lm_loss, int(tokens), None, False, stop_requested=stop_count > 0)
+    skipped.nonfinite_ranks = tuple(rank for rank, flag in enumerate(slots) if flag > 0)
+    if skipped.nonfinite_ranks:
+        skipped.nonfinite_where = tuple(name_nonfinite_ranks(check, skipped.nonfinite_ranks, parallel_state))
+    if not math.isfinite(lm_loss) or skipped.nonfinite_ranks:
+        skipped.nonfinite = "loss" if not math.isfinite(lm_loss) else "gradient"
+        return skipped
+    if is_spike is not None and is_spike(lm_loss):
+        skipped.spike = True
+        return skipped
     result = optimizer.finish_step(pending, stats)
     nonfinite = None
     if not result.update_successful and not result.found_inf:
         nonfinite = "grad norm"
     return StepOutput(
         lm_loss,
-        num_tokens,
+        int(tokens),
         result.grad_norm,
         update_successful=result.update_successful,
         overflow=result.found_inf,
         nonfinite=nonfinite,
-        stop_requested=stop,
+        stop_requested=stop_count > 0,
     )
+
+
+def _world_flags(
+    requested: bool, check: LocalGradCheck | None, parallel_state: ParallelState, device: torch.device
+) -> torch.Tensor:
+    """[this rank's stop request] plus, with `check`, one slot per rank of the world, this rank's set to
+    its non-finite-gradient flag: summed over the world, every rank learns which ranks had one."""
+    stop = torch.full((1,), float(requested), dtype=torch.float32, device=device)
+    if check is None:
+        return stop
+    slots = torch.zeros(parallel_state.world_size, dtype=torch.float32, device=device)
+    slots[parallel_state.rank] = check.local_flag(device)  # a device copy, no host read
+    return torch.cat([stop, slots])
 
 
 def read_on_host(*tensors: torch.Tensor) -> list[float]:
