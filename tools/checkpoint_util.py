@@ -291,7 +291,7 @@ def _stream_tensors(directory: Path, prefix: str):
     """(checkpoint key, tensor) one at a time, from the team's streaming reader."""
     from megatron.checkpoint import iter_tensors
 
-    for name, tensor in iter_tensors(directory, prefix):
+    for name, tensor in iter_tensors(directory, prefix, verify=False):  # verified first (--skip-verify)
         yield (name if name.startswith(prefix) else prefix + name), tensor
         del tensor  # not held while the reader assembles the next one
 

@@ -291,7 +291,7 @@ def convert(args) -> Path:
     tmp.mkdir(parents=True)
     try:
         writer = _ShardWriter(tmp, shards, shapes, dtype, tokenizer.vocab_size)
-        for name, tensor in iter_tensors(directory):
+        for name, tensor in iter_tensors(directory, verify=False):  # verified above (unless --no-verify)
             for hf_name, rows_slice in hf_names_of(name, config):
                 writer.add(hf_name, rows_slice, tensor)
         writer.finish()

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-kv-cache", action="store_true", help="re-run the whole sequence every step (slow; a reference)"
     )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking every checkpoint file against its manifest (sizes and checksums, as training "
+        "does; default: checked, and a damaged checkpoint is refused naming the file); sizes are still checked",
+    )
     parser.add_argument("--tokenizer-type", default=None, help="default: the checkpoint's tokenizer type")
     parser.add_argument("--tokenizer-file", default=None, help="tokenizer.json (TokenizerFromFile)")
     parser.add_argument("--vocab-file", default=None, help="vocab.json (GPT2BPETokenizer)")
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         stored = read_checkpoint_config(args.load)
         tokenizer_args = _tokenizer_args(args, stored.get("data", {}))
         tokenizer = build_tokenizer(tokenizer_args.pop("tokenizer_type"), **tokenizer_args)
-        model = load_model_from_checkpoint(args.load)
+        model = load_model_from_checkpoint(args.load, verify=not args.no_verify)
         texts = generate_text(
             model,
             tokenizer,

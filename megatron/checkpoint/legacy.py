@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from megatron.checkpoint.directory import TRACKER_FILENAME
+from megatron.checkpoint.files import verify_torch_file
 
 MODEL_FILENAME = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -73,7 +74,9 @@ def _safe_globals() -> list:
 
 def safe_load(path: Path) -> dict:
     """torch.load with weights_only=True and only the legacy files' harmless classes allow-listed;
-    ValueError naming the file when it needs anything else or cannot be read."""
+    ValueError naming the file when it needs anything else or cannot be read, or when a record's CRC32
+    differs from the one the file records (`verify_torch_file`)."""
+    verify_torch_file(path)
     serialization = torch.serialization
     try:
         if hasattr(serialization, "safe_globals"):

@@ -33,6 +33,7 @@ from megatron.checkpoint.directory import (
     replace_directory,
     write_tracker,
 )
+from megatron.checkpoint.files import verify_torch_file
 
 MODEL_FILENAME = os.path.join("mp_rank_00", "model_optim_rng.pt")
 CHECKPOINT_VERSION = 3.0
@@ -148,6 +149,7 @@ def read_checkpoint(path) -> dict | None:
     file = checkpoint_dir(path, iteration) / MODEL_FILENAME
     if not file.is_file():
         raise ValueError(f"{Path(path) / TRACKER_FILENAME} names iteration {iteration} but {file} is missing")
+    verify_torch_file(file)  # every record's CRC32 (torch.load checks none)
     state = torch.load(file, map_location="cpu", weights_only=True)
     state["path"] = str(file)
     return state

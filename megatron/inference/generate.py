@@ -388,8 +388,9 @@ def read_checkpoint_config(load_dir) -> dict:
     return _read_basic(load_dir, mmap=True)["args"]
 
 
-def _read_basic(load_dir, *, mmap: bool = False) -> dict:
+def _read_basic(load_dir, *, mmap: bool = False, verify: bool = False) -> dict:
     from megatron.checkpoint.directory import checkpoint_dir, read_tracker
+    from megatron.checkpoint.files import verify_torch_file
     from megatron.checkpoint.single_file import MODEL_FILENAME
 
     iteration = read_tracker(load_dir)
@@ -398,6 +399,8 @@ def _read_basic(load_dir, *, mmap: bool = False) -> dict:
         raise ValueError(
             f"--load {load_dir}: iteration {iteration} has neither a sharded checkpoint (common.json) nor {file}"
         )
+    if verify:  # the CRC32 of every record of the file (what a single file carries)
+        verify_torch_file(file)
     return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
 
 
@@ -416,30 +419,36 @@ def _check_file_sizes(directory: Path) -> None:
             raise ValueError(f"{path}: {found}, manifest.json records {entry['bytes']} bytes")
 
 
-def _model_weights(load_dir) -> tuple[dict, dict]:
-    """(config dict, {parameter name: full tensor}) of the latest checkpoint under `load_dir`.
+def _model_weights(load_dir, verify: bool = True) -> tuple[dict, dict]:
+    """(config dict, {parameter name: full tensor}) of the latest checkpoint under `load_dir`, verified
+    first as training verifies it (every file's size and checksum against the manifest; a basic
+    checkpoint's record CRCs) unless `verify` is False (then sizes only).
 
     Sharded checkpoints saved at any TP x PP x DP layout read back as full logical tensors in one
     process (`load_full_state`); basic ones are one file."""
     directory = _sharded_directory(load_dir)
     if directory is None:
-        state = _read_basic(load_dir)
+        state = _read_basic(load_dir, verify=verify)
         return state["args"], state["model"]
     from megatron.checkpoint.readers import load_full_state
     from megatron.checkpoint.verify import read_common
 
-    _check_file_sizes(directory)
+    if not verify:
+        _check_file_sizes(directory)
     config = read_common(directory)["config"]
     prefix = "model/"
     weights = {
         (name[len(prefix) :] if name.startswith(prefix) else name): tensor
-        for name, tensor in load_full_state(directory, prefix).items()
+        for name, tensor in load_full_state(directory, prefix, verify=verify).items()
     }
     return config, weights
 
 
-def load_model_from_checkpoint(load_dir, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild the GPTModel saved under `load_dir` from its stored config, in fp32 and eval mode.
+def load_model_from_checkpoint(
+    load_dir, device: torch.device | str = "cpu", *, verify: bool = True
+) -> torch.nn.Module:
+    """Rebuild the GPTModel saved under `load_dir` from its stored config, in fp32 and eval mode. The
+    checkpoint is verified first (ValueError naming a damaged file) unless `verify` is False.
 
     `load_dir` is a --save directory (its tracked iteration) or a sharded checkpoint's iteration
     directory; sharded checkpoints of any saving layout and basic single-file ones both load. The model
@@ -448,7 +457,7 @@ def load_model_from_checkpoint(load_dir, device: torch.device | str = "cpu") -> 
     from megatron.config import ModelConfig
     from megatron.model import GPTModel
 
-    config, weights = _model_weights(load_dir)
+    config, weights = _model_weights(load_dir, verify)
     model_config = ModelConfig(**config["model"])
     vocab_name = next((name for name in weights if name.endswith("word_embeddings.weight")), None)
     if vocab_name is None:

@@ -218,7 +218,7 @@ def test_consolidate_streams_one_tensor_at_a_time(tool, saved, tmp_path, monkeyp
     full = sharded.load_full_state(_iteration_dir(root), "model/")
     alive_at_request: list[int] = []
 
-    def one_at_a_time(directory, prefix="model/"):
+    def one_at_a_time(directory, prefix="model/", **kwargs):
         handed_out: list[weakref.ref] = []
         for name in list(full):
             alive_at_request.append(sum(ref() is not None for ref in handed_out))
