@@ -177,3 +177,30 @@ def rendezvous_error(launch: Launch, timeout_minutes: float, error: BaseExceptio
         f"({first_line}); check MASTER_ADDR/MASTER_PORT (rank 0's host and a port open between the nodes) "
         f"and that all {launch.world_size} ranks were started"
     )
+
+
+# The restart round of this process: torchrun's agent counts its restarts of the worker group; a SLURM
+# recipe that retries `srun` (examples/pretrain_tiny.slurm) exports its own counter under the second name.
+RESTART_COUNT_VARIABLES = ("TORCHELASTIC_RESTART_COUNT", "MEGATRON_RESTART_COUNT")
+MAX_RESTARTS_VARIABLES = ("TORCHELASTIC_MAX_RESTARTS", "MEGATRON_MAX_RESTARTS")
+
+
+def _first_count(environ: Mapping[str, str], names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def restart_attempt(environ: Mapping[str, str] | None = None) -> int:
+    """Which (re)start of the job this process belongs to: 0 for the first, 1 after one restart, ...
+    (TORCHELASTIC_RESTART_COUNT under torchrun, else MEGATRON_RESTART_COUNT, else 0)."""
+    found = _first_count(os.environ if environ is None else environ, RESTART_COUNT_VARIABLES)
+    return found or 0
+
+
+def max_restarts(environ: Mapping[str, str] | None = None) -> int | None:
+    """How many restarts the launcher allows (torchrun's --max-restarts, or the recipe's
+    MEGATRON_MAX_RESTARTS); None when the launcher does not say."""
+    return _first_count(os.environ if environ is None else environ, MAX_RESTARTS_VARIABLES)

@@ -11,6 +11,13 @@ groups created (a user error never leaves ranks waiting on each other). Errors f
 run also exit with status 2; ranks that do not all meet at the rendezvous within
 --distributed-timeout-minutes, or a non-finite loss or gradient norm, exit with status 1.
 
+Restarts (`megatron.training.restarts`): under `torchrun --max-restarts N` (or a SLURM recipe that
+retries srun) a lost rank brings the whole group back from the newest checkpoint. A rank whose collective
+fails because a peer died exits with status 1 at once, without saving ("peer lost"); a SIGTERM with every
+peer alive (a preemption) saves and exits 0. Each start and failure is recorded in SAVE/restarts.jsonl,
+and the metrics JSONL gets a start marker; a launch that keeps failing at one iteration is summarised
+("crash loop: ..."). An error that ends the run also goes to torchrun's error file (`@record`).
+
 `--dry-run` prints the memory and time plan of `megatron.planner` for the config and layout (WORLD_SIZE,
 or --data-parallel-size without it, sets the data-parallel size) and exits 0 before the tokenizer check and the process groups; it needs no
 data or tokenizer paths.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import sys
 
+from megatron.checkpoint.ownership import check_before_start
 from megatron.config import ConfigError, exit_with_error, parse_config
 from megatron.launch import apply_launch
 from megatron.log import get_logger, set_logging
@@ -79,13 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         exit_with_error(str(error))
     try:
         tokenizer, _ = checked_tokenizer(cfg)  # before torch is imported: fails fast
+        # --save writable, not locked by another run, holding no other run's checkpoints (every rank)
+        check_before_start(cfg.checkpoint)
         state = _initialize(cfg)  # only after every input check
     except ValueError as error:
         return _error(error, 2)
     except RuntimeError as error:  # RendezvousError: the ranks did not all meet within the timeout
         return _error(error, 1)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     try:
-        return _train(cfg, tokenizer, state)
+        # @record: an exception that ends the run is written to torchrun's error file for its summary
+        return record(_train)(cfg, tokenizer, state)
     finally:
         state.destroy()
 
@@ -100,22 +113,41 @@ def _dry_run(cfg) -> int:
     return 0
 
 
+def _failed(error: Exception, cfg, state, *, completed: int, reraise: bool = True) -> int:
+    """Training ended with an exception: a lost peer exits with status 1 without saving (the launcher
+    restarts the job); any other error is re-raised after the restart history records it."""
+    from megatron.training import restarts
+
+    peer_lost = restarts.on_failure(
+        error, parallel_state=state, completed=completed, save_dir=cfg.checkpoint.save
+    )
+    if peer_lost or not reraise:
+        return 1
+    raise error
+
+
 def _error(error: Exception, status: int) -> int:
     logger.error(f"error: {error}")
     return status
 
 
 def _train(cfg, tokenizer, state) -> int:
+    from megatron.training.saving import SaveFailedError
     from megatron.training.train import NonFiniteError, build_run, train
 
     try:
         run = build_run(cfg, state, tokenizer=tokenizer)
     except ValueError as error:
         return _error(error, 2)
+    except Exception as error:  # e.g. a peer lost while loading the checkpoint
+        return _failed(error, cfg, state, completed=0)
     try:
         summary = train(run)
-    except NonFiniteError as error:
+    except (NonFiniteError, SaveFailedError) as error:
+        _failed(error, cfg, state, completed=run.state.iteration, reraise=False)
         return _error(error, 1)
+    except Exception as error:
+        return _failed(error, cfg, state, completed=run.state.iteration)
     finally:
         run.metrics.close()
     logger.info(_summary_line(summary))  # printed by the main rank only (set_logging)

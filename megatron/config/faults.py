@@ -5,8 +5,8 @@
 A `;`-separated list of `kind:key=value,key=value`. Kinds (`KINDS`): kill, hang, slow, data_hang, nan,
 spike, enospc, kill_in_save. Keys: `rank` (global rank; default every rank), `iter` (required: N or A-B,
 the 1-based iteration being run, so "iteration 10" is the step that takes the iteration count from 9 to
-10), `attempt` (the torchrun restart round, TORCHELASTIC_RESTART_COUNT, it fires in: default 0, `*` =
-every round), `seconds` (slow), `factor` (spike), `param` (nan: a parameter-name substring).
+10), `attempt` (the restart round it fires in, `megatron.launch.restart_attempt`: torchrun's
+TORCHELASTIC_RESTART_COUNT or a SLURM retry loop's MEGATRON_RESTART_COUNT; default 0, `*` = every round), `seconds` (slow), `factor` (spike), `param` (nan: a parameter-name substring).
 
 Matching: a loop fault (kill, hang, slow, data_hang, nan, spike) fires at each iteration of its range,
 `iter=N` being the range N-N. The save faults (enospc, kill_in_save) fire in saves, which happen only
@@ -27,6 +27,8 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+
+from megatron.launch import restart_attempt
 
 ENV = "MEGATRON_FAULTS"
 KINDS = ("kill", "hang", "slow", "data_hang", "nan", "spike", "enospc", "kill_in_save")
@@ -158,11 +160,11 @@ class FaultPlan:
     @classmethod
     def from_env(cls, environ=None):
         """Parse MEGATRON_FAULTS (ValueError naming it and what is valid); the restart round is
-        TORCHELASTIC_RESTART_COUNT (torchrun), else 0."""
+        TORCHELASTIC_RESTART_COUNT (torchrun), else MEGATRON_RESTART_COUNT (a SLURM recipe's retry
+        loop), else 0."""
         environ = os.environ if environ is None else environ
         faults = parse_faults(environ.get(ENV))
-        attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
-        return cls(faults, attempt=int(attempt) if attempt.isdigit() else 0)
+        return cls(faults, attempt=restart_attempt(environ))
 
     def fire(self, kind: str, iteration: int, rank: int) -> Fault | None:
         """The first fault of `kind` matching (iteration, rank, this attempt), recorded as fired; or None."""

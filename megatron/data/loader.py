@@ -11,7 +11,10 @@ do, vectorised: `tokens`, `labels`, `loss_mask`, `position_ids` and, with `reset
 from __future__ import annotations
 
 import functools
+import os
 import random
+import signal
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -73,6 +76,34 @@ def _seed_worker(worker_id: int, *, data_parallel_rank: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _init_worker(worker_id: int, *, data_parallel_rank: int) -> None:
+    _seed_worker(worker_id, data_parallel_rank=data_parallel_rank)
+    _leave_sigterm_to_the_trainer()
+
+
+def _leave_sigterm_to_the_trainer() -> None:
+    """In a worker: a SIGTERM from anyone but the training process is ignored; the trainer's own
+    (terminating a worker at shutdown) still ends it.
+
+    torchrun's agent signals a worker's whole process group, and SLURM every process of the step: a
+    worker dying of that SIGTERM makes the training process fail with "DataLoader worker ... killed by
+    signal" wherever it is, in the middle of the checkpoint a preemption asks for. The training process
+    decides (save and stop, or exit); its workers end with it. SIGTERM is blocked in every thread and a
+    daemon thread takes each one with its sender (sigwaitinfo); SIGKILL ends a worker as always."""
+    if not hasattr(signal, "sigwaitinfo"):  # not Linux: keep the default
+        return
+    trainer = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the thread below inherits the mask
+
+    def take_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == trainer or os.getppid() != trainer:  # the trainer's, or the trainer is gone
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=take_sigterm, name="sigterm-from-trainer", daemon=True).start()
 
 
 def collate_batch(
@@ -175,7 +206,7 @@ def build_pretraining_data_loader(
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        worker_init_fn=functools.partial(_seed_worker, data_parallel_rank=data_parallel_rank)
+        worker_init_fn=functools.partial(_init_worker, data_parallel_rank=data_parallel_rank)
         if num_workers > 0
         else None,
     )

@@ -131,6 +131,8 @@ class JsonlWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        if self._file.tell() > 0 and not _ends_with_newline(self.path):
+            self._file.write("\n")  # a run killed mid-line: its half record stays alone on its line
 
     def write(self, metrics: dict, step: int) -> None:
         line = json.dumps({key: _json_value(value) for key, value in metrics.items()})
@@ -139,6 +141,40 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
+def effective_records(records: list[dict]) -> list[dict]:
+    """The metric records of a metrics JSONL as one uninterrupted run would have written them.
+
+    A resumed run appends to the file: each (re)start writes an event record `{"event": "start",
+    "attempt": A, "resumed_from_iteration": I, ...}` and re-runs the iterations after I, which the
+    interrupted run may have logged already. Records of iterations after I written before that marker are
+    dropped (the re-run's are the ones that count), as are event records."""
+    kept: list[dict] = []
+    for record in records:
+        if record.get("event") == "start":
+            resumed = record.get("resumed_from_iteration", 0)
+            kept = [old for old in kept if old.get("iteration", 0) <= resumed]
+        elif "event" not in record:
+            kept.append(record)
+    return kept
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """`effective_records` of a metrics JSONL file; a line cut short by a killed process is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return effective_records(records)
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -222,6 +258,12 @@ class MetricsLogger:
     def write(self, metrics: dict, step: int) -> None:
         for writer in self.writers:
             writer.write(metrics, step)
+
+    def event(self, record: dict) -> None:
+        """A record that is not a metric (`{"event": "start", ...}`): the JSON lines file only."""
+        for writer in self.writers:
+            if isinstance(writer, JsonlWriter):
+                writer.write(record, 0)
 
     def close(self) -> None:
         for writer in self.writers:

@@ -19,7 +19,7 @@ from megatron.log import get_logger
 from megatron.parallel.collectives import all_reduce
 from megatron.parallel.debug import check_replicas
 from megatron.parallel.state import ParallelState
-from megatron.training import builders, stragglers
+from megatron.training import builders, restarts, stragglers
 from megatron.training.evaluate import evaluate, perplexity
 from megatron.training.faults import Faults
 from megatron.training.metrics import (
@@ -368,6 +368,7 @@ def train(run: Run) -> TrainSummary:
     """Train from `run.state` to `run.train_iters` (or --exit-interval); evaluate and save at the end."""
     cfg, start = run.cfg, time.perf_counter()
     _log_start(run)
+    restarts.mark_start(run)  # the (re)start marker in the metrics JSONL and the restart history
     rank = run.parallel_state.rank  # MEGATRON_FAULTS data_hang (tests) wraps the split
     train_data = run.faults.wrap_dataset(
         run.data.train, samples_per_iteration=run.global_batch_size, rank=rank
