@@ -106,7 +106,7 @@ def _hang(fault: Fault, run, rank: int, iteration: int) -> None:
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     peer = (rank + 1) % world
     what = f"receive from rank {peer} that never sends" if world > 1 else "wait that never ends"
-    announce(fault, rank, iteration, f"hang ({what})")
+    announce(fault, rank, iteration, what)
     if watchdog is not None:
         watchdog.beat(iteration, f"injected hang ({what})")
     if world > 1:

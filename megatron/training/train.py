@@ -33,6 +33,7 @@ from megatron.training.metrics import (
 from megatron.training.optimizer import PRECISION_DTYPES
 from megatron.training.step import StepOutput, next_micro_batches, train_step
 from megatron.training.vocab import checked_tokenizer
+from megatron.training.watchdog import Watchdog
 
 logger = get_logger(__name__)
 
@@ -76,6 +77,7 @@ class Run:
     checkpointer: object | None = None  # megatron.checkpoint.Checkpointer with --save / --load
     stop_requested: bool = False  # SIGTERM arrived: save and exit after the current iteration
     faults: Faults = field(default_factory=Faults)  # test-only MEGATRON_FAULTS (inactive when unset)
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog(0))  # --hang-timeout-minutes (0: off)
 
 
 def _throughput(cfg, vocab_size: int, parallel_state: ParallelState, global_batch: int) -> Throughput:
@@ -132,6 +134,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
             is_main_rank=parallel_state.is_main_rank,
         ),
         faults=faults,
+        watchdog=Watchdog.for_run(cfg.training.hang_timeout_minutes, parallel_state),
     )
     # The training random stream (dropout) starts from the seed whatever building consumed (e.g. the
     # CPU peak measurement runs only once per process); a resumed run then restores it from the checkpoint.
@@ -142,7 +145,8 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
         run.checkpointer = Checkpointer(
             parallel_state, async_save=cfg.checkpoint.async_save, keep_last_k=cfg.checkpoint.keep_last_k
         )
-    _maybe_load(run)
+    with run.watchdog.armed(0, "loading checkpoint"):
+        _maybe_load(run)
     return run
 
 
@@ -180,6 +184,7 @@ def save(run: Run) -> None:
     """Checkpoint the run under --save (every rank writes its shards); with --async-save the write
     continues in the background and the previous pending save is finished first."""
     start = time.perf_counter()
+    run.watchdog.beat(run.state.iteration, f"saving checkpoint iter_{run.state.iteration:07d}")
     run.optimizer.finish_param_sync()  # --overlap-param-gather: the parameters are read below
     directory = run.checkpointer.save(
         run.cfg.checkpoint.save,
@@ -204,6 +209,7 @@ def save(run: Run) -> None:
 def finish_saving(run: Run) -> None:
     """Wait for a background save (--async-save); its failure raises here, naming the checkpoint."""
     if run.checkpointer is not None:
+        run.watchdog.beat(run.state.iteration, "waiting for the checkpoint save")
         directory = run.checkpointer.wait()
         if directory is not None and run.cfg.checkpoint.async_save:
             logger.info(f"> saved checkpoint {directory} (background write complete)")
@@ -233,6 +239,7 @@ def run_evaluation(run: Run, *, split: str = "valid") -> list[dict]:
         if dataset is None:
             continue
         key = (split, name)
+        run.watchdog.beat(run.state.iteration, f"evaluation ({split}, {name})")
         if key not in run.eval_loaders:  # built once: persistent workers are reused by each evaluation
             run.eval_loaders[key] = builders.build_loader(
                 cfg, dataset, run.tokenizer, run.parallel_state, consumed_samples=0, cyclic=True
@@ -283,8 +290,10 @@ def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
     start, waited = time.perf_counter(), stragglers.host_wait_seconds()
     if run.faults.active:  # MEGATRON_FAULTS (tests): kill, hang or slow this rank; arm nan and spike
         run.faults.at_iteration_start(run)
+    run.watchdog.beat(run.state.iteration + 1, "waiting for data")
     lr = run.optimizer.param_groups[0]["lr"]
     batches = next_micro_batches(data_iterator, run.num_micro_batches, run.parallel_state.device)
+    run.watchdog.beat(run.state.iteration + 1, "forward/backward")
     trace = [] if run.cfg.logging.log_pipeline_schedule and not run.schedule_logged else None
     output = train_step(
         run.model,
@@ -365,7 +374,13 @@ class TrainSummary:
 
 
 def train(run: Run) -> TrainSummary:
-    """Train from `run.state` to `run.train_iters` (or --exit-interval); evaluate and save at the end."""
+    """Train from `run.state` to `run.train_iters` (or --exit-interval); evaluate and save at the end.
+    The hang watchdog (--hang-timeout-minutes) watches from here to the end."""
+    with run.watchdog.armed(run.state.iteration, "starting training"):
+        return _train(run)
+
+
+def _train(run: Run) -> TrainSummary:
     cfg, start = run.cfg, time.perf_counter()
     _log_start(run)
     restarts.mark_start(run)  # the (re)start marker in the metrics JSONL and the restart history
