@@ -79,7 +79,9 @@ class TrainingConfig:
         30.0,
         "Hang watchdog: a rank that makes no progress (an iteration step, data, evaluation, a checkpoint "
         "save or load) for this many minutes writes every thread's stack and the stuck rank(s) to the log "
-        "and exits with status 3, so the launcher's restart policy applies; fractions allowed; 0 = off.",
+        "and exits with status 3, so the launcher's restart policy applies; fractions allowed; 0 = off. "
+        "Below --distributed-timeout-minutes, a rank stuck inside a collective is reported here too "
+        "(above it, the collective's own timeout error ends the run first, without the stacks).",
     )
     dry_run: bool = arg(
         False,
