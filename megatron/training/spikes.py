@@ -78,6 +78,7 @@ class BadSteps:
     consecutive_nonfinite: int = 0
     clean_since_save: bool = True  # no non-finite or spiky step since the last save (or the start)
     pinned: int | None = None  # the checkpoint --keep-last-k must keep
+    _before_save: tuple | None = field(default=None, repr=False)  # (iteration, pinned, clean): last save
 
     @classmethod
     def from_config(cls, training) -> BadSteps:
@@ -123,10 +124,19 @@ class BadSteps:
 
     def on_save(self, iteration: int) -> int | None:
         """A checkpoint of `iteration` is being saved: it becomes the pin when clean. Returns the pin."""
+        self._before_save = (iteration, self.pinned, self.clean_since_save)
         if self.clean_since_save:
             self.pinned = iteration
         self.clean_since_save = True
         return self.pinned
+
+    def save_failed(self, iteration: int) -> None:
+        """The save of `iteration` failed (it is not on disk): the pin goes back to the one before, and
+        the steps before that save count again for the next one."""
+        if self._before_save is not None and self._before_save[0] == iteration:
+            _, self.pinned, clean = self._before_save
+            self.clean_since_save = clean and self.clean_since_save
+            self._before_save = None
 
     def state_dict(self) -> dict:
         """JSON-serialisable (floats round-trip exactly through JSON)."""
@@ -182,6 +192,9 @@ def apply_loaded(run, loaded, *, finetune: bool = False) -> None:
 def checkpoint_extra(run) -> dict:
     """What a checkpoint of `run` records beyond model and optimizer: the skip counts and the bad-step
     state; the checkpoint becomes the --keep-last-k pin when no bad step came since the previous one."""
+    failed = getattr(run.checkpointer, "failed_iteration", None)
+    if failed is not None:  # a save that failed (--on-save-failure continue) pins nothing
+        run.bad_steps.save_failed(failed)
     pinned = run.bad_steps.on_save(run.state.iteration)
     if pinned is not None:
         run.checkpointer.protected = {pinned}  # keep-last-k never deletes it
@@ -205,7 +218,8 @@ def skip_listed(run, data_iterator) -> StepOutput:
     """An iteration on the skip list: its global batch is read (consumed samples advance), not trained."""
     next_micro_batches(data_iterator, run.num_micro_batches, torch.device("cpu"))
     logger.info(
-        f"> iteration {run.state.iteration + 1}: skipped (--iterations-to-skip): "
+        f"> iteration {run.state.iteration + 1}: skipped (on the skip list: --iterations-to-skip or a "
+        f"rollback): "
         f"{sample_range(run.state.consumed_samples, run.global_batch_size)} read, not trained on"
     )
     return StepOutput(float("nan"), 0, None, update_successful=False, skipped_by_list=True)

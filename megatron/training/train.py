@@ -19,7 +19,7 @@ from megatron.log import get_logger
 from megatron.parallel.collectives import all_reduce
 from megatron.parallel.debug import check_replicas
 from megatron.parallel.state import ParallelState
-from megatron.training import builders, restarts, stragglers
+from megatron.training import builders, restarts, saving, spikes, stragglers
 from megatron.training.evaluate import evaluate, perplexity
 from megatron.training.faults import Faults
 from megatron.training.metrics import (
@@ -31,6 +31,7 @@ from megatron.training.metrics import (
     interval_metrics,
 )
 from megatron.training.optimizer import PRECISION_DTYPES
+from megatron.training.spikes import BadSteps
 from megatron.training.step import StepOutput, next_micro_batches, train_step
 from megatron.training.vocab import checked_tokenizer
 from megatron.training.watchdog import Watchdog
@@ -48,7 +49,7 @@ class TrainState:
 
     iteration: int = 0
     consumed_samples: int = 0
-    skipped_iterations: int = 0  # fp16 overflows plus non-finite steps skipped by --skip-nonfinite
+    skipped_iterations: int = 0  # fp16 overflows, non-finite steps (--skip-nonfinite), spikes, skip list
     nonfinite_iterations: int = 0
 
 
@@ -76,6 +77,8 @@ class Run:
     schedule_logged: bool = False  # --log-pipeline-schedule prints the first iteration only
     checkpointer: object | None = None  # megatron.checkpoint.Checkpointer with --save / --load
     stop_requested: bool = False  # SIGTERM arrived: save and exit after the current iteration
+    bad_steps: BadSteps = field(default_factory=BadSteps)  # spikes, skip list, divergence, the pin
+    rollback: tuple[int, int] | None = None  # spikes asked to roll back and skip these iterations
     faults: Faults = field(default_factory=Faults)  # test-only MEGATRON_FAULTS (inactive when unset)
     watchdog: Watchdog = field(default_factory=lambda: Watchdog(0))  # --hang-timeout-minutes (0: off)
 
@@ -101,6 +104,8 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     # the batch arithmetic is the config's: the process groups must have the layout it was validated for
     dp_sizes = (parallel_state.data_parallel_size, cfg.data_parallel_size)
     assert dp_sizes[0] == dp_sizes[1], f"data-parallel size {dp_sizes[0]}, config validated for {dp_sizes[1]}"
+    # --save claimed (run lock, no other run's checkpoints) before anything is written there
+    checkpointer = saving.build_checkpointer(cfg, parallel_state, faults)
     builders.set_seed(cfg.training.seed, parallel_state)
     builders.log_config_notes(cfg)
     if tokenizer is None:
@@ -139,12 +144,8 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
     # The training random stream (dropout) starts from the seed whatever building consumed (e.g. the
     # CPU peak measurement runs only once per process); a resumed run then restores it from the checkpoint.
     builders.set_seed(cfg.training.seed, parallel_state)
-    if cfg.checkpoint.save or cfg.checkpoint.load:
-        from megatron.checkpoint.checkpointer import Checkpointer
-
-        run.checkpointer = Checkpointer(
-            parallel_state, async_save=cfg.checkpoint.async_save, keep_last_k=cfg.checkpoint.keep_last_k
-        )
+    run.bad_steps = BadSteps.from_config(cfg.training)
+    run.checkpointer = checkpointer
     with run.watchdog.armed(0, "loading checkpoint"):
         _maybe_load(run)
     return run
@@ -169,9 +170,7 @@ def _maybe_load(run: Run) -> None:
             f"WARNING: --load {ckpt.load} holds no checkpoint (no tracker file); starting from scratch"
         )
         return
-    run.state.iteration = loaded.iteration
-    run.state.consumed_samples = loaded.consumed_samples
-    run.state.skipped_iterations = int(loaded.extra.get("skipped_iterations", 0)) if not ckpt.finetune else 0
+    spikes.apply_loaded(run, loaded, finetune=ckpt.finetune)
     what = (
         "weights only (--finetune), iteration reset to 0"
         if ckpt.finetune
@@ -180,23 +179,21 @@ def _maybe_load(run: Run) -> None:
     logger.info(f"> loaded checkpoint {loaded.directory}: {what}")
 
 
-def save(run: Run) -> None:
+def save(run: Run, *, final: bool = False) -> None:
     """Checkpoint the run under --save (every rank writes its shards); with --async-save the write
-    continues in the background and the previous pending save is finished first."""
+    continues in the background and the previous pending save is finished first. A failed save (a full
+    disk...) stops the run or is logged and training goes on, per --on-save-failure (`saving`)."""
+    from megatron.checkpoint.checkpointer import CheckpointError
+
     start = time.perf_counter()
     run.watchdog.beat(run.state.iteration, f"saving checkpoint iter_{run.state.iteration:07d}")
+    finish_saving(run, saving_now=True)
     run.optimizer.finish_param_sync()  # --overlap-param-gather: the parameters are read below
-    directory = run.checkpointer.save(
-        run.cfg.checkpoint.save,
-        run.state.iteration,
-        run.model,
-        run.optimizer,
-        run.scheduler,
-        run.scaler,
-        consumed_samples=run.state.consumed_samples,
-        config=run.cfg.to_dict(),
-        extra={"skipped_iterations": run.state.skipped_iterations},
-    )
+    try:
+        directory = _write_checkpoint(run)
+    except CheckpointError as error:
+        saving.save_failed(run, error, final=final)
+        return
     seconds = time.perf_counter() - start
     if run.cfg.checkpoint.async_save:
         logger.info(
@@ -206,13 +203,35 @@ def save(run: Run) -> None:
         logger.info(f"> saved checkpoint {directory} in {seconds:.2f} s")
 
 
-def finish_saving(run: Run) -> None:
-    """Wait for a background save (--async-save); its failure raises here, naming the checkpoint."""
-    if run.checkpointer is not None:
-        run.watchdog.beat(run.state.iteration, "waiting for the checkpoint save")
+def _write_checkpoint(run: Run):
+    return run.checkpointer.save(
+        run.cfg.checkpoint.save,
+        run.state.iteration,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        consumed_samples=run.state.consumed_samples,
+        config=run.cfg.to_dict(),
+        extra=spikes.checkpoint_extra(run),
+    )
+
+
+def finish_saving(run: Run, *, final: bool = False, saving_now: bool = False) -> None:
+    """Wait for a background save (--async-save); its failure is handled here as a failed save is
+    (--on-save-failure; `final`: the run's last save, whose failure stops the run)."""
+    from megatron.checkpoint.checkpointer import CheckpointError
+
+    if run.checkpointer is None:
+        return
+    run.watchdog.beat(run.state.iteration, "waiting for the checkpoint save")
+    try:
         directory = run.checkpointer.wait()
-        if directory is not None and run.cfg.checkpoint.async_save:
-            logger.info(f"> saved checkpoint {directory} (background write complete)")
+    except CheckpointError as error:
+        saving.save_failed(run, error, final=final, saving_now=saving_now)
+        return
+    if directory is not None and run.cfg.checkpoint.async_save:
+        logger.info(f"> saved checkpoint {directory} (background write complete)")
 
 
 def _interval_metrics(run: Run, stats: IntervalStats) -> dict:
@@ -271,30 +290,53 @@ def run_evaluation(run: Run, *, split: str = "valid") -> list[dict]:
 
 
 def _handle_nonfinite(run: Run, output: StepOutput) -> None:
-    """Stop the run, or count the skipped step under --skip-nonfinite."""
-    iteration = run.state.iteration + 1
-    value = output.lm_loss if output.nonfinite == "loss" else output.grad_norm
-    if not run.cfg.training.skip_nonfinite:
-        raise NonFiniteError(
-            f"iteration {iteration}: non-finite {output.nonfinite} ({value}); stopping. "
-            "Lower --lr, check the data, or pass --skip-nonfinite to skip such steps"
+    """Stop the run, or count the skipped step under --skip-nonfinite (and stop after
+    --max-consecutive-nonfinite of them in a row). Stopping saves nothing: the last checkpoint stays the
+    newest, and the last one before the non-finite steps is kept by --keep-last-k."""
+    training, iteration = run.cfg.training, run.state.iteration + 1
+    value = {"loss": output.lm_loss, "grad norm": output.grad_norm}.get(output.nonfinite)
+    what = f"non-finite {output.nonfinite}" + (f" ({value})" if value is not None else "")
+    if output.nonfinite_where:
+        what += "; non-finite local gradients on " + "; ".join(output.nonfinite_where)
+    consecutive = run.bad_steps.consecutive_nonfinite
+    if not training.skip_nonfinite or consecutive >= training.max_consecutive_nonfinite:
+        finish_saving(run)  # a background save of an earlier iteration completes; nothing new is saved
+        kept = (
+            f"; the last checkpoint before them is iteration {run.bad_steps.pinned}"
+            if run.bad_steps.pinned
+            else ""
         )
+        if not training.skip_nonfinite:
+            why = "Lower --lr, check the data, or pass --skip-nonfinite to skip such steps"
+        else:
+            why = (
+                f"{consecutive} consecutive non-finite iterations (--max-consecutive-nonfinite "
+                f"{training.max_consecutive_nonfinite}): the run has diverged; nothing saved{kept}"
+            )
+        raise NonFiniteError(f"iteration {iteration}: {what}; stopping. {why}")
     run.state.nonfinite_iterations += 1
     logger.info(
-        f"WARNING: iteration {iteration}: non-finite {output.nonfinite} ({value}); step skipped "
-        f"(--skip-nonfinite), {run.state.nonfinite_iterations} so far"
+        f"WARNING: iteration {iteration}: {what}; step skipped (--skip-nonfinite), "
+        f"{run.state.nonfinite_iterations} so far, {consecutive} in a row"
     )
 
 
-def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
-    start, waited = time.perf_counter(), stragglers.host_wait_seconds()
-    if run.faults.active:  # MEGATRON_FAULTS (tests): kill, hang or slow this rank; arm nan and spike
-        run.faults.at_iteration_start(run)
-    run.watchdog.beat(run.state.iteration + 1, "waiting for data")
-    lr = run.optimizer.param_groups[0]["lr"]
+def _after_step(run: Run, output: StepOutput) -> None:
+    """Bad-step accounting of a trained iteration: non-finite (stop or count), spike (log; a rollback
+    when --rollback-after-spikes is reached)."""
+    run.rollback = run.bad_steps.after_step(run.state.iteration + 1, output)
+    if output.nonfinite:
+        _handle_nonfinite(run, output)
+    if output.spike:
+        spikes.log_spike(run, output)
+
+
+def _train_step(run: Run, data_iterator) -> StepOutput:
+    """Read the global batch and train on it (`train_step`), then the bad-step accounting."""
     batches = next_micro_batches(data_iterator, run.num_micro_batches, run.parallel_state.device)
     run.watchdog.beat(run.state.iteration + 1, "forward/backward")
     trace = [] if run.cfg.logging.log_pipeline_schedule and not run.schedule_logged else None
+    training = run.cfg.training
     output = train_step(
         run.model,
         run.optimizer,
@@ -303,12 +345,26 @@ def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
         trace=trace,
         stop_requested=lambda: run.stop_requested,
         faults=run.faults,
+        check_grads=training.check_for_nan_in_loss_and_grad and training.precision != "fp16",
+        is_spike=run.bad_steps.is_spike if training.check_for_spiky_loss else None,
     )
     if trace is not None:
         _print_schedule(run.parallel_state, trace)
         run.schedule_logged = True
-    if output.nonfinite:
-        _handle_nonfinite(run, output)
+    _after_step(run, output)
+    return output
+
+
+def _one_iteration(run: Run, data_iterator, stats: IntervalStats) -> StepOutput:
+    start, waited = time.perf_counter(), stragglers.host_wait_seconds()
+    if run.faults.active:  # MEGATRON_FAULTS (tests): kill, hang or slow this rank; arm nan and spike
+        run.faults.at_iteration_start(run)
+    run.watchdog.beat(run.state.iteration + 1, "waiting for data")
+    lr = run.optimizer.param_groups[0]["lr"]
+    if run.bad_steps.skips(run.state.iteration + 1):
+        output = spikes.skip_listed(run, data_iterator)
+    else:
+        output = _train_step(run, data_iterator)
     if output.update_successful:
         run.scheduler.step(run.global_batch_size)
     else:
@@ -381,29 +437,23 @@ def train(run: Run) -> TrainSummary:
 
 
 def _train(run: Run) -> TrainSummary:
-    cfg, start = run.cfg, time.perf_counter()
+    start = time.perf_counter()
     _log_start(run)
     restarts.mark_start(run)  # the (re)start marker in the metrics JSONL and the restart history
-    rank = run.parallel_state.rank  # MEGATRON_FAULTS data_hang (tests) wraps the split
-    train_data = run.faults.wrap_dataset(
-        run.data.train, samples_per_iteration=run.global_batch_size, rank=rank
-    )
-    loader = builders.build_loader(
-        cfg,
-        train_data,
-        run.tokenizer,
-        run.parallel_state,
-        consumed_samples=run.state.consumed_samples,
-        cyclic=False,
-    )
-    with torch.random.fork_rng(devices=[]):  # creating the iterator draws from the global RNG
-        data_iterator = iter(loader)
+    data_iterator = _train_iterator(run)
     if run.state.iteration == 0:
         run_evaluation(run)
     stats, exited = IntervalStats(), False
     with _sigterm_requests_stop(run):
         while run.state.iteration < run.train_iters and not exited:
             output = _one_iteration(run, data_iterator, stats)
+            if run.rollback is not None:  # --rollback-after-spikes
+                finish_saving(run)
+                if spikes.roll_back(run):
+                    save(run)  # the checkpoint again, now with the skip list: a restart skips it too
+                    data_iterator = _train_iterator(run)
+                    stats.reset()
+                    continue
             exited = _periodic(run, stats)
             if not exited and _stop_requested(run, output):
                 exited = "signal"
@@ -411,6 +461,24 @@ def _train(run: Run) -> TrainSummary:
             _log_interval(run, stats)
         _finish(run, exited)
     return _summary(run, time.perf_counter() - start, bool(exited))
+
+
+def _train_iterator(run: Run):
+    """An iterator over the training split from `run.state.consumed_samples` on."""
+    rank = run.parallel_state.rank  # MEGATRON_FAULTS data_hang (tests) wraps the split
+    train_data = run.faults.wrap_dataset(
+        run.data.train, samples_per_iteration=run.global_batch_size, rank=rank
+    )
+    loader = builders.build_loader(
+        run.cfg,
+        train_data,
+        run.tokenizer,
+        run.parallel_state,
+        consumed_samples=run.state.consumed_samples,
+        cyclic=False,
+    )
+    with torch.random.fork_rng(devices=[]):  # creating the iterator draws from the global RNG
+        return iter(loader)
 
 
 class _sigterm_requests_stop:
@@ -485,9 +553,9 @@ def _finish(run: Run, exited) -> None:
     if not exited:
         run_evaluation(run, split="test")
     saved = cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0
-    if cfg.checkpoint.save and not saved:
-        save(run)
-    finish_saving(run)
+    if cfg.checkpoint.save and (not saved or run.checkpointer.failed_iteration == it):
+        save(run, final=True)  # also retries a failed save of this iteration
+    finish_saving(run, final=True)
     if exited == "signal":
         logger.info(
             f"> SIGTERM: stopped at iteration {it}"

@@ -118,18 +118,25 @@ def test_each_training_iteration_syncs_the_host_once(
         assert run.state.skipped_iterations >= 1
 
 
-def test_a_skipped_nonfinite_iteration_syncs_once_too(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
-    cfg = loop_config(
-        tmp_path,
-        tiny_dataset_prefix,
-        tiny_tokenizer_path,
-        "--fp32",
-        "--micro-batch-size",
-        "4",
-        "--skip-nonfinite",
-    )
+@pytest.mark.parametrize("check", [True, False], ids=["nan-check", "no-nan-check"])
+def test_a_skipped_nonfinite_iteration_syncs_once_too(
+    tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, check
+):
+    """The step's one read tells the loop that the iteration was non-finite. With
+    --check-for-nan-in-loss-and-grad (the default) that iteration alone then reads this rank's
+    per-parameter gradient norms once more, to name the first non-finite parameter; without it, nothing."""
+    flags = ("--fp32", "--micro-batch-size", "4", "--skip-nonfinite")
+    if not check:
+        flags += ("--no-check-for-nan-in-loss-and-grad",)
+    cfg = loop_config(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, *flags)
     per_iteration, run = _syncs_per_iteration(cfg, poison_iteration=3)
-    assert [len(calls) for calls in per_iteration] == [1] * (ITERS - 1), per_iteration
+    poisoned = per_iteration.pop(2)  # iteration 3
+    assert [len(calls) for calls in per_iteration] == [1] * (ITERS - 2), per_iteration
+    assert "read_on_host" in poisoned[0][1], poisoned
+    if check:
+        assert len(poisoned) == 2 and "training/nonfinite.py" in poisoned[1][1], poisoned
+    else:
+        assert len(poisoned) == 1, poisoned
     assert run.state.nonfinite_iterations == 1 and math.isnan(run.losses[2])
 
 
