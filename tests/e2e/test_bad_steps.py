@@ -60,9 +60,11 @@ def _extra(directory: Path) -> dict:
 def test_a_nonfinite_gradient_on_one_rank_is_named_and_the_step_skipped(
     tmp_path, tiny_dataset_prefix, tiny_tokenizer_path
 ):
-    """Data parallel 2: rank 1's local gradient of an MLP weight turns NaN at iteration 5. The sum over
-    ranks would make both ranks' gradients NaN; the check, taken before the reduction, names rank 1 alone
-    and its first non-finite parameter, the step is skipped on both, and the replicas stay identical."""
+    """Data parallel 2 with the distributed optimizer, gradients reduce-scattered in several buckets
+    during the backward: rank 1's local gradient of an MLP weight turns NaN at iteration 5. The reduction
+    would carry the NaN to the rank owning that chunk; the check, taken before each bucket's reduction,
+    names rank 1 alone and its first non-finite parameter, the step is skipped on both ranks, and the
+    replicas stay identical."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron.pretrain"]
     args = pretrain_args(
@@ -70,7 +72,8 @@ def test_a_nonfinite_gradient_on_one_rank_is_named_and_the_step_skipped(
         tiny_dataset_prefix,
         tiny_tokenizer_path,
         *FLAGS,
-        "--train-iters 7 --num-workers 0 --skip-nonfinite --check-replicas-interval 7",
+        "--train-iters 7 --num-workers 0 --skip-nonfinite --check-replicas-interval 7 "
+        "--use-distributed-optimizer --overlap-grad-reduce --ddp-bucket-size 20000",
     )
     result = subprocess.run(
         [*torchrun, *args, "--distributed-backend", "gloo"],
