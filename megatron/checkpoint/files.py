@@ -134,6 +134,14 @@ class ChecksumWriter(io.BufferedWriter):
         self._helper = ThreadPoolExecutor(1)
 
     def write(self, data) -> int:
+        try:
+            return self._write(data)
+        except OSError as exc:  # ENOSPC, EIO from the kernel name no file: name it (torch may wrap it)
+            if exc.errno is None or exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self.raw.name)) from exc
+
+    def _write(self, data) -> int:
         view = memoryview(data).cast("B")
         self.nbytes += view.nbytes
         if view.nbytes < self._OVERLAP_BYTES:

@@ -59,6 +59,8 @@ def save_failed(run, error: Exception, *, final: bool, saving_now: bool = False)
         raise SaveFailedError(f"{error}. {previous}. Stopping ({why})") from error
     interval = ckpt.save_interval
     retry = f"iteration {(iteration // interval + 1) * interval}" if interval else "the end of training"
+    if not interval or (iteration // interval + 1) * interval >= run.train_iters:
+        retry = f"the final save (iteration {run.train_iters})"
     if saving_now:
         retry = f"iteration {iteration} (starting now)"
     logger.info(

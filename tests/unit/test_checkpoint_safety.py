@@ -320,7 +320,9 @@ def test_the_save_failure_policy(tmp_path):
 
     def run(policy: str):
         checkpoint = SimpleNamespace(save=str(tmp_path), save_interval=4, on_save_failure=policy)
-        return SimpleNamespace(cfg=SimpleNamespace(checkpoint=checkpoint), state=SimpleNamespace(iteration=8))
+        return SimpleNamespace(
+            cfg=SimpleNamespace(checkpoint=checkpoint), state=SimpleNamespace(iteration=8), train_iters=20
+        )
 
     error = CheckpointError("saving iteration 8 failed: No space left on device (ENOSPC)")
     save_failed(run("continue"), error, final=False)  # logged, training goes on
