@@ -155,10 +155,11 @@ def effective_records(records: list[dict]) -> list[dict]:
     A resumed run appends to the file: each (re)start writes an event record `{"event": "start",
     "attempt": A, "resumed_from_iteration": I, ...}` and re-runs the iterations after I, which the
     interrupted run may have logged already. Records of iterations after I written before that marker are
-    dropped (the re-run's are the ones that count), as are event records."""
+    dropped (the re-run's are the ones that count), as are event records. A rollback after loss spikes
+    (`{"event": "rollback", "resumed_from_iteration": I, ...}`) re-runs the iterations after I the same way."""
     kept: list[dict] = []
     for record in records:
-        if record.get("event") == "start":
+        if record.get("event") in ("start", "rollback"):
             resumed = record.get("resumed_from_iteration", 0)
             kept = [old for old in kept if old.get("iteration", 0) <= resumed]
         elif "event" not in record:

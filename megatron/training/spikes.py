@@ -252,6 +252,7 @@ def roll_back(run) -> bool:
         f"rolled back from iteration {now} to {ckpt.directory} (iteration {ckpt.iteration}); iterations "
         f"{first}-{last} (samples {skipped}) will be read and not trained on"
     )
-    record = {"iteration": ckpt.iteration, "rollback_from": now, "skip_first": first, "skip_last": last}
+    record = {"event": "rollback", "resumed_from_iteration": ckpt.iteration, "rollback_from": now}
+    record.update(skip_first=first, skip_last=last)
     run.metrics.write(record, ckpt.iteration)
     return True
