@@ -24,6 +24,11 @@ ago; ranks 0,2,3 wait in 'iteration 5: forward/backward'". A rank that trips on 
 through the store and waits (at most `2 * interval + 5` s) until they have written their stacks, then
 every rank exits with status 3. Under torchrun the summary is also the rank's error record
 (TORCHELASTIC_ERROR_FILE), which torchrun prints as the failure's root cause.
+
+Backstop: should the monitor itself be unable to run (the main thread stuck in C code that holds the
+GIL), faulthandler's own timer thread, which needs no GIL and which the monitor re-arms at each tick,
+dumps every thread's stack ("Timeout (0:30:30)!") and exits with status 1 after the bound + `backstop_s`
+(30 s) without a tick; no stuck-rank summary then.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ class Watchdog:
     """See the module docstring. `timeout_s` <= 0: off (`beat` still works, nothing ever trips).
 
     `store`: the default process group's store (None in one process); `on_exit`: what ends the process
-    (os._exit; tests pass a recorder); `stream`: where the report goes (stderr).
+    (os._exit; tests pass a recorder); `stream`: where the report goes (stderr). `backstop_s`: see the
+    module docstring.
     """
 
     def __init__(
@@ -79,12 +85,14 @@ class Watchdog:
         world_size: int = 1,
         store=None,
         interval_s: float | None = None,
+        backstop_s: float = 30.0,
         on_exit=os._exit,
         stream=None,
     ) -> None:
         self.timeout_s = float(timeout_s)
         self.rank, self.world_size, self.store = rank, world_size, store
         self.interval_s = interval_s if interval_s is not None else min(10.0, max(0.5, self.timeout_s / 10))
+        self.backstop_s = backstop_s
         self._exit, self._stream = on_exit, stream
         self._last = (0, 0, "starting", time.monotonic())  # (beat count, iteration, activity, monotonic)
         self._depth = 0
@@ -156,15 +164,20 @@ class Watchdog:
 
     # ---------------------------------------------------------------- threads
     def _monitor(self, stop: threading.Event) -> None:
-        tick = min(1.0, self.interval_s)
-        while not stop.wait(tick):
-            stalled = time.monotonic() - self._last[3]
-            if stalled > self.timeout_s:
-                self._trip(own=True, stalled=stalled)
-                return
-            if self._peer_trip is not None:
-                self._trip(own=False, stalled=stalled)
-                return
+        tick, backstop = min(1.0, self.interval_s), _fileno(self._stream or sys.stderr)[1]
+        try:
+            while not stop.wait(tick):
+                # re-armed every tick: fires only when this thread cannot run (the GIL held elsewhere)
+                faulthandler.dump_traceback_later(self.timeout_s + self.backstop_s, exit=True, file=backstop)
+                stalled = time.monotonic() - self._last[3]
+                if stalled > self.timeout_s:
+                    self._trip(own=True, stalled=stalled)
+                    return
+                if self._peer_trip is not None:
+                    self._trip(own=False, stalled=stalled)
+                    return
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
     def _publish(self, stop: threading.Event) -> None:
         failures = 0
@@ -189,6 +202,8 @@ class Watchdog:
     # ---------------------------------------------------------------- tripping
     def _trip(self, *, own: bool, stalled: float) -> None:
         stream = self._stream or sys.stderr
+        # the backstop, pushed past what tripping may take (store reads, waiting for the peers' stacks)
+        faulthandler.dump_traceback_later(60 + 2 * self.interval_s, exit=True, file=_fileno(stream)[1])
         report = self._report()
         doing = f"'{_activity(report)}' {stalled:.0f} s ago"
         if own:
@@ -287,13 +302,17 @@ def _write(stream, line: str) -> None:
     stream.flush()
 
 
-def _dump_stacks(stream) -> None:
-    """Every thread's Python stack, straight to the stream's file descriptor (stderr when the stream has
-    none, e.g. under test capture)."""
+def _fileno(stream) -> tuple:
+    """(stream, its file descriptor); stderr's when the stream has none (e.g. under test capture)."""
     try:
-        fileno = stream.fileno()
+        return stream, stream.fileno()
     except (AttributeError, OSError, ValueError):
-        stream, fileno = sys.__stderr__, sys.__stderr__.fileno()
+        return sys.__stderr__, sys.__stderr__.fileno()
+
+
+def _dump_stacks(stream) -> None:
+    """Every thread's Python stack, straight to the stream's file descriptor."""
+    stream, fileno = _fileno(stream)
     stream.flush()
     faulthandler.dump_traceback(file=fileno, all_threads=True)
 

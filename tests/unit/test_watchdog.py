@@ -4,13 +4,18 @@ come or once disarmed, and two ranks telling each other through a store."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
 from megatron.training.watchdog import EXIT_STATUS, Watchdog, stuck_summary
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _report(count: int, iteration: int, activity: str, age: float, now: float = 1000.0) -> dict:
@@ -131,3 +136,24 @@ def test_the_flag_rejects_negative_and_nan(minutes, tmp_path):
     config = TrainingConfig(train_iters=1, hang_timeout_minutes=minutes)
     with pytest.raises(ConfigError, match=r"--hang-timeout-minutes .* must be >= 0 \(0 = off\)"):
         config.validate()
+
+
+def test_the_backstop_fires_when_the_monitor_cannot_run():
+    """The main thread stuck in C code holding the GIL (a libc sleep called through ctypes.PyDLL):
+    the monitor thread cannot run, faulthandler's timer dumps the stacks and exits."""
+    script = (
+        "import ctypes, time\n"
+        "from megatron.training.watchdog import Watchdog\n"
+        "watchdog = Watchdog(1.0, interval_s=0.1, backstop_s=0.5)\n"
+        "with watchdog.armed(0, 'starting training'):\n"
+        "    time.sleep(0.3)\n"
+        "    ctypes.PyDLL(None).sleep(60)\n"
+    )
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - start < 30
+    assert "Timeout (0:00:01.500000)!" in result.stderr
+    assert 'File "<string>", line 6 in <module>' in result.stderr  # the main thread, where it is stuck
