@@ -4,6 +4,10 @@ bookkeeping, and the hooks that need no process group (nan, spike, data_hang, th
 from __future__ import annotations
 
 import errno
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +17,8 @@ import torch
 from megatron.config.faults import ENV, KINDS, FaultPlan, parse_faults
 from megatron.data.loader import build_pretraining_data_loader
 from megatron.training.faults import Faults
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_parses_the_documented_example():
@@ -171,3 +177,24 @@ def test_data_hang_wraps_only_its_rank_and_blocks_on_exactly_its_iterations_samp
     wrapped._block = blocked.append  # what would block forever
     next(batches)
     assert blocked == [10, 11]
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "FaultPlan(parse_faults('kill_in_save:rank=0,iter=2')).in_save(4, 0)",
+        "Faults(parse_faults('kill:iter=3')).at_iteration_start(_run(None, 3))",
+    ],
+)
+def test_kill_and_kill_in_save_sigkill_the_process_and_say_so(code):
+    script = (
+        "from tests.unit.test_faults import _run\n"
+        "from megatron.config.faults import FaultPlan, parse_faults\n"
+        "from megatron.training.faults import Faults\n"
+        f"{code}\n"
+        "print('survived')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+    assert "survived" not in result.stdout
+    assert "[rank 0] MEGATRON_FAULTS: injecting kill" in result.stderr
