@@ -431,9 +431,14 @@ class TrainSummary:
 
 def train(run: Run) -> TrainSummary:
     """Train from `run.state` to `run.train_iters` (or --exit-interval); evaluate and save at the end.
-    The hang watchdog (--hang-timeout-minutes) watches from here to the end."""
-    with run.watchdog.armed(run.state.iteration, "starting training"):
-        return _train(run)
+    The hang watchdog (--hang-timeout-minutes) watches from here to the end. The --save lock is
+    released at the end, also when training fails."""
+    try:
+        with run.watchdog.armed(run.state.iteration, "starting training"):
+            return _train(run)
+    finally:
+        if run.checkpointer is not None:
+            run.checkpointer.release()
 
 
 def _train(run: Run) -> TrainSummary:
