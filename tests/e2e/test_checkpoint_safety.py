@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -290,3 +291,44 @@ def test_every_reader_refuses_a_flipped_byte_naming_the_file(
     assert result.returncode == 0, _output(result)
     assert f"is not usable: {named}" in result.stdout, _output(result)
     assert "loaded checkpoint" in result.stdout and f"{ckpt / 'iter_0000004'}: iteration 4" in result.stdout
+
+
+def _claim(save_dir: str) -> tuple[int, str]:
+    """One of two gloo ranks: claim `save_dir` (rank 0 takes the lock and broadcasts the outcome); this
+    rank's pid and the outcome, the same on every rank."""
+    from megatron.checkpoint import Checkpointer
+    from megatron.parallel.state import ParallelState
+
+    state = ParallelState.initialize(1, 1, backend="gloo")
+    checkpointer = Checkpointer(state)
+    try:
+        checkpointer.claim(save_dir)
+    except ValueError as error:
+        return os.getpid(), f"refused: {error}"
+    outcome = f"claimed as lineage {checkpointer.lineage}"
+    checkpointer.release()
+    return os.getpid(), outcome
+
+
+def test_rank_0_claims_after_the_groups_exist_and_every_rank_gets_its_verdict(tmp_path):
+    from megatron.checkpoint.ownership import LockInfo
+    from megatron.parallel.testing import run_distributed
+
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        holder = LockInfo(socket.gethostname(), sleeper.pid, None, "slurm:31337", time.time(), "theirs")
+        (save / LOCK).write_text(holder.to_json())
+        refused = run_distributed(_claim, 2, str(save), timeout=180)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert refused[0][1] == refused[1][1] and refused[0][1].startswith(f"refused: --save {save} is in use")
+    assert f"pid {sleeper.pid}" in refused[0][1] and "slurm:31337" in refused[0][1]
+    assert json.loads((save / LOCK).read_text())["token"] == "theirs"  # left as it was
+
+    (save / LOCK).unlink()
+    claimed = run_distributed(_claim, 2, str(save), timeout=180)
+    assert claimed[0][1] == claimed[1][1] and claimed[0][1].startswith("claimed as lineage ")
+    assert not (save / LOCK).exists()  # released
