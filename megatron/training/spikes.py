@@ -241,6 +241,7 @@ def roll_back(run) -> bool:
     if target is None:
         logger.info(f"WARNING: {spikes}, but no checkpoint under {save_dir} precedes them: no rollback")
         return False
+    run.watchdog.beat(now, "rolling back: loading a checkpoint")  # --hang-timeout-minutes
     ckpt = run.checkpointer.load(
         save_dir, run.model, run.optimizer, run.scheduler, run.scaler, iteration=target
     )
