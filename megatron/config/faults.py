@@ -3,21 +3,23 @@
     MEGATRON_FAULTS="kill:rank=1,iter=10;slow:rank=1,iter=3-8,seconds=0.5;nan:rank=0,iter=7"
 
 A `;`-separated list of `kind:key=value,key=value`. Kinds (`KINDS`): kill, hang, slow, data_hang, nan,
-spike, enospc, kill_in_save. Keys: `rank` (global rank; default every rank), `iter` (required: N or A-B,
-the 1-based iteration being run, so "iteration 10" is the step that takes the iteration count from 9 to
-10), `attempt` (the restart round it fires in, `megatron.launch.restart_attempt`: torchrun's
-TORCHELASTIC_RESTART_COUNT or a SLURM retry loop's MEGATRON_RESTART_COUNT; default 0, `*` = every round), `seconds` (slow), `factor` (spike), `param` (nan: a parameter-name substring).
+spike, enospc, kill_in_save, hang_in_save. Keys: `rank` (global rank; default every rank), `iter`
+(required: N or A-B, the 1-based iteration being run, so "iteration 10" is the step that takes the
+iteration count from 9 to 10), `attempt` (the restart round it fires in, `megatron.launch.restart_attempt`:
+torchrun's TORCHELASTIC_RESTART_COUNT or a SLURM retry loop's MEGATRON_RESTART_COUNT; default 0, `*` =
+every round), `seconds` (slow), `factor` (spike), `param` (nan: a parameter-name substring).
 
 Matching: a loop fault (kill, hang, slow, data_hang, nan, spike) fires at each iteration of its range,
-`iter=N` being the range N-N. The save faults (enospc, kill_in_save) fire in saves, which happen only
-every --save-interval: `iter=N` fires once, in the first save of an iteration >= N; `iter=A-B` fires in
-every save of an iteration in A..B. Each fault records the iterations it fired at (`Fault.fired`).
+`iter=N` being the range N-N. The save faults (enospc, kill_in_save, hang_in_save) fire in saves, which
+happen only every --save-interval: `iter=N` fires once, in the first save of an iteration >= N;
+`iter=A-B` fires in every save of an iteration in A..B. Each fault records the iterations it fired at
+(`Fault.fired`).
 
 Layering: this module holds the parser, the matching and the save-time hook (`in_save`), with no
-dependency beyond the standard library, in the config layer so that the checkpoint package (below
-training) can call it; `megatron.training.faults.Faults` extends `FaultPlan` with the training-loop hooks
-(kill, hang, slow, nan, spike, data_hang). Unset, `active` is False and every hook site costs one
-attribute test.
+dependency beyond the standard library and `megatron.launch`, in the config layer so that the checkpoint
+package (below training) can call it; `megatron.training.faults.Faults` extends `FaultPlan` with the
+training-loop hooks (kill, hang, slow, nan, spike, data_hang). Unset, `active` is False and every hook
+site costs one attribute test.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ import errno
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from megatron.launch import restart_attempt
 
 ENV = "MEGATRON_FAULTS"
-KINDS = ("kill", "hang", "slow", "data_hang", "nan", "spike", "enospc", "kill_in_save")
+KINDS = ("kill", "hang", "slow", "data_hang", "nan", "spike", "enospc", "kill_in_save", "hang_in_save")
 KEYS = ("rank", "iter", "attempt", "seconds", "factor", "param")
-SAVE_KINDS = ("enospc", "kill_in_save")
+SAVE_KINDS = ("enospc", "kill_in_save", "hang_in_save")
 # keys a kind accepts beyond rank, iter and attempt (which every kind takes), and those it requires
 _EXTRA_KEYS = {"slow": ("seconds",), "spike": ("factor",), "nan": ("param",)}
 _REQUIRED = {"slow": ("seconds",), "spike": ("factor",)}
@@ -176,7 +179,8 @@ class FaultPlan:
 
     def in_save(self, iteration: int, rank: int, path=None) -> None:
         """Called by each rank while writing the checkpoint of `iteration`, after its data files are
-        written: enospc raises OSError(ENOSPC) naming `path`; kill_in_save SIGKILLs this process."""
+        written: enospc raises OSError(ENOSPC) naming `path`; kill_in_save SIGKILLs this process;
+        hang_in_save never returns (a save that cannot finish)."""
         fault = self.fire("enospc", iteration, rank)
         if fault is not None:
             announce(fault, rank, iteration, "save fails with ENOSPC")
@@ -185,3 +189,7 @@ class FaultPlan:
         if fault is not None:
             announce(fault, rank, iteration, "SIGKILL while writing the checkpoint")
             os.kill(os.getpid(), signal.SIGKILL)
+        fault = self.fire("hang_in_save", iteration, rank)
+        if fault is not None:
+            announce(fault, rank, iteration, "the save never finishes")
+            threading.Event().wait()

@@ -186,8 +186,8 @@ def save(run: Run, *, final: bool = False) -> None:
     from megatron.checkpoint.checkpointer import CheckpointError
 
     start = time.perf_counter()
-    run.watchdog.beat(run.state.iteration, f"saving checkpoint iter_{run.state.iteration:07d}")
     finish_saving(run, saving_now=True)
+    run.watchdog.beat(run.state.iteration, f"saving checkpoint iter_{run.state.iteration:07d}")
     run.optimizer.finish_param_sync()  # --overlap-param-gather: the parameters are read below
     try:
         directory = _write_checkpoint(run)

@@ -1,7 +1,8 @@
 """The hang watchdog through torchrun (2 gloo ranks, TP 2, --hang-timeout-minutes 0.25): a rank stuck
 inside a collective and a data worker that never returns (MEGATRON_FAULTS hang / data_hang) make every
 rank write its stacks, name the stuck rank and exit within the bound + 30 s; under --max-restarts the job
-then resumes from its last checkpoint and finishes."""
+then resumes from its last checkpoint and finishes. A checkpoint write that never finishes (hang_in_save,
+one process) is caught the same way."""
 
 from __future__ import annotations
 
@@ -115,3 +116,24 @@ def test_under_max_restarts_the_job_resumes_and_finishes(data, tmp_path):
     assert f"loaded checkpoint {tmp_path / 'ckpt' / 'iter_0000004'}: iteration 4" in output
     assert "training done: 8 iterations" in output
     assert (tmp_path / "ckpt" / "iter_0000008").is_dir()
+
+
+def test_a_save_that_never_finishes(data, tmp_path):
+    """One process: the checkpoint write of iteration 2 blocks (hang_in_save); the watchdog names it."""
+    flags = "--train-iters 4 --log-interval 1 --eval-iters 0 --hang-timeout-minutes 0.1 --save-interval 2"
+    args = pretrain_args(tmp_path, *data, TINY_RUN_FLAGS, flags, save=True)
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron.pretrain", *args],
+        cwd=REPO_ROOT,
+        env=launch_env(MEGATRON_FAULTS="hang_in_save:iter=2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output[-5000:]
+    assert time.monotonic() - start < 6 + 60  # the bound, start-up and the report
+    assert "rank 0 is stuck: last progress 'iteration 2: saving checkpoint iter_0000002'" in output
+    assert "Current thread 0x" in output and "in in_save" in output
+    assert not (tmp_path / "ckpt" / "iter_0000002").exists()
