@@ -219,24 +219,27 @@ def skip_listed(run, data_iterator) -> StepOutput:
     next_micro_batches(data_iterator, run.num_micro_batches, torch.device("cpu"))
     logger.info(
         f"> iteration {run.state.iteration + 1}: skipped (on the skip list: --iterations-to-skip or a "
-        f"rollback): "
-        f"{sample_range(run.state.consumed_samples, run.global_batch_size)} read, not trained on"
+        f"rollback): {sample_range(run.state.consumed_samples, run.global_batch_size)} read, not trained on"
     )
     return StepOutput(float("nan"), 0, None, update_successful=False, skipped_by_list=True)
 
 
 def roll_back(run) -> bool:
     """--rollback-after-spikes (`run.rollback` = the range just put on the skip list): every rank reloads
-    the newest checkpoint saved before the range's first iteration with `Checkpointer.load` (model,
+    the newest complete checkpoint saved before the range's first iteration with `Checkpointer.load` (model,
     optimizer, scheduler, loss scale, random state) and takes the run's progress from it. False (logged,
     training goes on) when no checkpoint precedes the range. The caller finishes pending saves first and
     rebuilds the data iterator after."""
     from megatron.checkpoint.directory import find_checkpoints
+    from megatron.checkpoint.files import MANIFEST_FILENAME
 
     (first, last), run.rollback = run.rollback, None
     run.optimizer.finish_param_sync()  # --overlap-param-gather: no gather may land after the load
     save_dir, now = run.cfg.checkpoint.save, run.state.iteration
-    target = rollback_target(find_checkpoints(Path(save_dir)), first)
+    complete = [
+        (it, path) for it, path in find_checkpoints(Path(save_dir)) if (path / MANIFEST_FILENAME).is_file()
+    ]
+    target = rollback_target(complete, first)
     spikes = f"{run.cfg.training.rollback_after_spikes} loss spikes in iterations {first}-{last}"
     if target is None:
         logger.info(f"WARNING: {spikes}, but no checkpoint under {save_dir} precedes them: no rollback")
