@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-from megatron.parallel.testing import free_port
 from tests.e2e.runs import REPO_ROOT, TINY_RUN_FLAGS, launch_env, pretrain_args
 
 pytestmark = pytest.mark.slow
@@ -26,8 +25,8 @@ FLAGS = (
 
 
 def test_a_slowed_rank_is_named_at_each_log_interval(tmp_path, tiny_dataset_prefix, tiny_tokenizer_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron.pretrain"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    torchrun += ["-m", "megatron.pretrain"]
     args = pretrain_args(
         tmp_path, tiny_dataset_prefix, tiny_tokenizer_path, TINY_RUN_FLAGS, FLAGS, metrics="metrics"
     )
