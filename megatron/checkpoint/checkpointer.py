@@ -347,7 +347,8 @@ class Checkpointer:
         except (Exception, dcp_failure_type()) as exc:  # noqa: BLE001 - reported to rank 0, raised everywhere
             # a full disk or an I/O error by name (every rank sees DCP's failure: each names it)
             described = storage_failure(exc, job.root) or describe(exc)
-            return {"error": described if described.startswith("rank ") else f"rank {rank}: {described}"}
+            named = described.startswith(("rank ", "ranks "))
+            return {"error": described if named else f"rank {rank}: {described}"}
 
     def _commit(self, job: SaveJob, reports: list[dict]) -> str | None:
         """Rank 0: manifest, fsync, rename, tracker, keep-last-k. Returns the failure, or None."""

@@ -9,6 +9,7 @@ tracker update.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -134,9 +135,20 @@ class ChecksumWriter(io.BufferedWriter):
         self._helper = ThreadPoolExecutor(1)
 
     def write(self, data) -> int:
-        try:
+        with self._named_errors():
             return self._write(data)
-        except OSError as exc:  # ENOSPC, EIO from the kernel name no file: name it (torch may wrap it)
+
+    def flush(self) -> None:
+        with self._named_errors():
+            super().flush()
+
+    @contextlib.contextmanager
+    def _named_errors(self):
+        """ENOSPC or EIO from the kernel names no file: name this one (the name survives DCP's pickling
+        of a rank's failure to the others, where torch's wrapping of it would not)."""
+        try:
+            yield
+        except OSError as exc:
             if exc.errno is None or exc.filename is not None:
                 raise
             raise OSError(exc.errno, exc.strerror, str(self.raw.name)) from exc
@@ -159,7 +171,8 @@ class ChecksumWriter(io.BufferedWriter):
 
     def close(self) -> None:
         try:
-            super().close()
+            with self._named_errors():
+                super().close()
         finally:
             self._helper.shutdown()
 
@@ -196,8 +209,17 @@ def free_bytes(path: Path) -> int | None:
 def storage_failure(exc: BaseException, root: Path) -> str | None:
     """A failed write's cause by name when it is the storage's: "No space left on device (ENOSPC) while
     writing FILE: N bytes free on the file system of --save ROOT" (also EDQUOT, EIO, EROFS, and torch's
-    "unexpected pos" short write, whose cause the free space tells); None for any other failure."""
-    chain = _exception_chain(exc)
+    "unexpected pos" short write, whose cause the free space tells); None for any other failure. DCP's
+    failure (every rank gets it) names the ranks it happened on: "rank 3: No space left ..."."""
+    message = _storage_cause(_exception_chain(exc), root)
+    failures = getattr(exc, "failures", None)
+    if message is None or not isinstance(failures, dict) or not failures:
+        return message
+    ranks = sorted(failures)
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {message}"
+
+
+def _storage_cause(chain: list[BaseException], root: Path) -> str | None:
     free = free_bytes(root)
     where = (
         f"{free:,} bytes free on the file system of --save {root}" if free is not None else f"--save {root}"

@@ -302,7 +302,9 @@ def test_storage_failures_are_named(tmp_path, monkeypatch):
     # DCP hands other ranks' failures over as a dict of (exception, traceback)
     wrapped = RuntimeError("CheckpointException ranks:dict_keys([1])")
     wrapped.failures = {1: (OSError(errno.ENOSPC, "No space left on device"), None)}
-    assert "(ENOSPC) while writing the checkpoint" in storage_failure(wrapped, tmp_path)
+    assert storage_failure(wrapped, tmp_path).startswith(
+        "rank 1: No space left on device (ENOSPC) while writing"
+    )
     short = RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 704 vs 598")
     monkeypatch.setattr("megatron.checkpoint.files.free_bytes", lambda path: 4096)
     assert storage_failure(short, tmp_path).startswith("No space left on device (ENOSPC: a short write")
