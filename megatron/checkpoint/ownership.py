@@ -379,7 +379,7 @@ class SaveLock:
 
     def release(self) -> None:
         """Stop refreshing and remove the lock if it is still this process's (idempotent)."""
-        if self._stop.is_set():
+        if self._stop.is_set() or os.getpid() != self.info.pid:  # a forked child never releases it
             return
         self._stop.set()
         atexit.unregister(self.release)

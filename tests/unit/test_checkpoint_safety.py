@@ -117,6 +117,18 @@ def test_release_never_removes_a_lock_another_process_took_over(tmp_path):
     assert path.is_file() and read_lock(tmp_path).host == "elsewhere-host"
 
 
+def test_a_forked_child_never_releases_its_parents_lock(tmp_path):
+    lock = SaveLock.acquire(tmp_path, None, 30.0)
+    pid = os.fork()  # what a data-loader worker is
+    if pid == 0:
+        lock.release()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert read_lock(tmp_path).token == lock.info.token
+    lock.release()
+    assert not (tmp_path / LOCK_FILENAME).exists()
+
+
 def test_the_lock_is_refreshed_while_held(tmp_path, monkeypatch):
     monkeypatch.setattr(ownership, "_REFRESH_SECONDS", 0.05)
     lock = SaveLock.acquire(tmp_path, None, 30.0)
