@@ -4,7 +4,6 @@ file."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -82,8 +81,12 @@ def run_pretrain(
 
 
 def read_losses(path: Path) -> tuple[list[float], list[float]]:
-    """(training lm losses, validation lm losses) in the order a `--metrics-jsonl` file logged them."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    """(training lm losses, validation lm losses) in the order a `--metrics-jsonl` file logged them, read
+    as one run: after a restart's start marker, the re-run iterations' records replace the earlier ones
+    (`megatron.training.metrics.read_metrics`)."""
+    from megatron.training.metrics import read_metrics
+
+    records = read_metrics(path)
     train = [r["lm_loss"] for r in records if "lm_loss" in r]
     valid = [r["valid_lm_loss"] for r in records if "valid_lm_loss" in r]
     return train, valid
