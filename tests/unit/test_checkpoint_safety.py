@@ -276,6 +276,30 @@ def test_claim_records_the_lineage_and_refuses_another_runs_save(tmp_path):
     third.release()
 
 
+def test_a_restart_before_the_first_tracker_update_resumes_its_own_untracked_checkpoint(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    first, objects = _checkpointer()
+    first.claim(tmp_path, load_dir=tmp_path)
+    _save(first, tmp_path, 2, objects)
+    first.release()
+    (tmp_path / TRACKER_FILENAME).unlink()  # the round died between the rename and the tracker update
+
+    restarted, (model, optimizer, scheduler) = _checkpointer()  # the same job's next round
+    restarted.claim(tmp_path, load_dir=tmp_path)
+    loaded = restarted.load(tmp_path, model, optimizer, scheduler, None)
+    assert loaded.iteration == 2 and restarted.lineage == "torchrun:job-1"
+    restarted.release()
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")  # another job: refused, listing what is there
+    other, (model, optimizer, scheduler) = _checkpointer()
+    with pytest.raises(
+        ValueError, match="holds checkpoints but no latest_checkpointed_iteration.txt: iter_0000002"
+    ):
+        other.load(tmp_path, model, optimizer, scheduler, None)
+
+
 def test_a_same_iteration_directory_of_another_run_is_never_replaced(tmp_path):
     _fake_checkpoint(tmp_path, 2, "someone-else")
     checkpointer, objects = _checkpointer()
