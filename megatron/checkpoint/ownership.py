@@ -179,7 +179,10 @@ def check_ownership(save, lineage: str | None, load=None) -> None:
     theirs = sorted({found or UNRECORDED for _, found in foreign})
     tracked = read_tracker(save)
     tracker = f"{TRACKER_FILENAME} names {tracked}" if tracked is not None else f"no {TRACKER_FILENAME}"
-    mine = f"continues lineage {lineage or UNRECORDED} from --load {load}" if load else "starts a new lineage"
+    resumed = load and read_tracker(load) is not None
+    mine = (
+        f"continues lineage {lineage or UNRECORDED} from --load {load}" if resumed else "starts a new lineage"
+    )
     raise ValueError(
         f"--save {save} holds checkpoints of another run: {names} (lineage {', '.join(theirs)}; {tracker}), "
         f"while this run {mine}. To continue that run, pass --load {save}; to keep its checkpoints, give "
