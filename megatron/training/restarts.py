@@ -50,8 +50,8 @@ _COMMUNICATION_MARKERS = (
 
 
 class PeerLostError(RuntimeError):
-    """Another rank of the job is gone: this rank stops without saving (the message names the lost
-    rank(s) when the store could tell)."""
+    """Another rank of the job is gone: this rank stops without saving (what torchrun's error file
+    holds for a survivor; the collective's own error is its cause)."""
 
 
 def _now() -> float:
@@ -87,20 +87,18 @@ def mark_start(run) -> None:
         return
     record = start_record(run.state.iteration, run.parallel_state.world_size)
     run.metrics.event(record)
-    save = run.cfg.checkpoint.save
-    if not save:
+    attempt = record["attempt"]
+    if attempt > 0:
+        logger.info(f"> restart {attempt}: resumed from iteration {record['resumed_from_iteration']}")
+    if not run.cfg.checkpoint.save:
         return
-    history = Path(save) / HISTORY_FILE
-    if record["attempt"] > 0:
-        failures = [f for f in attempt_failures(read_history(history)) if f.attempt < record["attempt"]]
-        summary = crash_loop_summary(failures, record["attempt"])
+    history = Path(run.cfg.checkpoint.save) / HISTORY_FILE
+    if attempt > 0:
+        failures = [f for f in attempt_failures(read_history(history)) if f.attempt < attempt]
+        summary = crash_loop_summary(failures, attempt)
         if summary:
             logger.info(f"WARNING: {summary}")
     append_history(history, record)
-    if record["attempt"] > 0:
-        logger.info(
-            f"> restart {record['attempt']}: resumed from iteration {record['resumed_from_iteration']}"
-        )
 
 
 # ------------------------------------------------------------------------------------------- history
