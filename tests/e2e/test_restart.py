@@ -142,6 +142,8 @@ def test_killed_rank_restarts_bit_identically(
     # the survivors stopped without saving, and the history names the killed rank and its iteration
     assert "not saving, exiting for the launcher to restart" in result.stderr, _output(result)
     assert "SIGTERM: stopped" not in result.stdout, _output(result)
+    saved = sorted(path.name for path in ckpt.glob("iter_*"))  # no save at the iteration a rank died
+    assert saved == [f"iter_{i:07d}" for i in range(SAVE_INTERVAL, ITERS + 1, SAVE_INTERVAL)], saved
     failures = attempt_failures(read_history(ckpt / HISTORY_FILE))
     assert [(failure.iteration, failure.ranks) for failure in failures] == killed
 
