@@ -15,12 +15,13 @@ from tests.e2e.runs import REPO_ROOT, TINY_RUN_FLAGS, launch_env, pretrain_args
 pytestmark = pytest.mark.slow
 
 LOG_INTERVAL = 2
-# rank 1 sleeps 0.2 s at the start of iterations 1-4, rank 0 at 5-8 (a tiny iteration is ~30-80 ms here)
-FAULTS = "slow:rank=1,iter=1-4,seconds=0.2;slow:rank=0,iter=5-8,seconds=0.2"
+# rank 1 sleeps 0.5 s at the start of iterations 1-4, rank 0 at 5-8: a tiny iteration is 15-80 ms of busy
+# time here, and the sleep stays far above what a loaded machine's scheduling adds to one rank
+FAULTS = "slow:rank=1,iter=1-4,seconds=0.5;slow:rank=0,iter=5-8,seconds=0.5"
 SLOW_RANK = {2: 1, 4: 1, 6: 0, 8: 0}  # log interval ending at iteration -> the rank that slept in it
 FLAGS = (
     f"--train-iters 8 --log-interval {LOG_INTERVAL} --eval-iters 0 --num-workers 0 --lr-warmup-iters 2 "
-    "--log-straggler --straggler-threshold 0.5"
+    "--log-straggler"  # the default --straggler-threshold 0.2
 )
 
 
@@ -46,7 +47,7 @@ def test_a_slowed_rank_is_named_at_each_log_interval(tmp_path, tiny_dataset_pref
     for line, (iteration, slow) in zip(lines, SLOW_RANK.items(), strict=True):
         assert line.startswith(f"WARNING: stragglers at iteration {iteration}:"), line
         assert f"max rank {slow} " in line, line
-        named = line.split("slower than the median by more than 50%: ")[1]
+        named = line.split("slower than the median by more than 20%: ")[1]
         assert named.startswith(f"rank {slow} (+") and "," not in named, line  # that rank, only it
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
