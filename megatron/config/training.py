@@ -207,7 +207,8 @@ class LoggingConfig:
     straggler_minmax_count: int = arg(1, "With --log-straggler: how many slowest and fastest ranks to list.")
     metrics_jsonl: str | None = arg(
         None,
-        "Write the logged metrics as one JSON object per line here (default SAVE/metrics.jsonl with --save).",
+        "Write the logged metrics as one JSON object per line here (default SAVE/metrics.jsonl with --save). "
+        'A resumed run appends, after an event record {"event": "start", "resumed_from_iteration": I, ...}.',
     )
     tensorboard_dir: str | None = arg(None, "Write TensorBoard events here (needs tensorboard installed).")
     wandb_project_name: str | None = arg(
