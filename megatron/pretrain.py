@@ -51,6 +51,19 @@ def _summary_line(summary) -> str:
     return text
 
 
+def collective_timeout_minutes(cfg) -> float:
+    """The collectives' timeout: --distributed-timeout-minutes, raised to --hang-timeout-minutes + 2 while
+    the hang watchdog is on, so that a rank stuck inside a collective is reported by the watchdog (every
+    rank's stacks, the stuck rank named) before the collective's own timeout error ends the run without
+    them. The rendezvous keeps --distributed-timeout-minutes."""
+    timeout = cfg.parallel.distributed_timeout_minutes
+    hang = cfg.training.hang_timeout_minutes
+    return max(timeout, hang + HANG_MARGIN_MINUTES) if hang else timeout
+
+
+HANG_MARGIN_MINUTES = 2.0
+
+
 def _initialize(cfg):
     """Join the process group and build the tensor/data-parallel groups (after every input check)."""
     from megatron.parallel.state import ParallelState
@@ -62,6 +75,7 @@ def _initialize(cfg):
         sequence_parallel=parallel.sequence_parallel,
         backend=parallel.distributed_backend,
         timeout_minutes=parallel.distributed_timeout_minutes,
+        collective_timeout_minutes=collective_timeout_minutes(cfg),
     )
     set_logging(state.is_main_rank)
     return state

@@ -52,7 +52,9 @@ class ParallelConfig:
     distributed_timeout_minutes: float = arg(
         10,
         "Timeout of the rendezvous and of collective operations, in minutes (fractions allowed): a rank "
-        "missing or unreachable at start-up fails within it.",
+        "missing or unreachable at start-up fails within it. For collectives it is raised to "
+        "--hang-timeout-minutes + 2 while the hang watchdog is on, so the watchdog reports a stuck "
+        "collective first.",
     )
     distributed_backend: str | None = arg(
         None,

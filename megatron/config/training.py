@@ -76,12 +76,13 @@ class TrainingConfig:
     )
     exit_interval: int | None = arg(None, "Exit after the iteration that is a multiple of this.")
     hang_timeout_minutes: float = arg(
-        30.0,
+        10.0,
         "Hang watchdog: a rank that makes no progress (an iteration step, data, evaluation, a checkpoint "
         "save or load) for this many minutes writes every thread's stack and the stuck rank(s) to the log "
         "and exits with status 3, so the launcher's restart policy applies; fractions allowed; 0 = off. "
-        "Below --distributed-timeout-minutes, a rank stuck inside a collective is reported here too "
-        "(above it, the collective's own timeout error ends the run first, without the stacks).",
+        "While it is on, the collectives' timeout is at least this + 2 minutes (see "
+        "--distributed-timeout-minutes), so a rank stuck inside a collective is reported here with every "
+        "rank's stacks rather than by the collective's own timeout error.",
     )
     dry_run: bool = arg(
         False,

@@ -104,6 +104,7 @@ class ParallelState:
         backend: str | None = None,
         timeout_minutes: float = 10,
         device: torch.device | str | None = None,
+        collective_timeout_minutes: float | None = None,
     ) -> ParallelState:
         """Join (or create) the default process group from the launcher's environment (torchrun's
         variables; `megatron.launch.apply_launch` derives them under srun) and build every group.
@@ -114,7 +115,8 @@ class ParallelState:
         the CPU (unless given). At WORLD_SIZE 1 without an initialised process group, returns
         `single(device)` with no torch.distributed at all.
         Raises ValueError when a launcher variable is missing, RendezvousError when the ranks do not all
-        meet within `timeout_minutes`.
+        meet within `timeout_minutes`. `collective_timeout_minutes` (default `timeout_minutes`): the
+        timeout of collectives once every rank has joined (the default group's and every subgroup's).
         """
         import torch.distributed as dist
 
@@ -152,6 +154,10 @@ class ParallelState:
             except (RuntimeError, TimeoutError, OSError) as error:  # DistError is a RuntimeError
                 raise RendezvousError(rendezvous_error(launch, timeout_minutes, error)) from error
             owns = True
+        collective = timedelta(minutes=collective_timeout_minutes or timeout_minutes)
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # private, torch >= 2.3
+        if owns and collective != timedelta(minutes=timeout_minutes) and set_timeout is not None:
+            set_timeout(collective)  # the default group's collectives; the rendezvous used timeout_minutes
         return cls._build(
             dist.get_world_size(),
             dist.get_rank(),
@@ -160,7 +166,7 @@ class ParallelState:
             sequence_parallel=sequence_parallel,
             device=device,
             backend=dist.get_backend(),
-            timeout=timedelta(minutes=timeout_minutes),
+            timeout=collective,
             owns=owns,
         )
 

@@ -157,3 +157,21 @@ def test_the_backstop_fires_when_the_monitor_cannot_run():
     assert time.monotonic() - start < 30
     assert "Timeout (0:00:01.500000)!" in result.stderr
     assert 'File "<string>", line 6 in <module>' in result.stderr  # the main thread, where it is stuck
+
+
+def test_collectives_outlast_the_watchdog():
+    """While the watchdog is on, the collectives' timeout is at least the hang bound + 2 minutes (a rank
+    stuck in a collective is reported by the watchdog, with stacks); the rendezvous timeout is unchanged."""
+    from megatron.config import parse_config
+    from megatron.pretrain import HANG_MARGIN_MINUTES, collective_timeout_minutes
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64"]
+    base += ["--max-position-embeddings", "64", "--train-iters", "1", "--lr", "1e-3"]
+
+    def timeout(*flags):
+        return collective_timeout_minutes(parse_config(base + list(flags), check_paths=False))
+
+    assert timeout() == 10 + HANG_MARGIN_MINUTES  # defaults: both 10 minutes
+    assert timeout("--hang-timeout-minutes", "0") == 10  # off: --distributed-timeout-minutes as given
+    assert timeout("--hang-timeout-minutes", "1", "--distributed-timeout-minutes", "20") == 20
+    assert timeout("--hang-timeout-minutes", "30", "--distributed-timeout-minutes", "5") == 32
