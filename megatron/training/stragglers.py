@@ -8,12 +8,14 @@ each rank spent working rather than waiting, so the slow rank is the one with th
 Everything a rank does on its own counts as busy: compute, waiting for its data loader, a slow disk.
 
 With NCCL, collectives return once queued on the CUDA stream and the wait for peers happens on the
-device: the measure is then the host's (data loading, Python, kernel launches, the step's device sync).
-A rank whose host is slow is named; a rank whose GPU alone is slow shows in every rank's wall time but is
-not told apart (Megatron-LM's detector times CUDA events for that).
+device, which the host meets at the step's one device sync (`step.read_on_host`, counted as waiting
+too): the measure is then the host's own work (data loading, Python, kernel launches). A rank whose host
+is slow is named; a rank whose GPU alone is slow shows in every rank's wall time but is not told apart
+(Megatron-LM's detector times CUDA events for that).
 
-Cost: the accumulator is two clock reads per blocking call, always on; with the flag, one all-gather of
-one float per rank over the world group at each log interval (none per step), and rank 0 sorts the list.
+Cost: the wait clock is always on, one addition in the timer each collective call already had and two
+clock reads around the device sync; with the flag, one all-gather of one float per rank over the world
+group at each log interval (none per step), and rank 0 sorts the list (bench/resilience.py).
 
 Semantics follow Megatron-LM's straggler detector (`--log-straggler`, `--straggler-minmax-count`): the
 min and max over ranks with their ranks; here also the median, and the ranks slower than the median by
