@@ -139,7 +139,7 @@ def build_run(cfg, parallel_state: ParallelState | None = None, *, tokenizer=Non
             is_main_rank=parallel_state.is_main_rank,
         ),
         faults=faults,
-        watchdog=Watchdog.for_run(cfg.training.hang_timeout_minutes, parallel_state),
+        watchdog=Watchdog.for_run(cfg.training.hang_timeout_minutes, parallel_state, cfg.checkpoint.save),
     )
     # The training random stream (dropout) starts from the seed whatever building consumed (e.g. the
     # CPU peak measurement runs only once per process); a resumed run then restores it from the checkpoint.

@@ -40,8 +40,11 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
+from megatron.launch import max_restarts, restart_attempt
 from megatron.log import get_logger
+from megatron.training import restarts
 
 logger = get_logger(__name__)
 
@@ -100,22 +103,26 @@ class Watchdog:
         self._threads: list[threading.Thread] = []
         self._peer_trip: dict | None = None
         self.tripped: str | None = None  # the summary, once tripped
+        self.history: Path | None = None  # SAVE/restarts.jsonl: a trip is recorded there as a failure
 
     @classmethod
-    def for_run(cls, hang_timeout_minutes: float, parallel_state) -> Watchdog:
-        """The watchdog of a training run: the default process group's store when there is one."""
+    def for_run(cls, hang_timeout_minutes: float, parallel_state, save_dir: str | None = None) -> Watchdog:
+        """The watchdog of a training run: the default process group's store when there is one; with
+        `save_dir` (--save) a trip goes to the restart history there, as any failure does."""
         store = None
         if parallel_state.world_size > 1:
             import torch.distributed as dist
             from torch.distributed.distributed_c10d import _get_default_store
 
             store = _get_default_store() if dist.is_initialized() else None
-        return cls(
+        watchdog = cls(
             60.0 * hang_timeout_minutes,
             rank=parallel_state.rank,
             world_size=parallel_state.world_size,
             store=store,
         )
+        watchdog.history = Path(save_dir) / restarts.HISTORY_FILE if save_dir else None
+        return watchdog
 
     @property
     def enabled(self) -> bool:
@@ -229,8 +236,32 @@ class Watchdog:
             if own:
                 self._wait_for_peers()
         _record_for_torchrun(f"rank {self.rank}: {summary}")
+        if own:
+            self._record_history(report, summary, stream)
         _write(stream, f"[rank {self.rank}] hang watchdog: exiting with status {EXIT_STATUS}")
         self._exit(EXIT_STATUS)
+
+    def _record_history(self, report: dict, summary: str, stream) -> None:
+        """The trip as a failure of this attempt in the restart history (a crash loop of hangs gets its
+        summary like any other); on the launcher's last allowed attempt, that summary now."""
+        if self.history is None:
+            return
+        record = {
+            "event": "failure",
+            "attempt": restart_attempt(),
+            "rank": self.rank,
+            "iteration": report["iteration"],
+            "error": f"HangError: {summary}"[:200],
+            "time": time.time(),
+        }
+        try:
+            restarts.append_history(self.history, record)
+            allowed = max_restarts()
+            if allowed is not None and record["attempt"] >= allowed:
+                summary = restarts.give_up_summary(restarts.read_history(self.history), record["attempt"])
+                _write(stream, f"[rank {self.rank}] {summary}")
+        except OSError:  # the history is a report: a full or failing disk must not keep the rank alive
+            pass
 
     def _wait_for_peers(self) -> None:
         """Until every rank has written its stacks (or the grace time is over)."""

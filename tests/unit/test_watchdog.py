@@ -175,3 +175,27 @@ def test_collectives_outlast_the_watchdog():
     assert timeout("--hang-timeout-minutes", "0") == 10  # off: --distributed-timeout-minutes as given
     assert timeout("--hang-timeout-minutes", "1", "--distributed-timeout-minutes", "20") == 20
     assert timeout("--hang-timeout-minutes", "30", "--distributed-timeout-minutes", "5") == 32
+
+
+def test_a_trip_is_a_failure_in_the_restart_history(tmp_path, monkeypatch):
+    """A hang ends the attempt like a crash: the restart history under --save records it (rank, iteration,
+    the summary), so a crash loop of hangs gets its summary, printed when no restart is left."""
+    from megatron.training import restarts
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    exits, stream = [], io.StringIO()
+    watchdog = Watchdog(0.3, on_exit=exits.append, stream=stream, interval_s=0.1)
+    watchdog.history = tmp_path / restarts.HISTORY_FILE
+    with watchdog.armed(0, "starting training"):
+        watchdog.beat(4, "waiting for data")
+        _wait_for(lambda: exits)
+    assert exits == [EXIT_STATUS]
+    (record,) = restarts.read_history(watchdog.history)
+    assert (record["event"], record["attempt"], record["rank"], record["iteration"]) == ("failure", 1, 0, 4)
+    assert record["error"].startswith(
+        "HangError: rank 0 is stuck: last progress 'iteration 4: waiting for data'"
+    )
+    assert "no restarts left after 1 restart, the job ends (attempt 1: iteration 4 on rank 0: HangError" in (
+        stream.getvalue()
+    )
