@@ -1,6 +1,6 @@
 """--log-straggler through torchrun (2 gloo ranks): a rank slowed by an injected sleep (MEGATRON_FAULTS
 `slow`) is named in the log and in the metrics file, and when the sleep moves to the other rank, so does
-the name. The statistic itself is tested in tests/unit/test_stragglers.py."""
+the name. The statistic itself is tested in tests/unit/test_straggler_report.py."""
 
 from __future__ import annotations
 
