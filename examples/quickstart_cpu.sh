@@ -48,11 +48,13 @@ else
 fi
 
 step "4/5 training configs/tiny-cpu.yaml with FIM and validation -> $WORK/checkpoints"
+# --load the same directory: a rerun resumes (or finds the run finished) instead of being refused for
+# writing over the checkpoints of an earlier run
 # shellcheck disable=SC2086
 "$PYTHON" -m megatron.pretrain --config configs/tiny-cpu.yaml \
   --data-path "$WORK/data/stdlib_content_document" \
   --tokenizer-type TokenizerFromFile --tokenizer-file "$WORK/tokenizer.json" \
-  --save "$WORK/checkpoints" --metrics-jsonl "$WORK/metrics.jsonl" ${TRAIN_ARGS:-}
+  --save "$WORK/checkpoints" --load "$WORK/checkpoints" --metrics-jsonl "$WORK/metrics.jsonl" ${TRAIN_ARGS:-}
 
 step "5/5 greedy completion"
 "$PYTHON" tools/generate.py --load "$WORK/checkpoints" --tokenizer-file "$WORK/tokenizer.json" \
