@@ -76,3 +76,29 @@ def set_logging(enabled: bool) -> None:
     """Progress lines (INFO and below) on or off for this process: `megatron.pretrain` turns them on only
     on the main rank of a multi-process run. Warnings and errors are printed either way."""
     _PROGRESS.setLevel(logging.NOTSET if enabled else _DISABLED)
+
+
+def progress_bar(
+    iterable=None, *, total: float | None = None, desc: str = "", unit: str = "it", enabled=None
+):
+    """A tqdm progress bar on stderr for a tool's long step (reading a corpus, converting a checkpoint).
+
+    enabled: True or False forces it (a tool's `--no-progress` passes False); None shows it only when
+    stderr is a terminal, so logs, pipes and CI output stay free of carriage-return noise. A disabled bar
+    accepts `update` / `set_postfix` as no-ops (it does not count), so callers need no second code path.
+    Use it as a context manager or iterate it; it closes itself at the end of iteration."""
+    from tqdm import tqdm  # tqdm is a requirement; imported here to keep `import megatron.log` light
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
