@@ -154,5 +154,5 @@ def check_prefix_exists(prefix: str, flag_name: str) -> None:
         return
     hint = "the prefix written by tools/preprocess_data.py, without .bin/.idx"
     if prefix.endswith((".bin", ".idx")) and os.path.isfile(prefix[:-4] + ".idx"):
-        hint = f"drop the suffix: {prefix[:-4]}"
+        hint = f"the prefix without the suffix: {prefix[:-4]}"
     raise ConfigError(f"{flag_name} {prefix}: {prefix}.idx does not exist; give {hint}")

@@ -538,7 +538,7 @@ def test_bad_input_exits_2_naming_flag(capsys, inputs, overrides, words):
 
 def test_data_prefix_with_suffix_gets_a_hint(capsys, inputs):
     line = expect_exit(capsys, tiny_argv(inputs, data_path=inputs["prefix"] + ".bin"))
-    assert f"drop the suffix: {inputs['prefix']}" in line
+    assert f"give the prefix without the suffix: {inputs['prefix']}" in line
 
 
 def test_world_size_checks(capsys, inputs, monkeypatch):
