@@ -24,6 +24,7 @@ from megatron.data.indexed import (
     index_file_path,
     strip_suffix,
 )
+from megatron.log import progress_bar
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset prefixes (path without .bin/.idx) or directories holding them",
     )
     parser.add_argument("--output-prefix", required=True, help="prefix of the merged dataset")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)"
+    )
     return parser
 
 
@@ -66,16 +70,20 @@ def open_inputs(prefixes: list[str]) -> list[IndexedDataset]:
     return datasets
 
 
-def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
-    """Write the concatenation of ``prefixes`` to ``output_prefix`` and return it opened."""
+def merge(prefixes: list[str], output_prefix: str, *, progress: bool | None = None) -> IndexedDataset:
+    """Write the concatenation of ``prefixes`` to ``output_prefix`` and return it opened. ``progress``:
+    a bar over the input bytes (None: only on a terminal)."""
     output_prefix = strip_suffix(output_prefix)
     resolved_output = os.path.abspath(output_prefix)
     if any(os.path.abspath(prefix) == resolved_output for prefix in prefixes):
         raise ValueError(f"--output-prefix {output_prefix} is also an input")
     datasets = open_inputs(prefixes)
-    with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
+    total = sum(os.path.getsize(data_file_path(dataset.path_prefix)) for dataset in datasets)
+    bar = progress_bar(total=total, desc="merging", unit="B", enabled=progress)
+    with bar, IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
         for dataset in datasets:
             writer.append_dataset(dataset.path_prefix)
+            bar.update(os.path.getsize(data_file_path(dataset.path_prefix)))
     return IndexedDataset(output_prefix)
 
 
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         prefixes = expand_inputs(args.input)
-        merged = merge(prefixes, args.output_prefix)
+        merged = merge(prefixes, args.output_prefix, progress=False if args.no_progress else None)
     except ValueError as error:
         print(f"merge_datasets: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
