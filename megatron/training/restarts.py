@@ -86,6 +86,7 @@ def mark_start(run) -> None:
     if not run.parallel_state.is_main_rank:
         return
     record = start_record(run.state.iteration, run.parallel_state.world_size)
+    record["seq_length"] = run.cfg.model.seq_length  # tokens per sample, for plots against tokens
     run.metrics.event(record)
     attempt = record["attempt"]
     if attempt > 0:
