@@ -318,10 +318,61 @@ def _time(cfg, layout: _Layout, peak: float, mfu: float) -> dict:
     }
 
 
+# The vocabulary a dry run plans when neither --vocab-size nor a tokenizer is given: the StarCoder
+# tokenizer's (the BigCode presets' own), stated in the plan.
+ASSUMED_VOCAB_SIZE = 49152
+
+
+def planned_vocab_size(cfg) -> tuple[int, str]:
+    """(vocabulary size, where it came from) for a plan: --vocab-size; else the tokenizer named by the
+    flags, read and padded as training pads it (ValueError when it cannot be read); else
+    ASSUMED_VOCAB_SIZE padded likewise."""
+    from megatron.config import check_vocab_size
+
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size, "--vocab-size"
+    data = cfg.data
+    if data.tokenizer_file or data.vocab_file or data.tokenizer_model:
+        from megatron.training.vocab import checked_tokenizer
+
+        try:
+            tokenizer, vocab_size = checked_tokenizer(cfg)
+        except OSError as error:
+            raise ValueError(f"--dry-run: cannot read the tokenizer: {error}") from None
+        return vocab_size, f"the tokenizer's {tokenizer.vocab_size:,} tokens, padded"
+    vocab_size = check_vocab_size(cfg, ASSUMED_VOCAB_SIZE)
+    return vocab_size, (
+        f"assumed: the StarCoder tokenizer's {ASSUMED_VOCAB_SIZE:,} tokens, padded; give --vocab-size N or "
+        "--tokenizer-file FILE to plan yours"
+    )
+
+
+def layout_origin(cfg) -> str:
+    """Where the plan's data-parallel size came from, and how to plan another (`Config.world_size_origin`)."""
+    par, dp = cfg.parallel, cfg.data_parallel_size
+    world = (
+        f"world size {cfg.world_size} = TP {par.tensor_model_parallel_size} x PP "
+        f"{par.pipeline_model_parallel_size} x DP {dp}"
+    )
+    if cfg.world_size_origin == "assumed":
+        return (
+            f"{world}, assumed: the smallest data-parallel size (WORLD_SIZE is not set and the config gives "
+            "no --data-parallel-size); plan your launch with --data-parallel-size N or WORLD_SIZE=N"
+        )
+    if cfg.world_size_origin == "--data-parallel-size":
+        return f"{world}, from --data-parallel-size {dp} (WORLD_SIZE is not set)"
+    return f"{world}, from {cfg.world_size_origin}" if cfg.world_size_origin == "WORLD_SIZE" else world
+
+
 def plan(cfg, gpu: str = "A100", mfu: float = 0.4) -> dict:
-    """The plan as a dict: per-stage `StagePlan`s plus batch, bubble, FLOPs, time and fit fields."""
-    if cfg.model.vocab_size is None:
-        raise ValueError("--dry-run needs --vocab-size (no tokenizer is loaded)")
+    """The plan as a dict: per-stage `StagePlan`s plus batch, bubble, FLOPs, time and fit fields.
+
+    The vocabulary is `planned_vocab_size`'s (cfg.model.vocab_size is set to it); the per-GPU peak is
+    --peak-tflops when given, else `gpu`'s bf16 datasheet peak."""
+    vocab_size, vocab_origin = planned_vocab_size(cfg)
+    cfg.model.vocab_size = vocab_size
+    peak_tflops = cfg.training.peak_tflops
+    peak = peak_tflops * 1e12 if peak_tflops else gpu_peak_flops(gpu, "bf16")
     layout = _layout(cfg)
     planned = [_stage_plan(cfg, layout, stage) for stage in range(layout.pp)]
     stages = [stage_plan for stage_plan, _ in planned]
@@ -340,8 +391,13 @@ def plan(cfg, gpu: str = "A100", mfu: float = 0.4) -> dict:
         "flash": layout.flash,
         "micro_batches": layout.micro_batches,
         "bubble": _bubble(layout),
-        **_time(cfg, layout, gpu_peak_flops(gpu, "bf16"), mfu),
+        **_time(cfg, layout, peak, mfu),
         "gpu": gpu,
+        "peak_tflops": peak / 1e12,
+        "peak_origin": "--peak-tflops" if peak_tflops else f"{gpu} bf16 dense peak",
+        "layout_origin": layout_origin(cfg),
+        "vocab_size": vocab_size,
+        "vocab_origin": vocab_origin,
         "mfu": mfu,
         "device_memory": memory,
         "usable_memory": memory * MEMORY_MARGIN,
@@ -357,6 +413,8 @@ def format_plan(p: dict) -> str:
         f"dry run: {p['params']:,} parameters; TP {p['tp']} x PP {p['pp']} x DP {p['dp']}"
         f" (sequence parallel {'on' if p['sequence_parallel'] else 'off'}, recompute {p['recompute'] or 'none'},"
         f" flash attention {'on' if p['flash'] else 'off'}), {p['micro_batches']} micro-batches per step",
+        f"  {p['layout_origin']}",
+        f"  vocabulary {p['vocab_size']:,} ({p['vocab_origin']})",
     ]
     for st in p["stages"]:
         lines.append(
@@ -368,7 +426,8 @@ def format_plan(p: dict) -> str:
         )
     lines.append(
         f"  pipeline bubble {100 * p['bubble']:.1f}%; {p['flops_per_iteration']:.3e} FLOPs per iteration; "
-        f"{p['iteration_seconds']:.2f} s per iteration at {100 * p['mfu']:.0f}% MFU on {p['gpu']}; "
+        f"{p['iteration_seconds']:.2f} s per iteration at {100 * p['mfu']:.0f}% MFU of "
+        f"{p['peak_tflops']:g} TFLOP/s per GPU ({p['peak_origin']}); "
         f"{p['iterations']:,} iterations ({p['tokens']:.3e} tokens) in {p['days']:.1f} days"
     )
     for st in p["stages"]:

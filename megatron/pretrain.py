@@ -25,6 +25,7 @@ data or tokenizer paths.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from megatron.checkpoint.ownership import check_before_start
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, _ = checked_tokenizer(cfg)  # before torch is imported: fails fast
         # --save writable, not locked by another run, holding no other run's checkpoints (every rank)
         check_before_start(cfg.checkpoint)
+        finished = _run_end_check(cfg, tracked_iteration(cfg.checkpoint))
+        if finished is not None:  # the checkpoint to resume is at or past --train-iters: nothing to train
+            return finished
         state = _initialize(cfg)  # only after every input check
     except ValueError as error:
         return _error(error, 2)
@@ -115,6 +119,55 @@ def main(argv: list[str] | None = None) -> int:
         return record(_train)(cfg, tokenizer, state)
     finally:
         state.destroy()
+
+
+def tracked_iteration(ckpt) -> int | None:
+    """The iteration a resumed run will start from, read cheaply before any process group: the one
+    --load's tracker file names when its directory exists (None without --load, with --finetune, or when
+    the load itself must decide: no tracker, 'release', an unreadable tracker, a missing directory)."""
+    from megatron.checkpoint.directory import checkpoint_dir, read_tracker
+
+    if not ckpt.load or ckpt.finetune:
+        return None
+    try:
+        tracked = read_tracker(ckpt.load)
+    except (OSError, ValueError):  # the load reports it, with its own message
+        return None
+    if not isinstance(tracked, int) or not checkpoint_dir(ckpt.load, tracked).is_dir():
+        return None
+    return tracked
+
+
+def _run_end_check(cfg, iteration: int | None) -> int | None:
+    """None when a run resumed at `iteration` has iterations left to train. Otherwise the exit status, the
+    reason logged: 0 when the run already finished there (the run length equals the iteration: a rerun of
+    a finished run), 2 when the checkpoint is past the run's end (it would train nothing). Every rank
+    reads the same iteration, so every rank exits alike."""
+    target = cfg.num_train_iters
+    if iteration is None or iteration < target:
+        return None
+    train, load = cfg.training, cfg.checkpoint.load
+    if train.train_iters is not None:
+        length, more = f"--train-iters {target}", f"--train-iters > {iteration}"
+    else:
+        batch = train.global_batch_size
+        length = f"--train-samples {train.train_samples}: {target} iterations of global batch {batch}"
+        more = f"--train-samples >= {(iteration + 1) * batch}"
+    if iteration == target:
+        if os.environ.get("RANK", "0") == "0":
+            logger.info(
+                f"> already finished at iteration {iteration} ({length}; checkpoint in --load {load}): "
+                f"nothing to train; pass {more} to train further"
+            )
+        return 0
+    return _error(
+        ConfigError(
+            f"--load {load} holds a checkpoint at iteration {iteration}, past the end of this run "
+            f"({length}), so it would train nothing; pass {more} to continue training it, or --finetune "
+            "to start a new run from its weights"
+        ),
+        2,
+    )
 
 
 def _dry_run(cfg) -> int:
@@ -155,6 +208,13 @@ def _train(cfg, tokenizer, state) -> int:
         return _error(error, 2)
     except Exception as error:  # e.g. a peer lost while loading the checkpoint
         return _failed(error, cfg, state, completed=0)
+    # what the tracker could not tell (an untracked checkpoint of this job, a fallback to an older one)
+    finished = None if cfg.checkpoint.finetune else _run_end_check(cfg, run.state.iteration)
+    if finished is not None:
+        run.metrics.close()
+        if run.checkpointer is not None:
+            run.checkpointer.release()
+        return finished
     try:
         summary = train(run)
     except (NonFiniteError, SaveFailedError) as error:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from typing import Any
 
 
@@ -61,8 +63,10 @@ def require_positive(obj: Any, *names: str, allow_none: bool = False) -> None:
             continue
         if value is None:
             raise ConfigError(f"{flag(name)} is required (give it on the command line or in --config FILE)")
-        if value <= 0:
-            raise ConfigError(f"{show(name, value)} must be > 0")
+        if not 0 < value < math.inf:  # also false for nan
+            raise ConfigError(
+                f"{show(name, value)} must be {'' if _is_finite(value) else 'a finite number '}> 0"
+            )
 
 
 def require_range(obj: Any, name: str, low: float, high: float, *, high_open: bool = False) -> None:
@@ -70,10 +74,11 @@ def require_range(obj: Any, name: str, low: float, high: float, *, high_open: bo
     value = getattr(obj, name)
     if value is None:
         return
-    too_high = value >= high if high_open else value > high
-    if value < low or too_high:
+    within = low <= value < high if high_open else low <= value <= high  # false for nan
+    if not within:
         bracket = ")" if high_open else "]"
-        raise ConfigError(f"{show(name, value)} is out of range; valid: [{low}, {high}{bracket}")
+        valid = f"a finite number >= {low}" if high == math.inf else f"[{low}, {high}{bracket}"
+        raise ConfigError(f"{show(name, value)} is out of range; valid: {valid}")
 
 
 def require_choice(obj: Any, name: str, choices: tuple) -> None:
@@ -82,3 +87,23 @@ def require_choice(obj: Any, name: str, choices: tuple) -> None:
     if value not in choices:
         valid = ", ".join(str(c) for c in choices)
         raise ConfigError(f"{show(name, value)} is not a valid choice; valid: {valid}")
+
+
+def _is_finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def float_fields(cls: type) -> list[str]:
+    """Names of the fields of dataclass `cls` annotated `float` or `float | None`."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if hints[f.name] in (float, float | None)]
+
+
+def require_finite(obj: Any) -> None:
+    """Raise ConfigError naming the first float field of dataclass `obj` holding nan or +-inf (YAML `.nan`,
+    `.inf`, or `nan`/`inf` on the command line): the net under every field's own range check, which
+    runs first and names the range."""
+    for name in float_fields(type(obj)):
+        value = getattr(obj, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{show(name, value)} is not a finite number; give a finite value")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
 import os
 import sys
 import types
@@ -57,11 +56,9 @@ def _int_value(text: str) -> int:
 
 
 def _float_value(text: str) -> float:
-    """float, refusing nan/inf (they would slip through every range check)."""
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"not a finite number: {text}")
-    return number
+    """float; nan and inf pass here and are refused by validation with the flag's valid range, the same
+    for `--lr nan` and YAML `lr: .nan` (`_fields.require_finite` is the net under every float field)."""
+    return float(text)
 
 
 _int_value.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
@@ -269,6 +266,19 @@ def _convert_yaml_value(spec: FlagSpec, value: Any) -> tuple[bool, Any]:
     return True, converted
 
 
+def _yaml_syntax_message(path: str, error) -> str:
+    """`PATH:LINE:COLUMN: invalid YAML: PROBLEM (CONTEXT at LINE:COLUMN)`, 1-based as editors count."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"{path}: invalid YAML: {problem}"
+    text = f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return text
+
+
 def load_yaml_values(
     path: str | os.PathLike, specs: dict[str, FlagSpec] | None = None
 ) -> dict[tuple[str, str], Any]:
@@ -283,7 +293,7 @@ def load_yaml_values(
     except OSError as error:
         raise ConfigError(f"--config {path}: cannot read: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+        raise ConfigError(_yaml_syntax_message(path, error)) from None
     values = {}
     for key, value in _flatten_yaml(data, path):
         spec = specs.get(str(key).replace("_", "-").lower())

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron.config._fields import ConfigError, show
+from megatron.config._fields import ConfigError, require_finite, show
 from megatron.config.compat import NO_EFFECT_FLAGS
 from megatron.config.data import DataConfig
 from megatron.config.model import ModelConfig
@@ -57,6 +57,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     world_size: int = 1
     no_effect_flags: dict[str, Any] = field(default_factory=dict)
+    # how validate() chose world_size: "given" (its argument), "WORLD_SIZE", "--data-parallel-size" or
+    # "assumed" (a --dry-run at data-parallel size 1)
+    world_size_origin: str = "given"
 
     @property
     def data_parallel_size(self) -> int:
@@ -93,18 +96,17 @@ class Config:
     def validate(self, *, world_size: int | None = None, check_paths: bool = True) -> Config:
         """Check every section and the cross-section rules; fill in derived defaults. Returns self.
 
-        world_size: default WORLD_SIZE from the environment (1 if unset). check_paths: require the data
-        and tokenizer inputs and check that they exist (turn off to inspect a config without its data).
+        world_size: default WORLD_SIZE from the environment (1 if unset; a --dry-run without it plans the
+        layout at --data-parallel-size, or at data-parallel size 1: `world_size_origin` says which).
+        check_paths: require the data and tokenizer inputs and check that they exist (turn off to inspect a
+        config without its data).
         """
-        if world_size is None:
-            world_size = world_size_from_env()
-            if self.training.dry_run and "WORLD_SIZE" not in os.environ and self.parallel.data_parallel_size:
-                # planning from a laptop: the layout's own world size
-                world_size = self.parallel.model_parallel_size * self.parallel.data_parallel_size
-        self.world_size = world_size
+        self.world_size, self.world_size_origin = self._world_size(world_size)
         for name in SECTIONS:
             getattr(self, name).validate()
+            require_finite(getattr(self, name))  # what the section's own range checks did not name
         self._check_model_parallel()
+        self._check_world_size()
         if self.training.rollback_after_spikes is not None and not self.checkpoint.save:
             raise ConfigError(
                 f"--rollback-after-spikes {self.training.rollback_after_spikes} needs --save (it rolls "
@@ -117,6 +119,34 @@ class Config:
         if self.logging.metrics_jsonl is None and self.checkpoint.save:
             self.logging.metrics_jsonl = os.path.join(self.checkpoint.save, "metrics.jsonl")
         return self
+
+    def _world_size(self, given: int | None) -> tuple[int, str]:
+        """(world size, where it came from): the argument, WORLD_SIZE, or for a dry run without WORLD_SIZE
+        (planning from a laptop) the layout's world size at --data-parallel-size, else at data-parallel
+        size 1 (which every global batch size divides)."""
+        if given is not None:
+            return given, "given"
+        if not self.training.dry_run or "WORLD_SIZE" in os.environ:
+            return world_size_from_env(), "WORLD_SIZE"
+        if self.parallel.data_parallel_size:
+            return (
+                self.parallel.model_parallel_size * self.parallel.data_parallel_size,
+                "--data-parallel-size",
+            )
+        return self.parallel.model_parallel_size, "assumed"
+
+    def _check_world_size(self) -> None:
+        """The data-parallel size derives from the world size; under --dry-run say how to plan without
+        launching (the error's 'launch N processes' advice is for a real launch)."""
+        try:
+            self.parallel.derived_data_parallel_size(self.world_size)
+        except ConfigError as error:
+            if not self.training.dry_run:
+                raise
+            raise ConfigError(
+                f"{error}; a --dry-run launches nothing: unset WORLD_SIZE to plan at data-parallel size 1, "
+                "or give --data-parallel-size N to plan N replicas"
+            ) from None
 
     def _check_model_parallel(self) -> None:
         model, par = self.model, self.parallel

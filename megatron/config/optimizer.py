@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron.config._fields import ConfigError, arg, require_choice, require_positive, require_range, show
@@ -47,8 +48,7 @@ class OptimizerConfig:
         require_range(self, "adam_beta2", 0.0, 1.0, high_open=True)
         require_range(self, "lr_warmup_fraction", 0.0, 1.0)
         for name in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "lr_warmup_samples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{show(name, getattr(self, name))} must be >= 0")
+            require_range(self, name, 0, math.inf, high_open=True)  # a finite value >= 0
         if self.min_lr > self.lr:
             raise ConfigError(
                 f"{show('min_lr', self.min_lr)} is above {show('lr', self.lr)}; use --min-lr <= {self.lr}"

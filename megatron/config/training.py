@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from megatron.config._fields import ConfigError, arg, require_positive, show
+from megatron.config._fields import ConfigError, arg, require_positive, require_range, show
 from megatron.config.gpus import PLANNER_GPU_MEMORY
 
 
@@ -90,7 +91,16 @@ class TrainingConfig:
         "nothing allocated, no data or tokenizer needed) and exit.",
     )
     dry_run_gpu: str = arg("A100", "GPU the --dry-run plan assumes.", choices=tuple(PLANNER_GPU_MEMORY))
-    dry_run_mfu: float = arg(0.4, "Model FLOPs utilisation the --dry-run time estimate assumes.")
+    dry_run_mfu: float = arg(
+        0.4, "Model FLOPs utilisation (a fraction in (0, 1]) the --dry-run time estimate assumes."
+    )
+    peak_tflops: float | None = arg(
+        None,
+        "Peak TFLOP/s of one device, the reference of the logged MFU (and of the --dry-run time estimate): "
+        "fixes it instead of the datasheet peak of the GPU (for a GPU not in the table) or, on CPU, the "
+        "matmul rate measured at start-up, which moves with the machine's load. Default: table or "
+        "measurement, logged once as 'MFU reference'.",
+    )
 
     @property
     def precision(self) -> str:
@@ -99,7 +109,9 @@ class TrainingConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending flags and what would be valid."""
-        require_positive(self, "micro_batch_size", "eval_interval", "dry_run_mfu")
+        require_positive(self, "micro_batch_size", "eval_interval")
+        require_range(self, "dry_run_mfu", 0.0, 1.0)
+        require_positive(self, "dry_run_mfu", "peak_tflops", allow_none=True)
         require_positive(
             self, "global_batch_size", "train_iters", "train_samples", "exit_interval", allow_none=True
         )
@@ -110,9 +122,10 @@ class TrainingConfig:
         self._check_spike_flags()
         if self.eval_iters < 0:
             raise ConfigError(f"{show('eval_iters', self.eval_iters)} must be >= 0")
-        if not self.hang_timeout_minutes >= 0:
+        if not 0 <= self.hang_timeout_minutes < math.inf:
             raise ConfigError(
-                f"{show('hang_timeout_minutes', self.hang_timeout_minutes)} must be >= 0 (0 = off)"
+                f"{show('hang_timeout_minutes', self.hang_timeout_minutes)} must be a finite number >= 0 "
+                "(0 = off)"
             )
         if (self.train_iters is None) == (self.train_samples is None):
             given = "both were given" if self.train_iters is not None else "neither was given"

@@ -63,24 +63,31 @@ def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32"
 
 
-def device_peak_flops(device, dtype=torch.float32) -> tuple[float, str]:
-    """(peak FLOP/s, description) for `device` computing in `dtype`.
+def device_peak_flops(device, dtype=torch.float32, *, peak_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, description) for `device` computing in `dtype`: the reference of the logged MFU.
 
+    peak_tflops (--peak-tflops): the peak itself, per device; nothing is looked up or measured. Otherwise
     CUDA devices: the dense (non-sparse) datasheet peak looked up by `torch.cuda.get_device_name`; 0.0 with
     a description saying so when the device is unknown. CPU: the fp32 matmul rate measured now with the
     current thread count (the best of a few 2048-square matmuls through torch.mm and through the model's
-    `kernels.matmul_nt`; cached per process and thread count).
+    `kernels.matmul_nt`; cached per process and thread count). On a shared machine the measurement moves
+    with the load (4x between runs has been seen), and the logged MFU with it: the description says so.
     """
     device = torch.device(device)
+    if peak_tflops is not None:
+        return peak_tflops * 1e12, f"--peak-tflops {peak_tflops:g} (given, not measured)"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         kind = _dtype_class(dtype)
         peak = gpu_peak_flops(name, kind)
         if peak is not None:
             return peak, f"{name} {kind} dense peak"
-        return 0.0, f"{name}: not in the peak table (MFU not reported)"
+        return 0.0, f"{name}: not in the peak table (MFU not reported; --peak-tflops sets it)"
     threads = torch.get_num_threads()
-    return _measured_cpu_peak(threads), f"CPU fp32 matmul peak measured with {threads} threads"
+    return _measured_cpu_peak(threads), (
+        f"CPU fp32 matmul peak measured at start-up with {threads} threads (moves with the machine's load; "
+        "--peak-tflops fixes it)"
+    )
 
 
 @functools.cache

@@ -28,7 +28,7 @@ from megatron.training.metrics import (
     Throughput,
     build_metrics_logger,
     format_training_line,
-    interval_metrics,
+    log_interval_metrics,
 )
 from megatron.training.optimizer import PRECISION_DTYPES
 from megatron.training.spikes import BadSteps
@@ -86,7 +86,8 @@ class Run:
 def _throughput(cfg, vocab_size: int, parallel_state: ParallelState, global_batch: int) -> Throughput:
     from megatron.model import flops
 
-    peak, name = flops.device_peak_flops(parallel_state.device, PRECISION_DTYPES[cfg.training.precision])
+    dtype, peak_tflops = PRECISION_DTYPES[cfg.training.precision], cfg.training.peak_tflops
+    peak, name = flops.device_peak_flops(parallel_state.device, dtype, peak_tflops=peak_tflops)
     return Throughput(
         tokens_per_iteration=global_batch * cfg.model.seq_length,
         flops_per_token=flops.flops_per_token(cfg.model, vocab_size),
@@ -234,18 +235,6 @@ def finish_saving(run: Run, *, final: bool = False, saving_now: bool = False) ->
         logger.info(f"> saved checkpoint {directory} (background write complete)")
 
 
-def _interval_metrics(run: Run, stats: IntervalStats) -> dict:
-    return interval_metrics(
-        stats,
-        run.throughput,
-        iteration=run.state.iteration,
-        train_iters=run.train_iters,
-        consumed_samples=run.state.consumed_samples,
-        total_skipped=run.state.skipped_iterations,
-        loss_scale=run.optimizer.loss_scale,
-    )
-
-
 def run_evaluation(run: Run, *, split: str = "valid") -> list[dict]:
     """Evaluate every validation group (or the test set); log and record one metrics dict per group."""
     cfg = run.cfg
@@ -390,7 +379,7 @@ def _print_schedule(state: ParallelState, trace: list) -> None:
 
 
 def _log_interval(run: Run, stats: IntervalStats) -> None:
-    metrics = _interval_metrics(run, stats)
+    metrics = log_interval_metrics(run, stats)  # a collective with --log-params-norm/--log-num-zeros-in-grad
     logger.info(format_training_line(metrics))
     metrics.update(stragglers.log_interval(run.cfg.logging, stats, run.parallel_state, run.state.iteration))
     run.metrics.write(metrics, run.state.iteration)

@@ -522,7 +522,7 @@ BAD_INPUTS = [
     (dict(fp16=True, bf16=True), ["--fp16 and --bf16", "choose one"]),
     (dict(fim_rate=1.5), ["--fim-rate 1.5", "[0.0, 1.0]"]),
     (dict(lr=None), ["--lr is required"]),
-    (dict(lr="nan"), ["--lr", "invalid float value: 'nan'"]),
+    (dict(lr="nan"), ["--lr nan", "finite"]),
     (dict(data_path="1.0 a 2.0"), ["--data-path", "WEIGHT PREFIX"]),
     (dict(valid_weighted_split_paths_path="v.txt", data_path=None), ["--train-weighted-split-paths-path"]),
     (dict(valid_weighted_split_paths_path="v.txt"), ["either --data-path", "not both"]),
