@@ -6,7 +6,8 @@
 #
 # Steps: (1) a JSONL corpus in The Stack's shape from this interpreter's standard library,
 # (2) a StarCoder-recipe tokenizer trained on it, (3) Megatron-format .bin/.idx, (4) the tiny-cpu preset
-# trained with FIM and validation, saved under WORKDIR/checkpoints, (5) a greedy completion of a prompt.
+# trained with FIM and validation, saved under WORKDIR/checkpoints, (5) a greedy completion of a prompt,
+# then WORKDIR/metrics.png, a picture of the run's metrics (with matplotlib installed).
 # About 5-10 minutes on 2 cores. Each step is skipped when its output already exists (outputs are
 # written atomically, so an existing file is complete); delete WORKDIR to start over.
 # Change the model or run length by editing configs/tiny-cpu.yaml or appending flags to TRAIN_ARGS,
@@ -68,4 +69,18 @@ if len(valid) >= 2:
     print(f"\nvalidation loss: first {valid[0]:.3f} -> last {valid[-1]:.3f} "
           f"({100 * valid[-1] / valid[0]:.0f}% of the first)")
 PY
+# the picture: loss against tokens, learning rate, grad norm, throughput (needs matplotlib, the `plot`
+# extra; without it the quickstart still succeeds and says how to draw it later)
+PICTURE=""
+if ! "$PYTHON" -c "import matplotlib" 2>/dev/null; then
+  echo "no metrics plot: matplotlib is not installed; pip install -e .[plot], then"
+  echo "  $PYTHON tools/plot_metrics.py $WORK/metrics.jsonl --output $WORK/metrics.png"
+elif "$PYTHON" tools/plot_metrics.py "$WORK/metrics.jsonl" --output "$WORK/metrics.png"; then
+  PICTURE="$WORK/metrics.png"
+else
+  echo "WARNING: the metrics plot failed (above); the run itself is complete"
+fi
 echo "done: metrics in $WORK/metrics.jsonl, checkpoints in $WORK/checkpoints"
+if [ -n "$PICTURE" ]; then
+  echo "picture of the run: $PICTURE"
+fi
