@@ -15,6 +15,7 @@ an output that has an ``.idx`` is complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -373,7 +374,9 @@ class IndexedDatasetWriter:
         """Discard everything written; previous outputs with the same prefix stay as they were."""
         self._closed = True
         if not self._bin.closed:
-            self._bin.close()
+            # Closing flushes the buffer, which fails again on a full disk: the file is closed anyway.
+            with contextlib.suppress(OSError):
+                self._bin.close()
         for path in (self._tmp_bin, self._tmp_idx):
             if os.path.exists(path):
                 os.remove(path)
