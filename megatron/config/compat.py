@@ -8,6 +8,7 @@ from __future__ import annotations
 
 _FUSION = "Megatron's fused CUDA kernels are not used here"
 _LOGGING = "not implemented; the standard metrics are logged every --log-interval"
+_ALWAYS_LOGGED = "always written to TensorBoard and W&B (see docs/observability.md)"
 
 # flag name (without dashes) -> (takes a value, why it has no effect)
 NO_EFFECT_FLAGS: dict[str, tuple[bool, str]] = {
@@ -27,13 +28,15 @@ NO_EFFECT_FLAGS: dict[str, tuple[bool, str]] = {
     "kill-switch-path": (True, "not implemented; stop the run with a signal instead"),
     "tensorboard-queue-size": (True, "TensorBoard is flushed at every log"),
     "tensorboard-log-interval": (True, "TensorBoard is written every --log-interval"),
-    "log-params-norm": (False, _LOGGING),
-    "log-num-zeros-in-grad": (False, _LOGGING),
-    "log-timers-to-tensorboard": (False, _LOGGING),
-    "log-validation-ppl-to-tensorboard": (False, _LOGGING),
+    "log-timers-to-tensorboard": (False, "iteration-time and throughput are " + _ALWAYS_LOGGED),
+    "log-validation-ppl-to-tensorboard": (False, "lm loss validation ppl is " + _ALWAYS_LOGGED),
     "log-memory-to-tensorboard": (False, _LOGGING),
-    "log-world-size-to-tensorboard": (False, _LOGGING),
-    "log-batch-size-to-tensorboard": (False, _LOGGING),
+    "log-world-size-to-tensorboard": (False, "world-size is " + _ALWAYS_LOGGED),
+    "log-batch-size-to-tensorboard": (False, "batch-size is " + _ALWAYS_LOGGED),
+    "log-throughput": (
+        False,
+        "throughput (TFLOP/s per device) is printed every --log-interval and " + _ALWAYS_LOGGED,
+    ),
     "timing-log-level": (True, _LOGGING),
     "empty-unused-memory-level": (True, "the CUDA cache is left to PyTorch's allocator"),
     "distribute-saved-activations": (

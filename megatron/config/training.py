@@ -224,13 +224,36 @@ class LoggingConfig:
         "Write the logged metrics as one JSON object per line here (default SAVE/metrics.jsonl with --save). "
         'A resumed run appends, after an event record {"event": "start", "resumed_from_iteration": I, ...}.',
     )
-    tensorboard_dir: str | None = arg(None, "Write TensorBoard events here (needs tensorboard installed).")
+    tensorboard_dir: str | None = arg(
+        None,
+        "Write TensorBoard events here (needs tensorboard installed), under Megatron-LM's names ('lm loss', "
+        "'learning-rate', 'lm loss validation', ...), each also as 'NAME vs samples' against consumed "
+        "samples; see docs/observability.md.",
+    )
     wandb_project_name: str | None = arg(
-        None, "Weights & Biases project (needs wandb; offline without network)."
+        None,
+        "Log to this Weights & Biases project (needs wandb), under the same names as TensorBoard. Offline "
+        "(a local run to upload with `wandb sync`) when WANDB_MODE=offline or the server is unreachable.",
     )
     wandb_entity_name: str | None = arg(None, "Weights & Biases entity (team or user).")
     wandb_exp_name: str | None = arg(None, "Weights & Biases run name.")
-    wandb_save_dir: str | None = arg(None, "Weights & Biases local directory (default under --save).")
+    wandb_save_dir: str | None = arg(
+        None, "Weights & Biases local directory (default: --save; W&B adds its wandb/ folder inside)."
+    )
+    log_params_norm: bool = arg(
+        False,
+        "At every log interval, log the L2 norm of all parameters after the step ('params norm'; params_norm "
+        "in the metrics file, params-norm in TensorBoard/W&B): the fp32 weights the optimizer updates, each "
+        "counted once over tensor, pipeline and data-parallel ranks. Cost per log interval: one pass over "
+        "this rank's parameters, one all-reduce of two numbers and one host sync. Off by default.",
+    )
+    log_num_zeros_in_grad: bool = arg(
+        False,
+        "At every log interval, log the number of zero entries in the reduced, clipped gradients of the "
+        "interval's last step, each counted once ('num zeros'; num_zeros, num-zeros); absent when that step "
+        "did not update the weights. Cost per log interval: one pass over this rank's gradients, sharing "
+        "the all-reduce and host sync of --log-params-norm. Off by default.",
+    )
     log_pipeline_schedule: bool = arg(
         False,
         "Debug: every rank prints the order in which it ran forward (F) and backward (B) passes of each "

@@ -292,6 +292,29 @@ class MixedPrecisionOptimizer:
         return self.finish_step(pending, pending.stats.tolist())
 
     @torch.no_grad()
+    def params_norm_and_zeros(self) -> tuple[float, int]:
+        """(L2 norm of the fp32 parameters AdamW updates, zero entries of their gradients), each weight
+        counted once over tensor, pipeline and data-parallel ranks as in the gradient norm (masters, or
+        under the distributed optimizer this rank's fragments of them, summed over every rank). After a
+        step these are Megatron's `params-norm` (the updated weights) and `num-zeros` (the clipped
+        gradients). Collective: one all-reduce of two float64 numbers and one host read; every rank of
+        the job must call it."""
+        params, grads = self._grads()
+        counted = [
+            (main, grad)
+            for main, param, grad in zip(self.main_params, params, grads, strict=True)
+            if _counted_in_norm(param, self.parallel_state)
+        ]
+        local = torch.zeros(2, dtype=torch.float64, device=self.grad_buffer.data.device)
+        if counted:
+            norms = torch.stack([torch.linalg.vector_norm(main, dtype=torch.float32) for main, _ in counted])
+            local[0] = norms.double().square().sum()
+            local[1] = torch.stack([(grad == 0).sum() for _, grad in counted]).sum()
+        total = _sum_over_gradient_holders(local, self.parallel_state, self.sharded is not None)
+        square, zeros = total.tolist()
+        return math.sqrt(square), int(zeros)
+
+    @torch.no_grad()
     def _copy_main_to_model(self) -> None:
         for param, main in zip(self.model_params, self.main_params, strict=True):
             param.copy_(main)
