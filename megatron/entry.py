@@ -7,8 +7,12 @@ instead of a traceback and returns exit status 2, argparse's status for bad usag
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 USER_ERROR_STATUS = 2
 
@@ -22,3 +26,21 @@ def run_tool(action: Callable[[], int | None]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR_STATUS
     return 0 if status is None else status
+
+
+def os_error_text(error: OSError) -> str:
+    """'No space left on device (ENOSPC)': an OSError's reason and errno name, without the traceback."""
+    name = errno.errorcode.get(error.errno, f"errno {error.errno}") if error.errno is not None else None
+    return f"{error.strerror or error}" + (f" ({name})" if name else "")
+
+
+def check_writable_directory(directory: str | os.PathLike, label: str) -> None:
+    """ValueError `LABEL: cannot write in DIRECTORY: REASON (ERRNO)` when no file can be created in
+    `directory` (read-only, no permission, full): a tool fails before its work, not after it."""
+    directory = Path(directory)
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"{label}: cannot write in {directory}: {os_error_text(error)}") from None

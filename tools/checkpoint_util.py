@@ -3,7 +3,7 @@
     python tools/checkpoint_util.py info CHECKPOINT [--tensors]
     python tools/checkpoint_util.py verify CHECKPOINT [--all]
     python tools/checkpoint_util.py consolidate CHECKPOINT --output model.safetensors [--dtype bf16]
-    python tools/checkpoint_util.py consolidate CHECKPOINT --output model.pt [--prefix ""]
+    python tools/checkpoint_util.py consolidate CHECKPOINT --output model.pt [--prefix ""] [--overwrite]
 
 CHECKPOINT is a --save directory (its tracked iteration, or --iteration N) or one iter_XXXXXXX directory.
 
@@ -23,6 +23,9 @@ tensor's serialized bytes too; 0.24 GB of weights or 0.71 GB with the optimizer 
 +0.13 GB with a 67 MB largest tensor). A .pt output goes through a temporary safetensors file whose tensors are memory-mapped back for
 torch.save (mapped file pages, which the kernel can evict, not copies). The checkpoint is verified
 (sizes and checksums from its manifest: CRC32, or BLAKE2b in older checkpoints) first unless --skip-verify.
+An existing --output file is replaced only with --overwrite (and only once the new file is complete);
+a directory that cannot be written is reported before any work. verify and consolidate show progress
+bars (bytes) on a terminal; --no-progress turns them off.
 
 Exit status: 0 success, 1 a checkpoint failed verification, 2 a usage error (bad path or flag).
 """
@@ -39,6 +42,8 @@ from pathlib import Path
 import torch
 
 from megatron.checkpoint.directory import TRACKER_FILENAME, checkpoint_dir, read_tracker
+from megatron.entry import check_writable_directory, os_error_text
+from megatron.log import progress_bar
 
 METADATA_FILENAME = ".metadata"
 
@@ -220,13 +225,18 @@ def cmd_info(args) -> int:
 # verify
 
 
-def _verify_one(directory: Path) -> str | None:
+def _progress(args) -> bool | None:
+    """The `enabled` of a progress bar: off with --no-progress, else only on a terminal."""
+    return False if args.no_progress else None
+
+
+def _verify_one(directory: Path, progress: bool | None = None) -> str | None:
     """None when `directory` verifies, else the problem."""
-    from megatron.checkpoint import verify_checkpoint
+    from megatron.checkpoint.verify import verify_with_progress
 
     try:
         read_metadata(directory)  # also refuses a crafted .metadata before anything else reads it
-        verify_checkpoint(directory)
+        verify_with_progress(directory, enabled=progress, desc=f"verifying {directory.name}")
     except ValueError as error:
         return str(error)
     return None
@@ -243,7 +253,7 @@ def cmd_verify(args) -> int:
         directories = [resolve_checkpoint(args.checkpoint, args.iteration)]
     failures = 0
     for directory in directories:
-        problem = _verify_one(directory)
+        problem = _verify_one(directory, _progress(args))
         failures += problem is not None
         print(f"OK    {directory}" if problem is None else f"BAD   {directory}: {problem}", flush=True)
     return 1 if failures else 0
@@ -296,9 +306,12 @@ def _stream_tensors(directory: Path, prefix: str):
         del tensor  # not held while the reader assembles the next one
 
 
-def write_safetensors(directory: Path, output: Path, *, prefix: str, cast, metadata: dict) -> tuple[int, int]:
+def write_safetensors(
+    directory: Path, output: Path, *, prefix: str, cast, metadata: dict, progress: bool | None = None
+) -> tuple[int, int]:
     """Stream the tensors under `prefix` into `output` (atomically); returns (tensors, data bytes).
-    `metadata` goes into the header's `__metadata__` (values as strings, dicts as JSON)."""
+    `metadata` goes into the header's `__metadata__` (values as strings, dicts as JSON); `progress`: a
+    bar over the tensor bytes (None: only on a terminal)."""
     if sys.byteorder != "little":
         raise ValueError("safetensors files are little-endian; consolidate on a little-endian host")
     entries = tensor_entries(read_metadata(directory), prefix)
@@ -316,8 +329,9 @@ def write_safetensors(directory: Path, output: Path, *, prefix: str, cast, metad
     data_bytes = max((slot[4] for slot in slots.values()), default=0)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     written: set[str] = set()
+    bar = progress_bar(total=data_bytes, desc="consolidating", unit="B", enabled=progress)
     try:
-        with open(tmp, "wb") as handle:
+        with bar, open(tmp, "wb") as handle:
             handle.write(struct.pack("<Q", len(blob)) + blob)
             handle.truncate(data_start + data_bytes)
             for key, tensor in _stream_tensors(directory, prefix):
@@ -330,6 +344,7 @@ def write_safetensors(directory: Path, output: Path, *, prefix: str, cast, metad
                     )
                 handle.seek(data_start + begin)
                 handle.write(_tensor_bytes(tensor.to(dtype)))
+                bar.update(end - begin)
                 written.add(key)
                 del tensor  # one tensor in memory at a time
             missing = sorted(set(slots) - written)
@@ -366,13 +381,17 @@ def _mapped_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_pt(directory: Path, output: Path, *, prefix: str, cast, metadata: dict) -> tuple[int, int]:
+def write_pt(
+    directory: Path, output: Path, *, prefix: str, cast, metadata: dict, progress: bool | None = None
+) -> tuple[int, int]:
     """Like `write_safetensors`, then torch.save of the memory-mapped tensors: a dict loadable with
     torch.load(weights_only=True): {"tensors": {name: tensor}, **metadata} (plain values only)."""
     staging = output.with_name(f".{output.name}.staging{os.getpid()}.safetensors")
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     try:
-        count, data_bytes = write_safetensors(directory, staging, prefix=prefix, cast=cast, metadata=metadata)
+        count, data_bytes = write_safetensors(
+            directory, staging, prefix=prefix, cast=cast, metadata=metadata, progress=progress
+        )
         payload = {**metadata, "tensors": _mapped_safetensors(staging)}
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
@@ -393,9 +412,14 @@ def cmd_consolidate(args) -> int:
         raise ValueError(f"--output {output}: the name must end in .safetensors or .pt")
     if not output.parent.is_dir():
         raise ValueError(f"--output {output}: directory {output.parent} does not exist")
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a directory; name the file to write")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"--output {output} already exists; pass --overwrite to replace it")
+    check_writable_directory(output.parent, f"--output {output}")
     directory = resolve_checkpoint(args.checkpoint, args.iteration)
     if not args.skip_verify:
-        problem = _verify_one(directory)
+        problem = _verify_one(directory, _progress(args))
         if problem is not None:
             raise VerificationError(f"{problem} (--skip-verify consolidates anyway)")
     from megatron.checkpoint import read_common
@@ -410,7 +434,13 @@ def cmd_consolidate(args) -> int:
     }
     writer = write_safetensors if suffix == ".safetensors" else write_pt
     cast = CAST_DTYPES[args.dtype] if args.dtype else None
-    count, data_bytes = writer(directory, output, prefix=args.prefix, cast=cast, metadata=metadata)
+    try:
+        count, data_bytes = writer(
+            directory, output, prefix=args.prefix, cast=cast, metadata=metadata, progress=_progress(args)
+        )
+    except OSError as error:  # the temporary files are gone (removed on the way out)
+        where = error.filename or output
+        raise ValueError(f"--output {output}: writing {where} failed: {os_error_text(error)}") from None
     print(f"wrote {output}: {count} tensors, {_human_bytes(data_bytes)} of tensor data (from {directory})")
     return 0
 
@@ -433,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=None,
             help="this iteration under a --save directory (default: tracked)",
+        )
+        sub.add_argument(
+            "--no-progress", action="store_true", help="no progress bars (shown only on a terminal anyway)"
         )
         return sub
 
@@ -461,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(CAST_DTYPES), default=None, help="cast floating tensors (default: as saved)"
     )
     consolidate.add_argument("--skip-verify", action="store_true", help="do not check the manifest first")
+    consolidate.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output file (refused otherwise)"
+    )
     consolidate.set_defaults(run=cmd_consolidate)
     return parser
 

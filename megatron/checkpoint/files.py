@@ -110,14 +110,22 @@ def entry_problem(path: Path, expected: dict, checksum: bool = True) -> str | No
     return None
 
 
-def problems_of(checks: list[tuple[Path, dict, bool]]) -> list[str]:
+def problems_of(checks: list[tuple[Path, dict, bool]], progress=None) -> list[str]:
     """`entry_problem` of several (path, expected entry, checksum) checks, in parallel threads; the
-    problems found."""
+    problems found. `progress(nbytes)`, when given, is called with each file's listed size once it is
+    checked (a tool's progress bar)."""
+
+    def check(item: tuple[Path, dict, bool]) -> str | None:
+        problem = entry_problem(*item)
+        if progress is not None:
+            progress(item[1].get("bytes") or 0)
+        return problem
+
     if len(checks) <= 1:
-        found = [entry_problem(*check) for check in checks]
+        found = [check(item) for item in checks]
     else:
         with ThreadPoolExecutor(min(_VERIFY_THREADS, len(checks))) as pool:
-            found = list(pool.map(lambda check: entry_problem(*check), checks))
+            found = list(pool.map(check, checks))
     return [problem for problem in found if problem]
 
 

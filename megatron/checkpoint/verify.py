@@ -7,6 +7,7 @@ files' checksums as it reads them (`data_problems`). See docs/checkpoints.md.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from megatron.checkpoint.files import (
@@ -17,6 +18,7 @@ from megatron.checkpoint.files import (
     METADATA_FILENAME,
     problems_of,
 )
+from megatron.log import progress_bar
 from megatron.parallel import collectives
 from megatron.parallel.state import ParallelState
 
@@ -44,12 +46,12 @@ def _read_manifest(directory: Path) -> tuple[dict | None, str | None]:
 
 
 def verification_problems(
-    directory: Path, rank: int, world_size: int, all_gather, *, data_checksums: bool = True
+    directory: Path, rank: int, world_size: int, all_gather, *, data_checksums: bool = True, progress=None
 ) -> list[str]:
     """Every problem with `directory`, the same sorted list on every rank; the files are checked by rank
     `index % world_size`. `all_gather(obj)` returns every rank's object (collective). With
     `data_checksums=False` the data files are checked for presence and size only (`data_problems`
-    checks their checksums after a load has read them)."""
+    checks their checksums after a load has read them). `progress(nbytes)`: see `problems_of`."""
     files, problem = _read_manifest(directory)
     local = [problem] if problem and rank == 0 else []
     if files is not None:
@@ -58,7 +60,7 @@ def verification_problems(
             if index % world_size == rank:
                 checksum = data_checksums or not relative.endswith(DATA_SUFFIX)
                 checks.append((directory / relative, files[relative], checksum))
-        local += problems_of(checks)
+        local += problems_of(checks, progress)
     return sorted(problem for problems in all_gather(local) for problem in problems)
 
 
@@ -89,13 +91,14 @@ def data_problems(
     return sorted(found)
 
 
-def verify_checkpoint(directory, parallel_state: ParallelState | None = None) -> None:
+def verify_checkpoint(directory, parallel_state: ParallelState | None = None, *, progress=None) -> None:
     """Check a checkpoint directory against its manifest: ValueError naming the file and the problem
     (missing, size, hash, missing .metadata or manifest). With a multi-rank `parallel_state` every rank
-    must call it; the hashing is split across ranks and every rank gets the same verdict."""
+    must call it; the hashing is split across ranks and every rank gets the same verdict.
+    `progress(nbytes)` is called as each file is checked (one process only: a tool's progress bar)."""
     directory = Path(directory)
     if parallel_state is None or parallel_state.world_size == 1:
-        problems = verification_problems(directory, 0, 1, lambda obj: [obj])
+        problems = verification_problems(directory, 0, 1, lambda obj: [obj], progress=progress)
     else:
         group = parallel_state.world_group
         problems = verification_problems(
@@ -103,6 +106,21 @@ def verify_checkpoint(directory, parallel_state: ParallelState | None = None) ->
         )
     if problems:
         raise ValueError(f"checkpoint {directory} failed verification: " + "; ".join(problems))
+
+
+def verify_with_progress(directory, *, enabled: bool | None = None, desc: str = "verifying") -> None:
+    """`verify_checkpoint` in one process with a progress bar over the manifest's bytes (for tools;
+    `enabled`: see `megatron.log.progress_bar`)."""
+    files, _ = _read_manifest(Path(directory))
+    total = sum(entry.get("bytes") or 0 for entry in files.values()) if files else None
+    lock = threading.Lock()  # files are hashed in parallel threads
+    with progress_bar(total=total, desc=desc, unit="B", enabled=enabled) as bar:
+
+        def advance(nbytes: int) -> None:
+            with lock:
+                bar.update(nbytes)
+
+        verify_checkpoint(directory, progress=advance)
 
 
 def read_common(directory) -> dict:
