@@ -54,6 +54,8 @@ def _check(args, parser) -> None:
         parser.error("give --load (generate and score) or --completions FILE (score a file), not both")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit {args.limit}: must be >= 1")
+    if args.load is not None and not Path(args.load).is_dir():
+        parser.error(f"--load {args.load}: no such directory")
     if args.completions is not None and not Path(args.completions).is_file():
         parser.error(f"--completions {args.completions}: no such file")
     if args.workers is not None and args.workers < 1:
