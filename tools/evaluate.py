@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--task", required=True, choices=TASK_NAMES, help="what to evaluate")
     add("--fim-mode", choices=("psm", "spm"), default="psm", help="infilling prompt order (default psm)")
     add("--limit", type=int, default=None, help="evaluate only the task's first N problems")
-    add("--max-new-tokens", type=int, default=256, help="tokens generated at most per sample (256)")
+    add(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens generated at most per sample (default 256, at most half the model's context)",
+    )
     add("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     add("--top-p", type=float, default=0.95, help="nucleus sampling probability when sampling (0.95)")
     add("--n-samples", type=int, default=1, help="samples per problem (pass@k needs n >= k)")
@@ -66,13 +71,15 @@ def _check(args, parser) -> None:
 
 
 def _generate(args, problems, progress):
+    import dataclasses
+
     import torch
 
     from megatron.evaluation.generation import GenerationSettings, generate_completions
     from megatron.evaluation.models import load_model_and_tokenizer
 
     settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or 1,
         temperature=args.temperature,
         top_p=args.top_p if args.temperature > 0 else 1.0,
         num_samples=args.n_samples,
@@ -85,6 +92,9 @@ def _generate(args, problems, progress):
     model, tokenizer, kind = load_model_and_tokenizer(
         args.load, args.tokenizer_file, device, not args.no_verify
     )
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(256, model.config.max_position_embeddings // 2)
+    settings = dataclasses.replace(settings, max_new_tokens=args.max_new_tokens)
     completions, truncated = generate_completions(model, tokenizer, problems, settings, progress=progress)
     return completions, truncated, {"load_kind": kind, "device": str(device)}
 
