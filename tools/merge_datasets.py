@@ -2,7 +2,9 @@
 
 ``--input`` takes dataset prefixes or directories (every ``*.idx`` with its ``.bin`` inside, sorted by
 name); datasets are appended in the order given, pointers and document indices rebased. All inputs must
-share one token dtype. The output is written under temporary names and renamed at the end.
+share one token dtype. Source-metadata sidecars (``PREFIX.meta.jsonl`` / ``.meta.offsets``, see
+docs/attribution.md) are concatenated alongside, so document ids keep their metadata. The output is
+written under temporary names and renamed at the end.
 
 Example::
 
@@ -24,6 +26,7 @@ from megatron.data.indexed import (
     index_file_path,
     strip_suffix,
 )
+from megatron.data.metadata import merged_metadata
 from megatron.log import progress_bar
 
 
@@ -80,7 +83,12 @@ def merge(prefixes: list[str], output_prefix: str, *, progress: bool | None = No
     datasets = open_inputs(prefixes)
     total = sum(os.path.getsize(data_file_path(dataset.path_prefix)) for dataset in datasets)
     bar = progress_bar(total=total, desc="merging", unit="B", enabled=progress)
-    with bar, IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
+    # The metadata sidecars (document sources) are concatenated in the same order, renamed in last.
+    with (
+        merged_metadata(datasets, output_prefix),
+        bar,
+        IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer,
+    ):
         for dataset in datasets:
             writer.append_dataset(dataset.path_prefix)
             bar.update(os.path.getsize(data_file_path(dataset.path_prefix)))
