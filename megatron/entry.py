@@ -36,8 +36,11 @@ def os_error_text(error: OSError) -> str:
 
 def check_writable_directory(directory: str | os.PathLike, label: str) -> None:
     """ValueError `LABEL: cannot write in DIRECTORY: REASON (ERRNO)` when no file can be created in
-    `directory` (read-only, no permission, full): a tool fails before its work, not after it."""
+    `directory` (read-only, no permission, full): a tool fails before its work, not after it. A
+    directory still to be created is checked at its nearest existing parent, where it would be."""
     directory = Path(directory)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
     try:
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
         os.close(fd)

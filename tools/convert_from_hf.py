@@ -11,6 +11,7 @@ layout. CKPT gets tokenizer.json beside the checkpoint when HFDIR has one, and i
 it. Continue training with `--load CKPT --finetune` (and the same model flags).
 
 Everything is written into a temporary sibling of CKPT and renamed at the end: a failure leaves nothing.
+Reading the weight files shows a progress bar (bytes) on a terminal; --no-progress turns it off.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from megatron.entry import run_tool
+from megatron.entry import check_writable_directory, os_error_text, run_tool
+from megatron.log import progress_bar
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype (default fp32)")
     parser.add_argument("--iteration", type=int, default=0, help="iteration number to record (default 0)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)"
+    )
     return parser
 
 
@@ -82,21 +87,26 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     raise ValueError(f"{hf_dir}: no weights (model.safetensors, pytorch_model.bin or an index of shards)")
 
 
-def read_hf_weights(hf_dir) -> dict:
-    """Every tensor of a Hugging Face directory's weight files (safetensors, or .bin with weights_only)."""
+def read_hf_weights(hf_dir, progress: bool | None = None) -> dict:
+    """Every tensor of a Hugging Face directory's weight files (safetensors, or .bin with weights_only);
+    `progress`: a bar over the files' bytes (None: only on a terminal)."""
     import torch
     from safetensors.torch import load_file
 
     state = {}
-    for file in _weight_files(Path(hf_dir)):
-        try:
-            if file.suffix == ".safetensors":
-                part = load_file(str(file))
-            else:
-                part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # noqa: BLE001 - any unreadable file becomes one message naming it
-            raise ValueError(f"{file}: cannot read weights ({type(error).__name__}: {error})") from None
-        state.update(part)
+    files = _weight_files(Path(hf_dir))
+    total = sum(file.stat().st_size for file in files)
+    with progress_bar(total=total, desc="reading", unit="B", enabled=progress) as bar:
+        for file in files:
+            try:
+                if file.suffix == ".safetensors":
+                    part = load_file(str(file))
+                else:
+                    part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:  # noqa: BLE001 - any unreadable file becomes one message naming it
+                raise ValueError(f"{file}: cannot read weights ({type(error).__name__}: {error})") from None
+            state.update(part)
+            bar.update(file.stat().st_size)
     return state
 
 
@@ -146,7 +156,8 @@ def build_state(hf_dir: Path, args):
     config = ModelConfig(**model_kwargs, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     config.validate()
     check_layout(config, tp, pp)
-    ours = from_gpt_bigcode_state_dict(read_hf_weights(hf_dir), config, source=str(hf_dir))
+    weights = read_hf_weights(hf_dir, False if args.no_progress else None)
+    ours = from_gpt_bigcode_state_dict(weights, config, source=str(hf_dir))
     vocab = ours["embedding.word_embeddings.weight"].shape[0]
     tokenizer_path = _check_tokenizer(hf_dir, vocab)
     padded = pad_vocab_size(vocab, args.make_vocab_size_divisible_by, tp)
@@ -174,16 +185,22 @@ def convert(args) -> Path:
         raise ValueError(f"--load {hf_dir}: no such directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--save {out} already exists and is not an empty directory")
+    check_writable_directory(out.parent, f"--save {out}")
     state, config, run_config, tokenizer_path = build_state(hf_dir, args)
-    return save_converted_checkpoint(
-        state,
-        config,
-        out,
-        run_config=run_config,
-        iteration=args.iteration,
-        extra={"converted_from": str(hf_dir.resolve())},
-        files={"tokenizer.json": tokenizer_path} if tokenizer_path is not None else None,
-    )
+    try:
+        return save_converted_checkpoint(
+            state,
+            config,
+            out,
+            run_config=run_config,
+            iteration=args.iteration,
+            extra={"converted_from": str(hf_dir.resolve())},
+            files={"tokenizer.json": tokenizer_path} if tokenizer_path is not None else None,
+        )
+    except OSError as error:  # the temporary directory is gone (removed on the way out)
+        raise ValueError(
+            f"--save {out}: writing {error.filename or out} failed: {os_error_text(error)}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

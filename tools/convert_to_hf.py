@@ -11,7 +11,8 @@ special_tokens_map.json and generation_config.json.
 
 Tensors stream from the checkpoint one at a time and each safetensors shard is written as soon as its
 tensors are complete, so memory stays below one model copy. Everything is written into a temporary
-sibling of OUT, renamed to OUT at the end: a failure leaves nothing behind.
+sibling of OUT, renamed to OUT at the end: a failure leaves nothing behind. Verifying and converting
+show progress bars (bytes) on a terminal; --no-progress turns them off.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from megatron.entry import run_tool
+from megatron.entry import check_writable_directory, os_error_text, run_tool
+from megatron.log import progress_bar
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-verify",
         action="store_true",
         help="skip hashing every checkpoint file against its manifest (sizes are still checked)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (shown only on a terminal anyway)"
     )
     return parser
 
@@ -261,17 +266,20 @@ class _ShardWriter:
 def convert(args) -> Path:
     import torch
 
-    from megatron.checkpoint import iter_tensors, read_common, tensor_metadata, verify_checkpoint
-    from megatron.checkpoint.gpt_bigcode import gpt_bigcode_shapes, hf_names_of
+    from megatron.checkpoint import read_common, tensor_metadata
+    from megatron.checkpoint.gpt_bigcode import gpt_bigcode_shapes
+    from megatron.checkpoint.verify import verify_with_progress
     from megatron.config import ModelConfig
 
     max_bytes = parse_size(args.max_shard_size)
     out = Path(args.save)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--save {out} already exists and is not an empty directory")
+    check_writable_directory(out.parent, f"--save {out}")
     directory = checkpoint_directory(args.load)
+    progress = False if args.no_progress else None
     if not args.no_verify:
-        verify_checkpoint(directory)
+        verify_with_progress(directory, enabled=progress)
     stored = read_common(directory)["config"]
     config = ModelConfig(**stored["model"])
     found = tensor_metadata(directory)
@@ -286,14 +294,31 @@ def convert(args) -> Path:
     dtype_name = str(dtype).removeprefix("torch.")
     shapes = gpt_bigcode_shapes(config, tokenizer.vocab_size)
     shards = _plan_shards(shapes, torch.empty((), dtype=dtype).element_size(), max_bytes)
+    total = sum(_numel(shape) * stored_dtype.itemsize for shape, stored_dtype in found.values())
+    try:
+        plan = (shards, shapes, dtype, dtype_name, total)
+        _write(out, directory, config, tokenizer, tokenizer_json, plan, progress)
+    except OSError as error:  # the temporary directory is gone (removed on the way out)
+        where = error.filename or out
+        raise ValueError(f"--save {out}: writing {where} failed: {os_error_text(error)}") from None
+    return out
 
+
+def _write(out: Path, directory: Path, config, tokenizer, tokenizer_json: str, plan, progress) -> None:
+    """The converted model into a temporary sibling of `out`, renamed to `out` when complete."""
+    from megatron.checkpoint import iter_tensors
+    from megatron.checkpoint.gpt_bigcode import hf_names_of
+
+    shards, shapes, dtype, dtype_name, total = plan
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir(parents=True)
     try:
         writer = _ShardWriter(tmp, shards, shapes, dtype, tokenizer.vocab_size)
-        for name, tensor in iter_tensors(directory, verify=False):  # verified above (unless --no-verify)
-            for hf_name, rows_slice in hf_names_of(name, config):
-                writer.add(hf_name, rows_slice, tensor)
+        with progress_bar(total=total, desc="converting", unit="B", enabled=progress) as bar:
+            for name, tensor in iter_tensors(directory, verify=False):  # verified (unless --no-verify)
+                for hf_name, rows_slice in hf_names_of(name, config):
+                    writer.add(hf_name, rows_slice, tensor)
+                bar.update(tensor.numel() * tensor.element_size())
         writer.finish()
         _write_json(tmp / "config.json", hf_config(config, tokenizer, dtype_name))
         generation = {
@@ -311,7 +336,13 @@ def convert(args) -> Path:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
 
 
 def _write_json(path: Path, obj) -> None:
