@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron.checkpoint.mismatch import check_fits
+
 # Per-layer modules whose weight and bias map one to one.
 _LAYER_NAMES = {
     "input_layernorm": "ln_1",
@@ -164,17 +166,10 @@ def gpt_bigcode_shapes(config, vocab_size: int) -> dict[str, tuple[int, ...]]:
 def check_shapes(
     state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str, *, extra_ok=()
 ) -> None:
-    """ValueError naming `source` and the first few missing, unexpected or wrongly shaped keys."""
-    problems = [f"missing {name} {shape}" for name, shape in expected.items() if name not in state_dict]
-    problems += [
-        f"{name}: shape {tuple(state_dict[name].shape)}, expected {shape}"
-        for name, shape in expected.items()
-        if name in state_dict and tuple(state_dict[name].shape) != tuple(shape)
-    ]
-    problems += [f"unexpected {name}" for name in state_dict if name not in expected and name not in extra_ok]
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"{source}: " + "; ".join(problems[:5]) + more)
+    """ValueError naming `source`, the counts, the likely flag and the first few missing, unexpected or
+    wrongly shaped keys (`megatron.checkpoint.mismatch`)."""
+    found = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+    check_fits(source, expected, found, extra_ok=extra_ok, found_name="weights")
 
 
 def from_gpt_bigcode_state_dict(

@@ -15,6 +15,7 @@ import torch
 from megatron.checkpoint.dcp_io import CheckpointGroup, TensorLayout, dcp_load, logical_shape
 from megatron.checkpoint.files import MOMENTS, rng_json_name, rng_key
 from megatron.checkpoint.fragments import fragment_chunks
+from megatron.checkpoint.mismatch import mismatch_message
 from megatron.log import get_logger
 from megatron.parallel.state import ParallelState
 
@@ -48,24 +49,23 @@ class LoadPlan:
             k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
         self._add_optional_keys(saved)
-        problems = []
-        for key, (_, shape, _) in self.entries.items():
-            if key not in saved:
-                problems.append(f"{key} is not in the checkpoint")
-            elif tuple(saved[key].size) != shape:
-                problems.append(
-                    f"{key} has shape {list(saved[key].size)} in the checkpoint but {list(shape)} in the model"
-                )
-        names = {name for name, _ in self.params}
-        all_names = set().union(*group.all_gather(names))
-        extra = sorted(
-            key for key in saved if key.startswith("model/") and key[len("model/") :] not in all_names
-        )
-        if extra:
-            problems.append(f"the checkpoint holds parameters the model does not: {', '.join(extra[:5])}")
-        problems = sorted({p for rank_problems in group.all_gather(problems) for p in rank_problems})
-        if problems:
-            raise ValueError(f"checkpoint {directory} does not fit the model: " + "; ".join(problems))
+        sizes = {key: tuple(meta.size) for key, meta in saved.items()}
+        source = f"checkpoint {directory}"
+        # the model's parameters over every rank (pipeline stages hold different ones), so that the
+        # checkpoint's parameters no stage has are reported too
+        model_expected: dict[str, tuple[int, ...]] = {}
+        local = {key: shape for key, (_, shape, _) in self.entries.items() if key.startswith("model/")}
+        for part in group.all_gather(local):
+            model_expected.update(part)
+        model_found = {key: size for key, size in sizes.items() if key.startswith("model/")}
+        message = mismatch_message(source, dict(sorted(model_expected.items())), model_found)
+        if message is None:  # optimizer state and generators: this rank's own keys
+            rest = {key: shape for key, (_, shape, _) in self.entries.items() if not key.startswith("model/")}
+            found = {key: sizes[key] for key in rest if key in sizes}
+            messages = [m for m in group.all_gather(mismatch_message(source, rest, found)) if m]
+            message = messages[0] if messages else None
+        if message is not None:
+            raise ValueError(message)
 
     def _add_optional_keys(self, saved: dict) -> None:
         if self.optimizer is not None and "optimizer/step" not in saved:

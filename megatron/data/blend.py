@@ -36,7 +36,9 @@ import numpy as np
 
 from megatron.config.data import weights_and_prefixes
 from megatron.data import indexed as indexed_lib
-from megatron.data.gpt_dataset import GPTDataset, _small_pages
+from megatron.data.gpt_dataset import GPTDataset
+from megatron.data.gpt_indices import PROGRESS_MIN_ENTRIES, _Phases, _small_pages
+from megatron.data.token_ids import StartupCheck, TokenBound
 from megatron.log import get_logger
 
 logger = get_logger(__name__)
@@ -169,7 +171,10 @@ class BlendedDataset:
         self.name = name
         self.weights = normalize_weights(weights, source=f"{name} blend weights")
         self.size = int(size)
+        phases = _Phases(f"blend {name}", self.size >= PROGRESS_MIN_ENTRIES)
+        phases(f"interleaving {self.size:,} samples of {len(self.datasets)} datasets")
         self.dataset_index, self.dataset_sample_index = blending_indices(self.weights, self.size)
+        phases("blending indices built")
         needed = np.bincount(self.dataset_index, minlength=len(datasets))
         for position, (dataset, count) in enumerate(zip(self.datasets, needed)):
             if count > len(dataset):
@@ -321,8 +326,10 @@ class DatasetSplits:
 class _Builder:
     """Opens each indexed dataset once and builds GPT datasets and blends over it."""
 
-    def __init__(self, seq_length: int, seed: int, cache_dir: str | None):
+    def __init__(self, seq_length: int, seed: int, cache_dir: str | None, token_bound: TokenBound | None):
         self.seq_length, self.seed, self.cache_dir = seq_length, seed, cache_dir
+        self.token_bound = token_bound
+        self.startup_check = StartupCheck(token_bound, cache_dir) if token_bound is not None else None
         self._opened: dict[str, indexed_lib.IndexedDataset] = {}
 
     def open(self, prefix: str, source: str):
@@ -332,6 +339,8 @@ class _Builder:
                     f"{source}: data prefix '{prefix}' does not exist (need {prefix}.bin and {prefix}.idx)"
                 )
             self._opened[prefix] = indexed_lib.IndexedDataset(prefix)
+            if self.startup_check is not None:
+                self.startup_check.check(self._opened[prefix])
         return self._opened[prefix]
 
     def gpt(self, indexed, name: str, document_range: tuple[int, int], num_samples: int) -> GPTDataset:
@@ -343,6 +352,7 @@ class _Builder:
             seq_length=self.seq_length,
             seed=self.seed,
             cache_dir=self.cache_dir,
+            token_bound=self.token_bound,
         )
 
     def blend(self, parts: list[tuple[float, object, tuple[int, int]]], name: str, num_samples: int):
@@ -393,6 +403,8 @@ def _from_data_path(builder: _Builder, data_path, split: str, num_samples: tuple
             document_range = split_document_ranges(split, len(indexed.sizes))[split_number]
             if document_range[1] > document_range[0]:
                 parts.append((weight, indexed, document_range))
+            elif weight > 0 and num_samples[split_number] > 0 and split_number > 0:
+                _warn_empty_split(name, split, split_number, indexed, alone=len(opened) == 1)
         has_weight = any(weight > 0 for weight, _, _ in parts)
         result.append(
             builder.blend(parts, name, num_samples[split_number])
@@ -400,6 +412,28 @@ def _from_data_path(builder: _Builder, data_path, split: str, num_samples: tuple
             else None
         )
     return result
+
+
+_SPLIT_USE = {"valid": "validation", "test": "the test evaluation"}
+
+
+def _warn_empty_split(name: str, split: str, split_number: int, indexed, alone: bool) -> None:
+    """A split the user asked to evaluate that holds no document of a dataset: say so, once.
+
+    Megatron-LM skips an empty split silently; its users expect a run to go on (a small test corpus is
+    common), so this is a warning, not an error. A share of zero in --split is a deliberate choice
+    (``--split 98,2,0``) and is not reported.
+    """
+    num_documents = len(indexed.sizes)
+    share = parse_split(split)[split_number]
+    if share == 0:
+        return
+    outcome = f"{_SPLIT_USE[name]} is skipped" if alone else f"it is left out of the {name} blend"
+    logger.info(
+        f"WARNING: the {name} split is empty: --split '{split}' gives it {share:.1%} of the "
+        f"{num_documents} document(s) of {indexed.path_prefix}, which rounds to 0 documents, so "
+        f"{outcome}; use more documents, a larger {name} share, or --eval-iters 0 to evaluate nothing"
+    )
 
 
 def build_datasets(
@@ -413,14 +447,18 @@ def build_datasets(
     seq_length: int,
     seed: int,
     cache_dir: str | None,
+    token_bound: TokenBound | None = None,
 ) -> DatasetSplits:
     """Train, validation and test datasets from the data flags.
 
     A weighted split file, where given, defines its split (validation: one group per entry name);
     otherwise ``--data-path`` with ``--split`` does (validation group named "valid"). A split with no
     documents or zero requested samples is None (no validation group).
+
+    With ``token_bound`` every token id is checked against the tokenizer's vocabulary: each dataset at
+    open where cheap, and every sample as it is read (``TokenIdError``, see ``megatron.data.token_ids``).
     """
-    builder = _Builder(seq_length, seed, cache_dir)
+    builder = _Builder(seq_length, seed, cache_dir, token_bound)
     weighted_files = (
         train_weighted_split_paths_path,
         valid_weighted_split_paths_path,
@@ -447,4 +485,6 @@ def build_datasets(
         splits.test = _from_weighted_file(
             builder, test_weighted_split_paths_path, "test", num_samples[2], False
         )
+    if builder.startup_check is not None:
+        builder.startup_check.report()
     return splits

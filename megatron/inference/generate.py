@@ -454,6 +454,7 @@ def load_model_from_checkpoint(
     directory; sharded checkpoints of any saving layout and basic single-file ones both load. The model
     is built without initialising weights (meta device) and takes the loaded tensors as they are, so the
     weights are in memory once."""
+    from megatron.checkpoint.mismatch import check_fits
     from megatron.config import ModelConfig
     from megatron.model import GPTModel
 
@@ -467,12 +468,6 @@ def load_model_from_checkpoint(
     model = GPTModel(model_config, weights[vocab_name].shape[0], device="meta")
     expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
     found = {name: tuple(tensor.shape) for name, tensor in weights.items()}
-    if expected != found:
-        differences = sorted(
-            f"{name}: model {expected.get(name)}, checkpoint {found.get(name)}"
-            for name in set(expected) | set(found)
-            if expected.get(name) != found.get(name)
-        )
-        raise ValueError(f"--load {load_dir}: weights do not match the stored config: {differences[:5]}")
+    check_fits(f"--load {load_dir} (its stored config)", expected, found)
     model.load_state_dict(weights, assign=True)
     return model.float().to(device).eval()

@@ -40,6 +40,7 @@ class DataSplits:
 def build_data(cfg, tokenizer, parallel_state: ParallelState) -> DataSplits:
     """Datasets from --data-path or the weighted split files, wrapped in FIM when --fim-rate > 0."""
     from megatron.data.blend import build_datasets
+    from megatron.data.token_ids import TokenBound
 
     data = cfg.data
     splits = build_datasets(
@@ -52,6 +53,7 @@ def build_data(cfg, tokenizer, parallel_state: ParallelState) -> DataSplits:
         seq_length=cfg.model.seq_length,
         seed=cfg.training.seed,
         cache_dir=data.data_cache_path,
+        token_bound=TokenBound.of(tokenizer),
     )
     if splits.train is None:
         raise ValueError("the training split is empty: check --split or --train-weighted-split-paths-path")

@@ -421,10 +421,10 @@ def test_no_tracker_means_no_checkpoint(tmp_path):
     [
         (
             dict(hidden_size=64),
-            "model/embedding.word_embeddings.weight has shape [128, 32] in the checkpoint but [128, 64]",
+            "\n  model/embedding.word_embeddings.weight: checkpoint [128, 32], model [128, 64]",
         ),
-        (dict(num_layers=1), "the checkpoint holds parameters the model does not: model/layers.1."),
-        (dict(num_layers=3), "model/layers.2.input_layernorm.bias is not in the checkpoint"),
+        (dict(num_layers=1), "12 unexpected; likely --num-layers (checkpoint 2, model 1)"),
+        (dict(num_layers=3), "model/layers.2.attention.dense.bias: missing from the checkpoint (model [32])"),
     ],
     ids=["wider", "shallower", "deeper"],
 )

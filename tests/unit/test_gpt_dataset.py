@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron.data import gpt_dataset
+from megatron.data import gpt_dataset, gpt_indices
 from megatron.data.gpt_dataset import GPTDataset, build_indices, cache_key, plan_indices, uniform_shuffle
 from megatron.data.indexed import IndexedDataset, IndexedDatasetWriter
 
@@ -97,9 +97,9 @@ def check_against_reference(sizes, document_range, num_samples, seq_length, seed
 def shuffle_mode(request, monkeypatch):
     """Run a test with the plain shuffle and with tiny buckets that force the blocked shuffle."""
     if request.param == "blocked":
-        monkeypatch.setattr(gpt_dataset, "_SHUFFLE_BUCKET_ELEMENTS", 4)
-        monkeypatch.setattr(gpt_dataset, "_SHUFFLE_CHUNK_ELEMENTS", 8)
-        monkeypatch.setattr(gpt_dataset, "_SAMPLE_BLOCK_DOCS", 5)
+        monkeypatch.setattr(gpt_indices, "_SHUFFLE_BUCKET_ELEMENTS", 4)
+        monkeypatch.setattr(gpt_indices, "_SHUFFLE_CHUNK_ELEMENTS", 8)
+        monkeypatch.setattr(gpt_indices, "_SAMPLE_BLOCK_DOCS", 5)
     return request.param
 
 
@@ -167,8 +167,8 @@ def test_rng_streams_are_pinned():
 
 def test_uniform_shuffle_is_uniform(monkeypatch):
     # Force 4 buckets for 4 values so the blocked (Rao-Sandelius) path runs; all 24 orders equally likely.
-    monkeypatch.setattr(gpt_dataset, "_SHUFFLE_BUCKET_ELEMENTS", 1)
-    monkeypatch.setattr(gpt_dataset, "_SHUFFLE_CHUNK_ELEMENTS", 2)
+    monkeypatch.setattr(gpt_indices, "_SHUFFLE_BUCKET_ELEMENTS", 1)
+    monkeypatch.setattr(gpt_indices, "_SHUFFLE_CHUNK_ELEMENTS", 2)
     rng = np.random.default_rng(11)
     trials = 24_000
     counts = Counter(tuple(uniform_shuffle(np.arange(4), rng).tolist()) for _ in range(trials))
@@ -288,7 +288,7 @@ _BUILDER = textwrap.dedent(
     from megatron.data import gpt_dataset
     from megatron.data.indexed import IndexedDataset
     if sys.argv[3] == "nolock":  # every process builds and publishes, as on nodes without shared locks
-        gpt_dataset._build_lock = contextlib.nullcontext
+        gpt_dataset._build_lock = lambda *args, **kwargs: contextlib.nullcontext()
     ds = gpt_dataset.GPTDataset(IndexedDataset(sys.argv[1]), name="train", document_range=(0, 3000),
                                 num_samples=20000, seq_length=64, seed=9, cache_dir=sys.argv[2])
     np.save(sys.argv[4], np.asarray(ds.sample_idx)[:, 0] + np.asarray(ds.shuffle_idx).sum())
