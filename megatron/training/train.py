@@ -19,7 +19,7 @@ from megatron.log import get_logger
 from megatron.parallel.collectives import all_reduce
 from megatron.parallel.debug import check_replicas
 from megatron.parallel.state import ParallelState
-from megatron.training import builders, restarts, saving, spikes, stragglers
+from megatron.training import builders, code_eval, restarts, saving, spikes, stragglers
 from megatron.training.evaluate import evaluate, perplexity
 from megatron.training.faults import Faults
 from megatron.training.metrics import (
@@ -393,6 +393,7 @@ def _periodic(run: Run, stats: IntervalStats) -> bool:
         _log_interval(run, stats)
     if cfg.training.eval_iters > 0 and it % cfg.training.eval_interval == 0:
         run_evaluation(run)
+    code_eval.maybe_evaluate_code(run)
     if cfg.checkpoint.save and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
         save(run)
     check = cfg.parallel.check_replicas_interval

