@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     documents = sum(entry["documents"] for entry in manifest["datasets"])
     seconds = manifest["build_seconds"]
     print(
-        f"indexed {len(manifest['datasets'])} datasets: {documents:,} documents, {tokens:,} tokens in "
+        f"indexed {documents:,} documents, {tokens:,} tokens of {len(manifest['datasets'])} dataset(s) in "
         f"{seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)"
     )
     if manifest["exact"] is not None:

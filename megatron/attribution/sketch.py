@@ -52,7 +52,8 @@ def build_sketch(streams, path: str, ngram: int, fpr: float, base, bar) -> dict:
 @dataclass(frozen=True)
 class SketchSpan:
     """Query tokens ``query_start : query_start + length`` are ``chain`` consecutive n-grams found in
-    the sketch; ``false_positive`` bounds the chance of such a chain anywhere in an unseen query."""
+    the sketch; ``false_positive`` bounds the chance of a chain this long anywhere in a query of this
+    length that is not in the training data (query positions x ``fpr ** chain``)."""
 
     query_start: int
     length: int
@@ -77,7 +78,6 @@ class Sketch:
         n = self.ngram
         present = self.contains(window_hashes(np.asarray(query, dtype=np.int64), n, 1, base))
         needed = max(1, min_chain(min_tokens, n))
-        bound = min(1.0, len(present) * self.fpr**needed)
         spans = []
         for phase in range(min(n, len(present))):
             hits = np.concatenate(([False], present[phase::n], [False])).astype(np.int8)
@@ -85,6 +85,8 @@ class Sketch:
             for first, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
                 if stop - first >= needed:
                     start = phase + int(first) * n
-                    spans.append(SketchSpan(start, int(stop - first) * n, int(stop - first), bound))
+                    chain = int(stop - first)
+                    bound = min(1.0, len(present) * self.fpr**chain)
+                    spans.append(SketchSpan(start, chain * n, chain, bound))
         spans.sort(key=lambda span: (-span.length, span.query_start))
         return spans
