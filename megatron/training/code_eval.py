@@ -24,9 +24,18 @@ MAX_NEW_TOKENS = 128
 def maybe_evaluate_code(run) -> dict | None:
     """Run the code evaluation when this iteration is on `--eval-code-interval`; its metrics or None."""
     interval = run.cfg.training.eval_code_interval
-    if not interval or run.state.iteration % interval:
+    if not interval:
         return None
-    return evaluate_code(run)
+    _check_layout(run.parallel_state)  # every iteration: a refused layout fails after the first step
+    return None if run.state.iteration % interval else evaluate_code(run)
+
+
+def _check_layout(state) -> None:
+    if state.tensor_model_parallel_size > 1 or state.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            "--eval-code-interval needs --tensor-model-parallel-size 1 and --pipeline-model-parallel-size 1 "
+            f"(this run: {state.describe()}); evaluate saved checkpoints with tools/evaluate.py instead"
+        )
 
 
 def evaluate_code(run) -> dict:
@@ -35,11 +44,7 @@ def evaluate_code(run) -> dict:
     from megatron.evaluation.tasks import load_task
 
     state, iteration = run.parallel_state, run.state.iteration
-    if state.tensor_model_parallel_size > 1 or state.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            "--eval-code-interval needs --tensor-model-parallel-size 1 and --pipeline-model-parallel-size 1 "
-            f"(this run: {state.describe()}); evaluate saved checkpoints with tools/evaluate.py instead"
-        )
+    _check_layout(state)
     run.optimizer.finish_param_sync()  # --overlap-param-gather: the forward needs the gathered parameters
     run.watchdog.beat(iteration, "code evaluation")
     problems = load_task("humaneval", limit=run.cfg.training.eval_code_problems)

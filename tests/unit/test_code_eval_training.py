@@ -65,8 +65,13 @@ def test_model_parallel_layouts_are_refused():
     state = SimpleNamespace(
         tensor_model_parallel_size=2, pipeline_model_parallel_size=1, describe=lambda: "TP 2 x PP 1 x DP 1"
     )
+    run = SimpleNamespace(
+        parallel_state=state,
+        state=SimpleNamespace(iteration=1),  # not on the interval: refused all the same, at the first step
+        cfg=SimpleNamespace(training=TrainingConfig(eval_code_interval=1000)),
+    )
     with pytest.raises(ConfigError, match="--eval-code-interval needs --tensor-model-parallel-size 1"):
-        code_eval.evaluate_code(SimpleNamespace(parallel_state=state, state=SimpleNamespace(iteration=1)))
+        code_eval.maybe_evaluate_code(run)
 
 
 @pytest.mark.parametrize(
