@@ -5,11 +5,14 @@ Other test files depend on these names; keep them stable.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+# W&B never goes online from a test (nor probes the network): the runs the tests start inherit it too
+os.environ.setdefault("WANDB_MODE", "offline")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
