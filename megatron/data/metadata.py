@@ -158,6 +158,10 @@ class DocumentWriter:
         self.dataset = IndexedDatasetWriter(prefix, dtype)
         self.metadata = MetadataWriter(prefix) if metadata_keys else None
 
+    @property
+    def path_prefix(self) -> str:
+        return self.dataset.path_prefix
+
     def add_documents(self, flat_tokens, lengths, metadata_lines=None) -> None:
         """``IndexedDatasetWriter.add_documents`` plus one metadata line per document."""
         self.dataset.add_documents(flat_tokens, lengths)
