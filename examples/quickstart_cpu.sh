@@ -43,7 +43,7 @@ if [ ! -f "$WORK/data/stdlib_content_document.idx" ]; then
   mkdir -p "$WORK/data"
   "$PYTHON" tools/preprocess_data.py --input "$WORK/corpus.jsonl" --json-keys content \
     --output-prefix "$WORK/data/stdlib" --tokenizer-type TokenizerFromFile \
-    --tokenizer-file "$WORK/tokenizer.json" --append-eod --workers 2
+    --tokenizer-file "$WORK/tokenizer.json" --append-eod --workers 2 --overwrite
 else
   echo "exists, skipped"
 fi

@@ -24,19 +24,40 @@ Example::
         --append-eod --workers 2
 """
 
+# Ctrl-C is handled before the libraries load (below), so imports follow code:
+# ruff: noqa: E402
+import os
+import signal
+import sys
+
+INTERRUPTED = "preprocess_data: interrupted; no output was written"
+
+
+def _interrupted_while_loading(signum, frame) -> None:
+    print(INTERRUPTED, file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while the libraries below load: one line and status 130 instead of an import traceback;
+    # main() hands Ctrl-C back to Python once they are loaded.
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
 import argparse
 import collections
+import contextlib
+import errno
 import functools
 import glob
 import gzip
 import json
 import multiprocessing
-import os
 import queue
-import signal
-import sys
+import tempfile
+import threading
 import time
 import traceback
+import zlib
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -48,6 +69,7 @@ from megatron.data.indexed import (
     index_file_path,
 )
 from megatron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megatron.log import progress_bar
 
 # Reason key -> text used in messages and the summary.
 SKIP_REASONS = {
@@ -56,8 +78,16 @@ SKIP_REASONS = {
     "not_string": "non-string value",
     "invalid_utf8": "invalid UTF-8 / lone surrogate",
     "empty": "empty document",
+    "too_long": "longer than --max-document-bytes",
 }
 PARQUET_SUFFIXES = (".parquet", ".pq")
+# Compressed inputs this tool cannot read, with what to do instead.
+UNSUPPORTED_SUFFIXES = (".zst", ".zstd", ".bz2", ".xz", ".lz4", ".zip", ".tar", ".tgz")
+# The Stack drops files over 1 MB, so its documents are never split; the reference tokenizer needs
+# about 125 bytes of memory per input byte, so a piece of this size stays near 130 MB per worker.
+DEFAULT_MAX_DOCUMENT_BYTES = 1 << 20
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for this process when its parent dies
+SAMPLE_TEXT_CHARS = 64 << 10  # engine check: the start of each sample document is enough
 INPUT_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.json", "*.json.gz", "*.parquet")
 
 # The Stack's metadata columns, in order of preference.
@@ -115,7 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--strict", action="store_true", help="fail at the first bad line instead of skipping it"
     )
+    group.add_argument(
+        "--max-document-bytes",
+        type=int,
+        default=DEFAULT_MAX_DOCUMENT_BYTES,
+        help="documents longer than this (UTF-8 bytes) are handled as --long-documents says; 0: no limit "
+        f"(default {DEFAULT_MAX_DOCUMENT_BYTES:,}, above The Stack's 1 MB file limit)",
+    )
+    group.add_argument(
+        "--long-documents",
+        choices=("split", "skip"),
+        default="split",
+        help="split: tokenize a long document in pieces of at most --max-document-bytes cut at line "
+        "ends, kept as one document (ids may differ from whole-document tokenization at the cuts); "
+        "skip: leave it out and count it (default: split)",
+    )
 
+    _add_tokenizer_arguments(parser)
+    _add_output_arguments(parser)
+    return parser
+
+
+def _add_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES, help="tokenizer kind")
     group.add_argument("--tokenizer-file", help="Hugging Face tokenizer.json (TokenizerFromFile)")
@@ -139,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reference tokenizer; gigatoken: fail if it cannot be used; tokenizers: always the reference",
     )
 
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("StarCoder metadata")
     group.add_argument(
         "--add-metadata",
@@ -155,18 +208,31 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="output path prefix, without key or suffix")
     group.add_argument(
+        "--overwrite", action="store_true", help="replace outputs that already exist (default: refuse)"
+    )
+    group.add_argument(
         "--dataset-impl", default="mmap", choices=("mmap",), help="accepted for compatibility; always mmap"
     )
 
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tokenizer processes (default 1); at most the usable CPU cores, and no more than there are "
+        "input chunks to share",
+    )
     group.add_argument(
         "--partitions", type=int, default=1, help="accepted for compatibility; one pass is used"
     )
     group.add_argument("--log-interval", type=int, default=1000, help="documents between log lines (no TTY)")
     group.add_argument("--chunk-mb", type=float, default=4.0, help="input megabytes per worker task")
     group.add_argument("--quiet", action="store_true", help="no progress bar or log lines, summary only")
-    return parser
+    group.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (log lines every --log-interval documents instead, as when not on a terminal)",
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -180,6 +246,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError(f"--partitions must be at least 1, got {args.partitions}")
     if args.chunk_mb <= 0:
         raise ValueError(f"--chunk-mb must be positive, got {args.chunk_mb}")
+    if args.max_document_bytes < 0:
+        raise ValueError(
+            f"--max-document-bytes must be 0 (no limit) or positive, got {args.max_document_bytes}"
+        )
     if not 0.0 <= args.metadata_probability <= 1.0:
         raise ValueError(f"--metadata-probability must be in [0, 1], got {args.metadata_probability}")
     if len(set(args.json_keys)) != len(args.json_keys):
@@ -207,6 +277,11 @@ def expand_inputs(patterns: list[str]) -> list[str]:
                 raise ValueError(f"--input {pattern}: no such file")
         files.extend(found)
     for path in files:
+        if path.lower().endswith(UNSUPPORTED_SUFFIXES):
+            raise ValueError(
+                f"{path}: {os.path.splitext(path)[1]} input is not supported; decompress it first, or give "
+                ".jsonl, .jsonl.gz or .parquet files"
+            )
         if not path.endswith(PARQUET_SUFFIXES) and os.path.getsize(path) == 0:
             raise ValueError(f"{path}: input file is empty")
     return files
@@ -230,23 +305,41 @@ class Chunk:
 
 
 def _read_jsonl_blocks(path: str, chunk_bytes: int):
-    """Yield blocks of whole lines (the last block may lack a final newline)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    remainder = b""
-    with opener(path, "rb") as stream:
-        while True:
-            block = stream.read(chunk_bytes)
-            if not block:
-                break
-            data = remainder + block if remainder else block
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                remainder = data
-                continue
-            remainder = data[cut:]
-            yield data[:cut]
-    if remainder:
-        yield remainder
+    """Yield blocks of whole lines of about ``chunk_bytes`` (the last may lack a final newline).
+
+    A line longer than ``chunk_bytes`` is gathered in parts and joined once (no quadratic copying).
+    A damaged gzip stream raises ``ValueError`` naming the file and how far it could be read.
+    """
+    compressed = path.endswith(".gz")
+    pending: list[bytes] = []  # read but not yet yielded: complete lines, then the start of one
+    pending_bytes = lines_done = bytes_done = 0
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as stream:
+            # gzip: read1 returns what one step decompresses, so a damaged stream loses little.
+            read = stream.read1 if compressed else stream.read
+            while piece := read(chunk_bytes):
+                bytes_done += len(piece)
+                cut = piece.rfind(b"\n") + 1
+                if cut == 0 or pending_bytes + cut < chunk_bytes // 2:
+                    pending.append(piece)
+                    pending_bytes += len(piece)
+                    continue
+                data = b"".join([*pending, piece[:cut]]) if pending else piece[:cut]
+                pending = [piece[cut:]] if cut < len(piece) else []
+                pending_bytes = len(piece) - cut
+                lines_done += data.count(b"\n")
+                yield data
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        what = "truncated (the file ends inside the gzip stream)"
+        if not isinstance(error, EOFError):
+            what = f"not a valid gzip file ({error})"
+        lines_done += sum(part.count(b"\n") for part in pending)
+        raise ValueError(
+            f"{path}: {what} after line {lines_done:,} ({bytes_done:,} bytes decompressed); recompress or "
+            "download it again"
+        ) from None
+    if pending:
+        yield b"".join(pending)
 
 
 def _jsonl_chunks(path: str, chunk_bytes: int, counters: dict):
@@ -278,7 +371,14 @@ def _parquet_chunks(path: str, columns_wanted: list[str], chunk_bytes: int, coun
     present = [name for name in columns_wanted if name in parquet_file.schema_arrow.names]
     row = 1
     rows_per_batch = max(1, min(65536, chunk_bytes // 4096))
-    for batch in parquet_file.iter_batches(batch_size=rows_per_batch, columns=present):
+    batches = parquet_file.iter_batches(batch_size=rows_per_batch, columns=present)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as error:  # pyarrow raises OSError or ArrowInvalid on damaged pages
+            raise ValueError(f"{path}: damaged Parquet data after row {row - 1:,}: {error}") from None
+        if batch is None:
+            break
         columns = {name: batch.column(name).to_pylist() for name in present}
         yield Chunk(0, path, row, counters["record"], columns=columns, num_records=batch.num_rows)
         row += batch.num_rows
@@ -326,7 +426,17 @@ def _parse_json_line(line: bytes, is_first_line: bool) -> dict:
     return record
 
 
-def _checked_text(record: dict, key: str) -> str:
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _is_long(text: str, max_bytes: int) -> bool:
+    """Whether ``text`` has more than ``max_bytes`` UTF-8 bytes (0: no limit); cheap for short texts."""
+    return bool(max_bytes) and len(text) > max_bytes // 4 and _utf8_length(text) > max_bytes
+
+
+def _checked_text(record: dict, key: str, skip_over_bytes: int = 0) -> str:
+    """The document under ``key``, or ``BadRecord``; longer than ``skip_over_bytes`` (if set) is bad."""
     if key not in record:
         raise BadRecord("missing_key", f"missing key '{key}'")
     value = record[key]
@@ -347,7 +457,35 @@ def _checked_text(record: dict, key: str) -> str:
                 "invalid_utf8",
                 f"'{key}' has a lone surrogate {value[error.start]!r} at character {error.start}",
             ) from None
+    if _is_long(value, skip_over_bytes):
+        raise BadRecord(
+            "too_long",
+            f"'{key}' has {_utf8_length(value):,} bytes, more than --max-document-bytes {skip_over_bytes:,}",
+        )
     return value
+
+
+def split_long_text(text: str, max_bytes: int) -> list[str]:
+    """``text`` cut into pieces of at most ``max_bytes`` UTF-8 bytes: after the last line end that fits,
+    else after the last space, else at the last character boundary."""
+    data = text.encode("utf-8")
+    pieces, start = [], 0
+    while len(data) - start > max_bytes:
+        end = start + max_bytes
+        cut = data.rfind(b"\n", start, end) + 1
+        if cut <= start:
+            cut = data.rfind(b" ", start, end) + 1
+        if cut <= start:
+            cut = end
+            while cut > start and data[cut] & 0xC0 == 0x80:  # inside a character: back to its start
+                cut -= 1
+            while cut == start or (cut < len(data) and data[cut] & 0xC0 == 0x80):  # one character over
+                cut += 1
+        pieces.append(data[start:cut].decode("utf-8"))
+        start = cut
+    if start < len(data):
+        pieces.append(data[start:].decode("utf-8"))
+    return pieces
 
 
 def _records(chunk: Chunk):
@@ -474,7 +612,8 @@ class _GigatokenEngine:
     ):
         import gigatoken
 
-        self._tokenizer = gigatoken.Tokenizer.from_json(tokenizer_json)
+        with interrupts_deferred():
+            self._tokenizer = gigatoken.Tokenizer.from_json(tokenizer_json)
         self._split_numerics = split_numerics
         self._flags = _character_flags()
         self._parallel = parallel
@@ -612,9 +751,11 @@ def select_engine(args, tokenizer, tokenizer_kwargs: dict, sample: list[str]) ->
     if problem is None:
         texts = [*ENGINE_CHECK_TEXTS, *sample]
         reference = make_engine(reference_spec, tokenizer=tokenizer)
-        flat, counts = fast.encode(texts)
+        with interrupts_deferred():  # Ctrl-C inside the engines' calls gives panics or half results
+            flat, counts = fast.encode(texts)
+            expected = reference.encode_lists(texts)
         got = [part.tolist() for part in np.split(flat, np.cumsum(counts)[:-1])]
-        problem = _first_mismatch(texts, reference.encode_lists(texts), got)
+        problem = _first_mismatch(texts, expected, got)
         if problem is None:
             return (
                 spec,
@@ -645,6 +786,18 @@ class Job:
     metadata_ids: dict[str, int] = field(default_factory=dict)
     metadata_probability: float = 0.2
     seed: int = 1234
+    max_document_bytes: int = 0
+    long_documents: str = "split"
+
+    @property
+    def split_over_bytes(self) -> int:
+        """Documents over this many bytes are tokenized in pieces (0: none)."""
+        return self.max_document_bytes if self.long_documents == "split" else 0
+
+    @property
+    def skip_over_bytes(self) -> int:
+        """Documents over this many bytes are skipped (0: none)."""
+        return self.max_document_bytes if self.long_documents == "skip" else 0
 
 
 @dataclass
@@ -658,6 +811,7 @@ class ChunkResult:
     skipped: collections.Counter = field(default_factory=collections.Counter)
     examples: list = field(default_factory=list)
     error: str | None = None
+    num_split: int = 0  # documents tokenized in pieces (longer than --max-document-bytes)
 
 
 def _insert_markers(flat, counts, doc_sizes, specials, eod):
@@ -705,18 +859,63 @@ def _metadata_pieces(texts, parts, metadata_ids):
     return pieces, np.asarray(specials, dtype=np.int64), np.asarray(doc_sizes, dtype=np.int64)
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C until the block ends, then raise ``KeyboardInterrupt``.
+
+    A KeyboardInterrupt raised inside a Rust tokenizer's call (it polls for signals) surfaces as a
+    panic message or a half-built result; here it waits the fraction of a second the call takes.
+    Only the main thread can handle signals, and a process ignoring SIGINT (a worker) stays as it is.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def encode_bounded(engine, texts: list[str], max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``engine.encode(texts)``, but a text over ``max_bytes`` (0: no limit) is encoded piece by piece
+    (``split_long_text``), one piece per call, so memory follows the piece size, not the document's."""
+    long_rows = [row for row, text in enumerate(texts) if _is_long(text, max_bytes)]
+    if not long_rows:
+        with interrupts_deferred():
+            return engine.encode(texts)
+    flats, counts, start = [], np.zeros(len(texts), dtype=np.int64), 0
+    for row in [*long_rows, len(texts)]:
+        if row > start:
+            with interrupts_deferred():
+                flat, counts[start:row] = engine.encode(texts[start:row])
+            flats.append(flat)
+        for piece in split_long_text(texts[row], max_bytes) if row < len(texts) else ():
+            with interrupts_deferred():
+                flat, piece_count = engine.encode([piece])
+            flats.append(flat)
+            counts[row] += piece_count[0]
+        start = row + 1
+    return np.concatenate(flats), counts
+
+
 def encode_documents(texts: list[str], parts, job: Job, engine) -> tuple[np.ndarray, np.ndarray]:
     """Token array (``job.dtype``) and per-document lengths of ``texts`` (with metadata and EOD)."""
     eod = job.eod if job.append_eod else None
     if not texts:
         return np.zeros(0, dtype=job.dtype), np.zeros(0, dtype=np.int64)
     if parts is None:
-        flat, counts = engine.encode(texts)
+        flat, counts = encode_bounded(engine, texts, job.split_over_bytes)
         if eod is not None:
             flat, counts = _append_eod(flat, counts, eod), counts + 1
     else:
         pieces, specials, doc_sizes = _metadata_pieces(texts, parts, job.metadata_ids)
-        flat, counts = engine.encode(pieces)
+        flat, counts = encode_bounded(engine, pieces, job.split_over_bytes)
         flat, counts = _insert_markers(flat, counts, doc_sizes, specials, eod)
     if flat.size and int(flat.max()) >= job.vocab_size:
         raise AssertionError(f"token id {int(flat.max())} outside the vocabulary of {job.vocab_size}")
@@ -750,7 +949,7 @@ def process_chunk(chunk: Chunk, job: Job, engine) -> ChunkResult:
         try:
             if isinstance(record, BadRecord):
                 raise record
-            values = [_checked_text(record, key) for key in job.keys]
+            values = [_checked_text(record, key, job.skip_over_bytes) for key in job.keys]
         except BadRecord as bad:
             message = f"{_location(chunk, line)}: {bad}"
             if job.strict:
@@ -762,6 +961,7 @@ def process_chunk(chunk: Chunk, job: Job, engine) -> ChunkResult:
             continue
         for key, value in zip(job.keys, values):
             texts[key].append(value)
+        result.num_split += any(_is_long(value, job.split_over_bytes) for value in values)
         if job.metadata_ids:
             records.append(_safe_metadata(record))
             indices.append(index)
@@ -790,40 +990,84 @@ def _to_wire(record) -> tuple:
     return tuple(getattr(record, item.name) for item in fields(record))
 
 
-def _worker_main(tasks, results, job: Job) -> None:
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this process when its parent dies, even by SIGKILL: the kernel's parent-death signal on
+    Linux, and everywhere a thread polling the parent's pid (a worker may be blocked reading a task
+    that the dead parent wrote only half of, where no timeout helps)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="watch-parent").start()
+
+
+def _worker_main(tasks, results, job: Job, parent_pid: int) -> None:
     # The parent handles Ctrl-C and stops the workers; a worker must not die half-way on its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent's SIGTERM handler (inherited through fork) would unwind with a traceback: die at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
     try:
         engine = make_engine(job.engine_spec, parallel=False)
         while (wire := tasks.get()) is not None:
             chunk = Chunk(*wire)
             results.put(("ok", chunk.sequence, _to_wire(process_chunk(chunk, job, engine))))
-    except BaseException:
+    except Exception:
         results.put(("error", -1, traceback.format_exc()))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 class WorkerPool:
     """Forked processes that turn chunks into ``ChunkResult``s, yielded in input order.
 
-    Fork (not spawn) so that nothing has to be importable by name; at most ``2 * workers`` chunks are
-    in flight, so memory stays bounded however large the input.
+    Fork (not spawn) so that nothing has to be importable by name; at most ``2 * max_workers`` chunks
+    are in flight, so memory stays bounded however large the input. Workers start as chunks arrive,
+    so a small input never starts more processes than it has chunks. Each worker dies with the
+    parent (even a SIGKILLed one); ``close`` ends them with a sentinel, or at once on failure.
     """
 
-    def __init__(self, job: Job, num_workers: int):
-        context = multiprocessing.get_context("fork")
-        self._tasks = context.Queue()
-        self._results = context.Queue()
-        self._max_in_flight = 2 * num_workers
+    def __init__(self, job: Job, max_workers: int):
+        self._context = multiprocessing.get_context("fork")
+        self._tasks = self._context.Queue()
+        self._results = self._context.Queue()
+        self._job = job
+        self._max_workers = max_workers
+        self._max_in_flight = 2 * max_workers
+        self._processes = []
+
+    @property
+    def num_started(self) -> int:
+        return len(self._processes)
+
+    def _start_worker(self) -> None:
         previous = os.environ.get("TOKENIZERS_PARALLELISM")
         # tokenizers warns after a fork once its thread pool has been used; workers are single-threaded.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
-            self._processes = [
-                context.Process(target=_worker_main, args=(self._tasks, self._results, job), daemon=True)
-                for _ in range(num_workers)
-            ]
-            for process in self._processes:
+            process = self._context.Process(
+                target=_worker_main, args=(self._tasks, self._results, self._job, os.getpid()), daemon=True
+            )
+            # Ctrl-C during fork would be swallowed by an at-fork hook (logging's) or hit the new worker
+            # before it ignores SIGINT: hold it until the worker exists.
+            with interrupts_deferred():
                 process.start()
+            self._processes.append(process)
         finally:
             if previous is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -856,6 +1100,8 @@ class WorkerPool:
                 if chunk is None:
                     exhausted = True
                 else:
+                    if in_flight >= self.num_started and self.num_started < self._max_workers:
+                        self._start_worker()
                     self._tasks.put(_to_wire(chunk))
                     in_flight += 1
             if in_flight == 0:
@@ -867,15 +1113,26 @@ class WorkerPool:
                 yield pending.pop(next_sequence)
                 next_sequence += 1
 
-    def close(self) -> None:
-        """Stop the workers (terminating any still busy)."""
+    def close(self, finished: bool) -> None:
+        """Stop the workers: ``finished``, each takes a stop sentinel and exits; otherwise (a failure or
+        an interruption) they are terminated at once. Either way within a few seconds in all."""
+        if finished:
+            for _ in self._processes:
+                self._tasks.put(None)
+        else:
+            for process in self._processes:
+                if process.exitcode is None:
+                    process.terminate()
+        deadline = time.monotonic() + (5.0 if finished else 2.0)
         for process in self._processes:
-            if process.is_alive():
-                process.terminate()
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
         for process in self._processes:
-            process.join(timeout=5)
-        self._tasks.cancel_join_thread()
-        self._results.cancel_join_thread()
+            if process.exitcode is None:
+                process.kill()
+                process.join(timeout=1.0)
+        for channel in (self._tasks, self._results):
+            channel.cancel_join_thread()
+            channel.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -894,6 +1151,9 @@ class Summary:
     shown: collections.Counter = field(default_factory=collections.Counter)
     engine: str = ""
     outputs: list = field(default_factory=list)
+    split: int = 0  # documents tokenized in pieces
+    max_document_bytes: int = 0
+    workers: int = 1  # processes that tokenized
 
     @property
     def megabytes_per_second(self) -> float:
@@ -912,7 +1172,12 @@ class Summary:
             lines.append(f"skipped lines: {sum(self.skipped.values()):,} ({detail})")
         else:
             lines.append("skipped lines: 0")
-        lines.append(f"engine: {self.engine}")
+        if self.split:
+            lines.append(
+                f"long documents: {self.split:,} tokenized in pieces of at most {self.max_document_bytes:,} "
+                "bytes (--max-document-bytes)"
+            )
+        lines.append(f"engine: {self.engine}, workers: {self.workers}")
         lines += [f"wrote {data_file_path(p)} and {index_file_path(p)}" for p in self.outputs]
         return lines
 
@@ -929,8 +1194,8 @@ def _sample_texts(files: list[str], keys: list[str], limit_bytes: int = 128 << 1
                 text = _checked_text(record, key)
             except BadRecord:
                 continue
-            sample.append(text)
-            total += len(text)
+            sample.append(text[:SAMPLE_TEXT_CHARS])
+            total += len(sample[-1])
         if total >= limit_bytes:
             break
     return sample
@@ -948,14 +1213,10 @@ class _Progress:
     """tqdm bar (TTY) or a log line every ``log_interval`` documents."""
 
     def __init__(self, args, files: list[str]):
-        from tqdm import tqdm
-
         plain = all(not f.endswith((".gz", *PARQUET_SUFFIXES)) for f in files)
         total = sum(os.path.getsize(f) for f in files) if plain else None
-        self._bar = tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="preprocess",
-            disable=True if args.quiet else None, file=sys.stderr, mininterval=0.5,
-        )  # fmt: skip
+        enabled = False if args.quiet or args.no_progress else None
+        self._bar = progress_bar(total=total, unit="B", desc="preprocess", enabled=enabled)
         self._log = not args.quiet and self._bar.disable
         self._interval, self._next_log, self._start = (
             args.log_interval,
@@ -991,24 +1252,85 @@ def _warn_skipped(result: ChunkResult, shown: collections.Counter, limit: int = 
                 print(f"warning: further '{SKIP_REASONS[reason]}' lines are only counted", file=sys.stderr)
 
 
+class OutputError(Exception):
+    """Writing an output failed (a full disk, say): the environment's fault, not the input's."""
+
+
+def _os_reason(error: OSError) -> str:
+    """'No space left on device (ENOSPC)': the reason and the errno's name."""
+    code = errno.errorcode.get(error.errno, "") if error.errno else ""
+    return f"{error.strerror or error} ({code})" if code else str(error)
+
+
+def _write_step(writer, method: str, *args) -> None:
+    """``writer.method(*args)``; an OSError becomes one ``OutputError`` line naming the file."""
+    try:
+        getattr(writer, method)(*args)
+    except OSError as error:
+        target = data_file_path(writer.path_prefix)
+        raise OutputError(
+            f"cannot write {target}: {_os_reason(error)}; the partial output was removed"
+        ) from None
+
+
 def _consume(results, writers: dict, summary: Summary, progress: _Progress) -> None:
     for result in results:
         if result.error is not None:
             raise ValueError(f"{result.error} (--strict stops at the first bad line)")
         _warn_skipped(result, summary.shown)
         for key, (tokens, lengths) in result.tokens.items():
-            writers[key].add_documents(tokens, lengths)
+            _write_step(writers[key], "add_documents", tokens, lengths)
         summary.documents += result.num_documents
         summary.tokens += sum(int(tokens.size) for tokens, _ in result.tokens.values())
         summary.bytes += result.num_bytes
         summary.skipped.update(result.skipped)
+        summary.split += result.num_split
         progress.update(summary, result.num_bytes)
 
 
-def run(args: argparse.Namespace) -> Summary:
-    """Preprocess as ``args`` say; on any failure or interruption no output is left in place."""
-    start = time.perf_counter()
-    files = expand_inputs(args.input)
+def check_output(args: argparse.Namespace) -> list[str]:
+    """The output prefixes, checked before any work: the directory exists (or is created) and takes
+    new files, and no output exists unless ``--overwrite``."""
+    prefixes = [f"{args.output_prefix}_{key}_document" for key in args.json_keys]
+    directory = os.path.dirname(os.path.abspath(args.output_prefix))
+    flag = f"--output-prefix {args.output_prefix}"
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{flag}: {directory} is not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag}: cannot create the directory {directory}: {_os_reason(error)}") from None
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".preprocess-probe-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag}: cannot create files in {directory}: {_os_reason(error)}") from None
+    existing = [
+        path for prefix in prefixes for path in (data_file_path(prefix), index_file_path(prefix))
+        if os.path.exists(path)
+    ]  # fmt: skip
+    if existing and not args.overwrite:
+        raise ValueError(
+            f"{flag}: {', '.join(existing)} already exist; pass --overwrite to replace them, or choose "
+            "another prefix"
+        )
+    return prefixes
+
+
+def worker_count(requested: int) -> int:
+    """``requested`` capped at the usable cores (more only add memory and contention), saying so."""
+    cores = usable_cores()
+    if requested > cores:
+        print(
+            f"preprocess_data: --workers {requested} is more than the {cores} usable CPU cores; "
+            f"using at most {cores}",
+            file=sys.stderr,
+        )
+    return min(requested, cores)
+
+
+def _prepare(args: argparse.Namespace, files: list[str]) -> tuple[Job, object, str]:
+    """(job, tokenizer, engine note): the tokenizer loaded and the engine chosen and checked."""
     tokenizer_kwargs = {
         "tokenizer_type": args.tokenizer_type,
         "tokenizer_file": args.tokenizer_file,
@@ -1016,54 +1338,73 @@ def run(args: argparse.Namespace) -> Summary:
         "merge_file": args.merge_file,
         "tokenizer_model": args.tokenizer_model,
     }
-    tokenizer = build_tokenizer(**tokenizer_kwargs)
+    with interrupts_deferred():
+        tokenizer = build_tokenizer(**tokenizer_kwargs)
     metadata_ids = _metadata_ids(tokenizer) if args.add_metadata else {}
-    spec, engine_note = select_engine(args, tokenizer, tokenizer_kwargs, _sample_texts(files, args.json_keys))
-    dtype = best_dtype(tokenizer.vocab_size)
+    sample = _sample_texts(files, args.json_keys)
+    spec, engine_note = select_engine(args, tokenizer, tokenizer_kwargs, sample)
     job = Job(
-        list(args.json_keys), spec, dtype.str, tokenizer.vocab_size, tokenizer.eod, args.append_eod,
-        args.strict, metadata_ids, args.metadata_probability, args.seed,
+        list(args.json_keys), spec, best_dtype(tokenizer.vocab_size).str, tokenizer.vocab_size,
+        tokenizer.eod, args.append_eod, args.strict, metadata_ids, args.metadata_probability, args.seed,
+        args.max_document_bytes, args.long_documents,
     )  # fmt: skip
-    summary = Summary(
-        engine=engine_note, outputs=[f"{args.output_prefix}_{key}_document" for key in job.keys]
-    )
-    writers, pool, progress = {}, None, None
+    return job, tokenizer, engine_note
+
+
+def run(args: argparse.Namespace) -> Summary:
+    """Preprocess as ``args`` say; on any failure or interruption no output is left in place."""
+    start = time.perf_counter()
+    files = expand_inputs(args.input)
+    prefixes = check_output(args)
+    max_workers = worker_count(args.workers)
+    job, tokenizer, engine_note = _prepare(args, files)
+    summary = Summary(engine=engine_note, outputs=prefixes, max_document_bytes=job.split_over_bytes)
+    writers, pool, progress, finished = {}, None, None, False
     try:
-        writers = {key: IndexedDatasetWriter(p, dtype) for key, p in zip(job.keys, summary.outputs)}
+        writers = {key: IndexedDatasetWriter(p, np.dtype(job.dtype)) for key, p in zip(job.keys, prefixes)}
         progress = _Progress(args, files)
         chunks = iter_chunks(files, job.keys, int(args.chunk_mb * (1 << 20)))
-        if args.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            pool = WorkerPool(job, args.workers)
+        if max_workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            pool = WorkerPool(job, max_workers)
             results = pool.map(chunks)
         else:
-            engine = make_engine(spec, parallel=False, tokenizer=tokenizer)
+            engine = make_engine(job.engine_spec, parallel=False, tokenizer=tokenizer)
             results = (process_chunk(chunk, job, engine) for chunk in chunks)
         _consume(results, writers, summary, progress)
+        finished = True
         if summary.documents == 0:
             raise ValueError(f"no valid documents in {', '.join(files)} (every line was skipped)")
         for writer in writers.values():
-            writer.finalize()
+            _write_step(writer, "finalize")
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
     finally:
         if pool is not None:
-            pool.close()
+            pool.close(finished)
+            summary.workers = pool.num_started
         if progress is not None:
             progress.close()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind (removing partial outputs) like an interruption."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns 0 on success (user errors exit with status 2 and a message)."""
+    """Command-line entry point; returns 0 on success. A user error exits with status 2 and one line,
+    a write failure (a full disk) with 1, Ctrl-C with 130 and SIGTERM with 143, leaving no output."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # A killed run cleans up like an interrupted one (SIGTERM would otherwise skip the clean-up).
-    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args = parse_args(argv)
         if args.partitions > 1:
@@ -1075,10 +1416,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"preprocess_data: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+    except (OutputError, OSError) as error:
+        print(f"preprocess_data: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from error
+    except (KeyboardInterrupt, Terminated) as interruption:
+        interrupted = isinstance(interruption, KeyboardInterrupt)
+        print(
+            INTERRUPTED if interrupted else INTERRUPTED.replace("interrupted", "terminated"), file=sys.stderr
+        )
+        raise SystemExit(130 if interrupted else 143) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    for line in summary.lines():
-        print(line)
+    # The outputs are complete: a late Ctrl-C must not turn the summary into a traceback.
+    previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for line in summary.lines():
+            print(line)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     return 0
 
 
