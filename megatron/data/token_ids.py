@@ -22,6 +22,7 @@ tokenizer (type, file and vocabulary size).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,6 +144,29 @@ def _write_cached_max(path: str, maximum: int) -> None:
             os.unlink(tmp_path)
 
 
+@contextlib.contextmanager
+def _one_scanner(cache_path: str | None):
+    """An advisory lock beside the cache file while scanning; a no-op where locks do not work."""
+    if cache_path is None:
+        yield
+        return
+    try:
+        import fcntl
+
+        directory, name = os.path.split(cache_path)
+        os.makedirs(directory, exist_ok=True)
+        stream = open(os.path.join(directory, f".{name}.lock"), "a")  # noqa: SIM115 (held until the end)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(stream.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        stream.close()
+
+
 class StartupCheck:
     """Checks each dataset opened by one run, scanning at most ``budget_bytes`` of uncached data."""
 
@@ -168,11 +192,15 @@ class StartupCheck:
             return
         if maximum is None:
             self.budget_bytes -= num_bytes
-        maximum, first_bad = scan(indexed, self.bound.limit)
-        if first_bad is None:
-            if path:
-                _write_cached_max(path, maximum)
-            return
+        with _one_scanner(path):  # one process per filesystem scans; the others read its result
+            maximum = _read_cached_max(path) if path else None
+            if maximum is not None and maximum < self.bound.limit:
+                return
+            maximum, first_bad = scan(indexed, self.bound.limit)
+            if first_bad is None:
+                if path:
+                    _write_cached_max(path, maximum)
+                return
         item, offset = locate(indexed, first_bad)
         token_id = int(indexed._data[first_bad])
         prefix = os.fspath(indexed.path_prefix)
