@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 import numpy as np
 import pytest
@@ -258,6 +259,32 @@ def test_large_builds_log_each_phase_and_small_ones_stay_silent(tmp_path, monkey
     ]
     assert any(line.startswith("> blend train: interleaving 40 samples of 2 datasets") for line in lines)
     assert any(line.startswith("> blend train: blending indices built (") for line in lines)
+
+
+def test_a_process_waiting_for_another_builder_says_so(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    monkeypatch.setattr(gpt_dataset, "PROGRESS_MIN_ENTRIES", 0)
+    indexed = IndexedDataset(write_dataset(tmp_path / "data", clean_documents()))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key = gpt_dataset.cache_key(indexed.sizes, (0, len(indexed)), 60, SEQ, 3)
+    waiting = threading.Event()
+    real_lock = gpt_dataset._build_lock
+    monkeypatch.setattr(
+        gpt_dataset, "_build_lock", lambda path, on_wait: real_lock(path, lambda: (on_wait(), waiting.set()))
+    )
+    with open(cache / f".{key}.lock", "a") as other_builder:
+        fcntl.flock(other_builder.fileno(), fcntl.LOCK_EX)
+        thread = threading.Thread(target=gpt, args=(str(indexed.path_prefix), cache))
+        thread.start()
+        assert waiting.wait(timeout=60)
+    thread.join(timeout=60)  # the lock is released: it builds itself, as nobody published the cache
+    out = capsys.readouterr().out
+    assert (
+        f"> indices of the train split of data: waiting for another process to build them in {cache}" in out
+    )
+    assert out.index("waiting for another process") < out.index("document and sample indices built")
 
 
 # ---------------------------------------------------------------------------------------------------
