@@ -14,16 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from tqdm import tqdm
 
 from megatron.data.tokenizer import STARCODER_SPECIAL_TOKENS
+from megatron.log import progress_bar
 
 NUM_BYTE_TOKENS = 256
 
@@ -72,7 +72,7 @@ def parse_line(raw_line: bytes, json_key: str) -> tuple[str | None, str]:
 class DocumentReader:
     """Iterates the documents of JSONL files with a byte-based progress bar, counting skipped lines."""
 
-    def __init__(self, paths: list[Path], json_key: str, *, max_documents=None, strict=False, progress=True):
+    def __init__(self, paths: list[Path], json_key: str, *, max_documents=None, strict=False, progress=None):
         self.paths = paths
         self.json_key = json_key
         self.max_documents = max_documents
@@ -83,9 +83,7 @@ class DocumentReader:
 
     def __iter__(self) -> Iterator[str]:
         total_bytes = sum(path.stat().st_size for path in self.paths)
-        with tqdm(
-            total=total_bytes, unit="B", unit_scale=True, desc="reading", disable=not self.progress
-        ) as bar:
+        with progress_bar(total=total_bytes, unit="B", desc="reading", enabled=self.progress) as bar:
             for path in self.paths:
                 for text in self._read_file(path, bar):
                     yield text
@@ -93,7 +91,7 @@ class DocumentReader:
                     if self.max_documents is not None and self.num_documents >= self.max_documents:
                         return
 
-    def _read_file(self, path: Path, bar: tqdm) -> Iterator[str]:
+    def _read_file(self, path: Path, bar) -> Iterator[str]:
         with open(path, "rb") as file:
             for line_number, raw_line in enumerate(file, start=1):
                 bar.update(len(raw_line))
@@ -110,9 +108,10 @@ class DocumentReader:
 
 
 def train(
-    reader: DocumentReader, vocab_size: int, min_frequency: int = 0, progress: bool = True
+    reader: DocumentReader, vocab_size: int, min_frequency: int = 0, progress: bool | None = None
 ) -> Tokenizer:
-    """Train the StarCoder-recipe tokenizer on the documents of `reader`."""
+    """Train the StarCoder-recipe tokenizer on the documents of `reader` (progress: None shows the
+    trainer's bar only on a terminal)."""
     tokenizer = build_untrained_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -120,7 +119,7 @@ def train(
         special_tokens=list(STARCODER_SPECIAL_TOKENS),
         # Every byte is in the vocabulary, so no text is ever unknown.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
+        show_progress=sys.stderr.isatty() if progress is None else progress,
     )
     tokenizer.train_from_iterator(reader, trainer=trainer)
     return tokenizer
@@ -132,12 +131,22 @@ def check_special_tokens(tokenizer: Tokenizer) -> None:
         assert tokenizer.token_to_id(token) == token_id, (token, tokenizer.token_to_id(token))
 
 
+def create_temporary(output: Path) -> tuple[int, str]:
+    """A new, unique file beside ``output``, opened for writing, mode ``0o666 & ~umask`` as a plain
+    ``open()`` would give (``tempfile.mkstemp``'s 0600 keeps other users of a shared directory out)."""
+    for _ in range(100):
+        path = output.parent / f".{output.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary name beside {output}")
+
+
 def save_atomically(tokenizer: Tokenizer, output: Path) -> None:
     """Write tokenizer.json through a temporary file renamed at the end, so no partial file is left."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    file_descriptor, temporary_name = tempfile.mkstemp(
-        prefix=f".{output.name}.", suffix=".tmp", dir=output.parent
-    )
+    file_descriptor, temporary_name = create_temporary(output)
     os.close(file_descriptor)
     try:
         tokenizer.save(temporary_name, pretty=True)
@@ -167,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strict", action="store_true", help="fail on the first bad line instead of skipping it"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (same as --no-progress)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (default: shown on a terminal)"
+    )
     return parser
 
 
@@ -193,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json_key,
         max_documents=args.max_documents,
         strict=args.strict,
-        progress=not args.quiet,
+        progress=False if args.quiet or args.no_progress else None,
     )
     try:
         validate_arguments(args)
-        tokenizer = train(reader, args.vocab_size, args.min_frequency, progress=not args.quiet)
+        tokenizer = train(reader, args.vocab_size, args.min_frequency, progress=reader.progress)
         if reader.num_documents == 0:
             raise ValueError(
                 f"no usable documents with key {args.json_key!r} in {', '.join(map(str, args.input))}"

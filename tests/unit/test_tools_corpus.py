@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -193,11 +194,16 @@ def test_missing_input_file_is_named(tmp_path, capsys):
     assert "absent.jsonl" in capsys.readouterr().err
 
 
-def test_progress_bar_is_shown_while_reading(tmp_path, capsys):
+def test_progress_bar_is_shown_on_a_terminal_only(tmp_path, capsys, monkeypatch):
     source = write_lines(tmp_path / "in.jsonl", BAD_LINES[:1])
     argv = ["--input", str(source), "--output", str(tmp_path / "t.json"), "--vocab-size", "300"]
     assert train_tokenizer.main(argv) == 0
+    assert "reading" not in capsys.readouterr().err  # not a terminal: logs stay free of bars
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert train_tokenizer.main(argv) == 0
     assert "reading" in capsys.readouterr().err
+    assert train_tokenizer.main([*argv, "--no-progress"]) == 0
+    assert "reading" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tool", [make_demo_corpus, train_tokenizer])
