@@ -65,6 +65,8 @@ def _check(args, parser) -> None:
         parser.error(f"--completions {args.completions}: no such file")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers {args.workers}: must be >= 1")
+    if Path(args.output).is_dir():
+        parser.error(f"--output {args.output}: is a directory; give the results file's path")
     output_dir = Path(args.output).resolve().parent
     if not output_dir.is_dir():
         parser.error(f"--output {args.output}: directory {output_dir} does not exist")
@@ -89,6 +91,8 @@ def _generate(args, problems, progress):
     )
     settings.validate()  # before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu)")
     model, tokenizer, kind = load_model_and_tokenizer(
         args.load, args.tokenizer_file, device, not args.no_verify
     )

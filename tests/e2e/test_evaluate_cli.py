@@ -68,12 +68,6 @@ def test_evaluate_a_trained_checkpoint(tmp_path, tiny_checkpoint):
     code = [r for r in records if "code_pass@1" in r]
     assert [(r["iteration"], r["code_eval_problems"]) for r in code] == [(2, 3)]
     assert 0.0 <= code[0]["code_pass@1"] <= 1.0
-    # the infilling split with the SPM layout, sampled
-    args = ["--load", str(tiny_checkpoint), "--task", "humaneval-infilling-single-line", "--fim-mode", "spm"]
-    args += ["--limit", "3", "--temperature", "0.8", "--n-samples", "2", *EVAL_FLAGS]
-    result = _evaluate(*args, "--output", str(output))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(output.read_text())["aggregate"]["num_samples"] == 6
 
 
 def _make_hf_dir(path: Path, tokenizer_path: Path) -> Path:
@@ -105,6 +99,7 @@ def test_hugging_face_directory_and_its_conversion_complete_alike(tmp_path, tiny
     for load in (hf_dir, converted):
         output = tmp_path / f"{load.name}.json"
         args = ["--load", str(load), "--task", "humaneval-infilling-random-span", "--limit", "5"]
+        args += ["--fim-mode", "spm"]
         result = _evaluate(*args, *EVAL_FLAGS, "--output", str(output))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         document = json.loads(output.read_text())
