@@ -126,7 +126,8 @@ def run(args) -> int:
         "completions": args.completions,
         **extra,
         **{name: getattr(args, name) for name in ("tokenizer_file", "fim_mode", "limit", "seed")},
-        **{name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "n_samples")},
+        **{name: getattr(args, name) for name in ("max_new_tokens", "temperature", "n_samples")},
+        "top_p": args.top_p if args.temperature > 0 else 1.0,  # greedy decoding ignores it
         **{name: getattr(args, name) for name in ("batch_size", "timeout", "memory_limit_mb")},
     }
     document = {"settings": settings, **document}
