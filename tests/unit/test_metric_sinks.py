@@ -195,6 +195,7 @@ def test_tensorboard_holds_each_name_at_the_iteration_and_at_the_samples(tmp_pat
         assert [value for _, value in scalars[name]] == pytest.approx([v for _, v in points], rel=1e-6), name
 
 
+@pytest.mark.slow  # W&B starts its service process
 def test_an_offline_wandb_run_holds_the_same_names_on_its_two_axes(tmp_path, monkeypatch):
     """Read back from the run's own transaction log. A rollback re-logs iteration 2 after 4: W&B's row
     step keeps counting, so no row is dropped, and the x-axes are `iteration` and `samples`."""
