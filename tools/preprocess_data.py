@@ -63,11 +63,12 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from megatron.data.indexed import (
-    IndexedDatasetWriter,
+    IndexedDatasetWriter,  # noqa: F401 - tests patch the class here; writes go through DocumentWriter
     best_dtype,
     data_file_path,
     index_file_path,
 )
+from megatron.data.metadata import DocumentWriter, add_metadata_keys_argument, metadata_line
 from megatron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 from megatron.log import progress_bar
 
@@ -207,6 +208,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="output path prefix, without key or suffix")
+    add_metadata_keys_argument(group)
     group.add_argument(
         "--overwrite", action="store_true", help="replace outputs that already exist (default: refuse)"
     )
@@ -788,6 +790,7 @@ class Job:
     seed: int = 1234
     max_document_bytes: int = 0
     long_documents: str = "split"
+    metadata_keys: tuple = ()  # input fields recorded in the metadata sidecar
 
     @property
     def split_over_bytes(self) -> int:
@@ -812,6 +815,7 @@ class ChunkResult:
     examples: list = field(default_factory=list)
     error: str | None = None
     num_split: int = 0  # documents tokenized in pieces (longer than --max-document-bytes)
+    metadata: list = field(default_factory=list)  # one sidecar line per document (metadata_keys)
 
 
 def _insert_markers(flat, counts, doc_sizes, specials, eod):
@@ -961,6 +965,8 @@ def process_chunk(chunk: Chunk, job: Job, engine) -> ChunkResult:
             continue
         for key, value in zip(job.keys, values):
             texts[key].append(value)
+        if job.metadata_keys:
+            result.metadata.append(metadata_line(record, job.metadata_keys))
         result.num_split += any(_is_long(value, job.split_over_bytes) for value in values)
         if job.metadata_ids:
             records.append(_safe_metadata(record))
@@ -1279,7 +1285,7 @@ def _consume(results, writers: dict, summary: Summary, progress: _Progress) -> N
             raise ValueError(f"{result.error} (--strict stops at the first bad line)")
         _warn_skipped(result, summary.shown)
         for key, (tokens, lengths) in result.tokens.items():
-            _write_step(writers[key], "add_documents", tokens, lengths)
+            _write_step(writers[key], "add_documents", tokens, lengths, result.metadata)
         summary.documents += result.num_documents
         summary.tokens += sum(int(tokens.size) for tokens, _ in result.tokens.values())
         summary.bytes += result.num_bytes
@@ -1346,7 +1352,7 @@ def _prepare(args: argparse.Namespace, files: list[str]) -> tuple[Job, object, s
     job = Job(
         list(args.json_keys), spec, best_dtype(tokenizer.vocab_size).str, tokenizer.vocab_size,
         tokenizer.eod, args.append_eod, args.strict, metadata_ids, args.metadata_probability, args.seed,
-        args.max_document_bytes, args.long_documents,
+        args.max_document_bytes, args.long_documents, tuple(args.metadata_keys),
     )  # fmt: skip
     return job, tokenizer, engine_note
 
@@ -1361,9 +1367,12 @@ def run(args: argparse.Namespace) -> Summary:
     summary = Summary(engine=engine_note, outputs=prefixes, max_document_bytes=job.split_over_bytes)
     writers, pool, progress, finished = {}, None, None, False
     try:
-        writers = {key: IndexedDatasetWriter(p, np.dtype(job.dtype)) for key, p in zip(job.keys, prefixes)}
+        writers = {
+            key: DocumentWriter(p, np.dtype(job.dtype), job.metadata_keys)
+            for key, p in zip(job.keys, prefixes)
+        }
         progress = _Progress(args, files)
-        chunks = iter_chunks(files, job.keys, int(args.chunk_mb * (1 << 20)))
+        chunks = iter_chunks(files, [*job.keys, *job.metadata_keys], int(args.chunk_mb * (1 << 20)))
         if max_workers > 1 and "fork" in multiprocessing.get_all_start_methods():
             pool = WorkerPool(job, max_workers)
             results = pool.map(chunks)
