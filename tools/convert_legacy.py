@@ -9,6 +9,7 @@ numpy RNG-state classes allow-listed); the tensor-parallel shards and pipeline s
 logical names and written as one sharded checkpoint (loadable at any layout; the vocabulary keeps its
 padded size). Continue with `--load CKPT --finetune`, or convert on with tools/convert_to_hf.py.
 Written into a temporary sibling of CKPT and renamed at the end: a failure leaves nothing behind.
+Reading the rank files shows a progress bar (bytes) on a terminal; --no-progress turns it off.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron.entry import run_tool
+from megatron.entry import check_writable_directory, os_error_text, run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokenizer.json to copy beside the checkpoint and record in its config "
         "(default: record the legacy run's --tokenizer-file when it exists)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)"
     )
     return parser
 
@@ -62,7 +66,8 @@ def convert(args) -> Path:
     out = Path(args.save)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--save {out} already exists and is not an empty directory")
-    legacy = read_legacy_checkpoint(args.load)
+    check_writable_directory(out.parent, f"--save {out}")
+    legacy = read_legacy_checkpoint(args.load, progress=False if args.no_progress else None)
     vocab = legacy.state_dict["embedding.word_embeddings.weight"].shape[0]
     model_config = ModelConfig(**legacy.model_config, vocab_size=vocab)
     model_config.validate()
@@ -79,15 +84,20 @@ def convert(args) -> Path:
                 f"vocabulary mismatch: {tokenizer_file} has {tokenizer.vocab_size} tokens but the checkpoint's "
                 f"embedding.word_embeddings.weight has {vocab} rows"
             )
-    return save_converted_checkpoint(
-        legacy.state_dict,
-        model_config,
-        out,
-        run_config=_run_config(legacy, model_config, tokenizer_file, out),
-        iteration=legacy.iteration,
-        extra={"converted_from": str(legacy.directory.resolve())},
-        files={"tokenizer.json": tokenizer_file} if tokenizer_file is not None else None,
-    )
+    try:
+        return save_converted_checkpoint(
+            legacy.state_dict,
+            model_config,
+            out,
+            run_config=_run_config(legacy, model_config, tokenizer_file, out),
+            iteration=legacy.iteration,
+            extra={"converted_from": str(legacy.directory.resolve())},
+            files={"tokenizer.json": tokenizer_file} if tokenizer_file is not None else None,
+        )
+    except OSError as error:  # the temporary directory is gone (removed on the way out)
+        raise ValueError(
+            f"--save {out}: writing {error.filename or out} failed: {os_error_text(error)}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

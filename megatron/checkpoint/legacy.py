@@ -31,6 +31,8 @@ import torch
 
 from megatron.checkpoint.directory import TRACKER_FILENAME
 from megatron.checkpoint.files import verify_torch_file
+from megatron.checkpoint.mismatch import check_fits
+from megatron.log import progress_bar
 
 MODEL_FILENAME = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -198,8 +200,9 @@ def model_config_from_args(args: argparse.Namespace, source: str) -> dict:
     }
 
 
-def read_legacy_checkpoint(directory) -> LegacyCheckpoint:
-    """Merge a legacy checkpoint's TP shards and PP stages into our logical names (see module)."""
+def read_legacy_checkpoint(directory, *, progress: bool | None = False) -> LegacyCheckpoint:
+    """Merge a legacy checkpoint's TP shards and PP stages into our logical names (see module).
+    `progress`: a bar over the rank files' bytes (for tools; None: only on a terminal)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"--load {directory}: no such directory")
@@ -207,10 +210,20 @@ def read_legacy_checkpoint(directory) -> LegacyCheckpoint:
     files = _rank_files(iteration_dir)
     tp = max(t for t, _ in files) + 1
     pp = max(p for _, p in files) + 1
+    total = sum(path.stat().st_size for path in files.values())
+    with progress_bar(total=total, desc="reading", unit="B", enabled=progress) as bar:
+        return _merge_stages(files, tp, pp, iteration, iteration_dir, bar)
+
+
+def _merge_stages(files: dict, tp: int, pp: int, iteration, iteration_dir: Path, bar) -> LegacyCheckpoint:
+    """Read the rank files stage by stage (`bar` counts their bytes) and merge their tensors."""
     state: dict[str, torch.Tensor] = {}
     args = None
     for stage in range(pp):
-        loaded = [safe_load(files[(t, stage)]) for t in range(tp)]
+        loaded = []
+        for t in range(tp):
+            loaded.append(safe_load(files[(t, stage)]))
+            bar.update(files[(t, stage)].stat().st_size)
         if args is None:
             args = loaded[0].get("args")
             if not isinstance(args, argparse.Namespace):
@@ -268,15 +281,8 @@ def save_converted_checkpoint(
         raise ValueError("the weights hold no embedding.word_embeddings.weight")
     model = GPTModel(model_config, vocab.shape[0], device="meta")
     expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
-    problems = [f"missing {name} {shape}" for name, shape in expected.items() if name not in state_dict]
-    problems += [
-        f"{name}: shape {tuple(state_dict[name].shape)}, expected {shape}"
-        for name, shape in expected.items()
-        if name in state_dict and tuple(state_dict[name].shape) != shape
-    ]
-    problems += [f"unexpected {name}" for name in state_dict if name not in expected]
-    if problems:
-        raise ValueError("weights do not match the model config: " + "; ".join(problems[:5]))
+    found = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+    check_fits("the weights", expected, found, found_name="weights")
     model.load_state_dict({k: v.contiguous() for k, v in state_dict.items()}, assign=True, strict=True)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
