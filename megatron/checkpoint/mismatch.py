@@ -49,7 +49,7 @@ def likely_causes(expected: Mapping[str, Shape], found: Mapping[str, Shape]) -> 
     """The flags the differences point to, each with the checkpoint's and the model's size."""
     causes = []
     layers = (_num_layers(found), _num_layers(expected))
-    if layers[0] != layers[1]:
+    if layers[0] != layers[1] and all(layers):  # no layer at all: not a layer count, other weights
         causes.append(f"--num-layers (checkpoint {layers[0]}, model {layers[1]})")
     projections = (_projections(found), _projections(expected))
     if projections[0] != projections[1] and all(projections):
