@@ -34,6 +34,7 @@ from megatron.checkpoint.directory import (
     write_tracker,
 )
 from megatron.checkpoint.files import verify_torch_file
+from megatron.checkpoint.mismatch import check_fits
 
 MODEL_FILENAME = os.path.join("mp_rank_00", "model_optim_rng.pt")
 CHECKPOINT_VERSION = 3.0
@@ -176,6 +177,9 @@ def load_checkpoint(
     if state is None:
         return None
     file = Path(state["path"])
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
+    check_fits(f"checkpoint {file}", expected, found)  # before anything is written into the model
     model.load_state_dict(state["model"])
     if finetune:
         if optimizer is not None:

@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from megatron.checkpoint.mismatch import NUM_SHOWN, check_fits, mismatch_message
 from megatron.data import blend, gpt_dataset, token_ids
@@ -356,3 +357,20 @@ def test_hugging_face_names_get_the_same_diagnosis():
         "  transformer.h.0.mlp.c_fc.weight: weights [128, 64], model [256, 64]",
         "  x: not in the model (weights [1])",
     ]
+
+
+def test_single_file_checkpoint_of_another_width_is_refused_before_loading(tmp_path):
+    from megatron.checkpoint.single_file import load_checkpoint, save_checkpoint
+    from megatron.model import GPTModel
+    from tests.helpers import tiny_model_config
+
+    saved = GPTModel(tiny_model_config(hidden_size=32, num_attention_heads=4), 128)
+    save_checkpoint(tmp_path, 3, saved, None, None, None, consumed_samples=0, config={})
+    model = GPTModel(tiny_model_config(hidden_size=64, num_attention_heads=4), 128)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(tmp_path, model)
+    head = str(info.value).splitlines()[0]
+    assert head.startswith(f"checkpoint {tmp_path / 'iter_0000003'}") and "does not fit the model" in head
+    assert "likely --hidden-size (checkpoint 32, model 64)" in head
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
