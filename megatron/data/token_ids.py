@@ -37,6 +37,8 @@ logger = get_logger(__name__)
 SCAN_BUDGET_BYTES = 2 << 30  # .bin bytes scanned at start-up per run (cached maxima are free)
 _SCAN_BLOCK_ELEMENTS = 1 << 24
 _CACHE_FORMAT = 1
+_FULL_HASH_BYTES = 64 << 20
+_PARTIAL_HASH_BYTES = 8 << 20
 
 
 class TokenIdError(ValueError):
@@ -109,11 +111,19 @@ def scan(indexed, limit: int) -> tuple[int, int | None]:
 
 
 def _cache_path(indexed, cache_dir: str) -> str:
+    """The cached maximum's file, named by the data's identity: the ``.idx`` bytes (the item sizes of a
+    tokenization), all of them up to 64 MiB, else the first and last 8 MiB with both file sizes, so
+    that a multi-gigabyte index is not hashed by every rank of every run."""
     idx_path = f"{indexed.path_prefix}.idx"
-    digest = hashlib.blake2b(digest_size=16)
+    size = os.path.getsize(idx_path)
+    digest = hashlib.blake2b(str((size, len(indexed._data))).encode(), digest_size=16)
     with open(idx_path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
+        if size <= _FULL_HASH_BYTES:
+            digest.update(stream.read())
+        else:
+            digest.update(stream.read(_PARTIAL_HASH_BYTES))
+            stream.seek(size - _PARTIAL_HASH_BYTES)
+            digest.update(stream.read(_PARTIAL_HASH_BYTES))
     name = os.path.basename(os.fspath(indexed.path_prefix))
     return os.path.join(cache_dir, f"{name}_{digest.hexdigest()}_max_token_id.json")
 

@@ -153,6 +153,19 @@ def test_startup_scan_fails_before_any_sample_and_caches_a_clean_result(tmp_path
     assert len(scans) == 1
 
 
+def test_a_large_index_is_identified_by_its_ends_and_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(token_ids, "_FULL_HASH_BYTES", 100)  # the .idx files here are about 800 bytes
+    monkeypatch.setattr(token_ids, "_PARTIAL_HASH_BYTES", 64)
+
+    def digest(prefix):
+        return os.path.basename(token_ids._cache_path(IndexedDataset(prefix), "cache")).split("_")[1]
+
+    original = write_dataset(tmp_path / "a", clean_documents())
+    copy = write_dataset(tmp_path / "b", clean_documents())  # the same bytes elsewhere: the same entry
+    retokenized = write_dataset(tmp_path / "c", clean_documents(length=51))
+    assert digest(original) == digest(copy) != digest(retokenized)
+
+
 def test_startup_scan_reads_a_new_tokenizer_against_the_cached_maximum(tmp_path):
     prefix = write_dataset(tmp_path / "data", clean_documents())
     build(prefix, tmp_path / "cache")
