@@ -38,7 +38,8 @@ def _interrupted_while_loading(signum, frame) -> None:
     os._exit(130)
 
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+RUNNING_AS_SCRIPT = __name__ == "__main__"
+if RUNNING_AS_SCRIPT and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     # Ctrl-C while the libraries below load: one line and status 130 instead of an import traceback;
     # main() hands Ctrl-C back to Python once they are loaded.
     signal.signal(signal.SIGINT, _interrupted_while_loading)
@@ -1383,6 +1384,7 @@ def run(args: argparse.Namespace) -> Summary:
         finished = True
         if summary.documents == 0:
             raise ValueError(f"no valid documents in {', '.join(files)} (every line was skipped)")
+        _completing()
         for writer in writers.values():
             _write_step(writer, "finalize")
     except BaseException:
@@ -1399,6 +1401,15 @@ def run(args: argparse.Namespace) -> Summary:
     return summary
 
 
+def _completing() -> None:
+    """From here the run completes (its outputs are renamed into place): Ctrl-C is ignored and SIGTERM
+    ends the process without unwinding, so neither reports "no output was written" over a complete
+    dataset. ``main`` restores Ctrl-C for in-process callers."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: unwind (removing partial outputs) like an interruption."""
 
@@ -1412,6 +1423,7 @@ def main(argv: list[str] | None = None) -> int:
     a write failure (a full disk) with 1, Ctrl-C with 130 and SIGTERM with 143, leaving no output."""
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_interrupt_handler = signal.getsignal(signal.SIGINT)
     # A killed run cleans up like an interrupted one (SIGTERM would otherwise skip the clean-up).
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -1436,13 +1448,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(130 if interrupted else 143) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    # The outputs are complete: a late Ctrl-C must not turn the summary into a traceback.
-    previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        for line in summary.lines():
-            print(line)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        if not RUNNING_AS_SCRIPT:  # a script leaves Ctrl-C ignored once its outputs are in place
+            signal.signal(signal.SIGINT, previous_interrupt_handler)
+    for line in summary.lines():
+        print(line)
     return 0
 
 

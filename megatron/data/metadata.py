@@ -141,7 +141,9 @@ class MetadataWriter:
 
     def abort(self) -> None:
         if not self._jsonl.closed:
-            self._jsonl.close()
+            # Closing flushes the buffer, which fails again on a full disk: the file is closed anyway.
+            with contextlib.suppress(OSError):
+                self._jsonl.close()
         for path in (self._tmp_jsonl, self._tmp_offsets):
             if os.path.exists(path):
                 os.remove(path)
