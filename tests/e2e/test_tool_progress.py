@@ -154,6 +154,25 @@ def test_read_only_output_directories_are_one_error_line(tools, checkpoint, read
     assert _leftovers(tmp_path, "read_only") == []
 
 
+def test_a_full_disk_during_consolidate_is_one_line_and_leaves_nothing(tools, checkpoint, tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    target = tmp_path / "small"
+    target.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        output = target / "model.safetensors"  # the embedding alone is over 64 KB
+        status = tools.checkpoint_util.main(["consolidate", str(checkpoint), "--output", str(output)])
+        _one_error_line(status, capsys.readouterr().err, f"--output {output}: writing", "(ENOSPC)")
+        assert _leftovers(target) == []
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
 def test_progress_bars_on_a_terminal_only(tools, checkpoint, tmp_path, tiny_tokenizer_path, capsys):
     shown = _on_terminal("checkpoint_util", "verify", checkpoint)
     assert "verifying iter_0000003: 100%" in shown and "OK " in shown
