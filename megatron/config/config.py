@@ -199,13 +199,15 @@ class Config:
                 raise ConfigError(
                     "--lr-warmup-samples goes with --train-samples; with --train-iters use --lr-warmup-iters"
                 )
-            warmup = opt.lr_warmup_iters
+            warmup, source = opt.lr_warmup_iters, show("lr_warmup_iters", opt.lr_warmup_iters)
             if opt.lr_warmup_fraction is not None:
                 warmup = int(opt.lr_warmup_fraction * opt.lr_decay_iters)
+                source = show("lr_warmup_fraction", opt.lr_warmup_fraction)
             if warmup > opt.lr_decay_iters:
                 raise ConfigError(
-                    f"warmup of {warmup} iterations exceeds {show('lr_decay_iters', opt.lr_decay_iters)}; "
-                    f"use a warmup <= {opt.lr_decay_iters}"
+                    f"warmup of {warmup} iterations ({source}) exceeds "
+                    f"{show('lr_decay_iters', opt.lr_decay_iters)} (default: --train-iters); use a warmup "
+                    f"<= {opt.lr_decay_iters}"
                 )
         else:
             if opt.lr_decay_samples is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -78,8 +79,12 @@ class DataConfig:
         if self.data_path and self.uses_weighted_split_files:
             raise ConfigError("give either --data-path or the --*-weighted-split-paths-path files, not both")
         if self.uses_weighted_split_files and not self.train_weighted_split_paths_path:
+            given = " and ".join(
+                show(name, getattr(self, name)) for name in SPLIT_FLAGS if getattr(self, name)
+            )
             raise ConfigError(
-                "--valid/--test-weighted-split-paths-path need --train-weighted-split-paths-path FILE too"
+                f"{given} given without --train-weighted-split-paths-path FILE: the validation and test "
+                "files go with a training file; give it too"
             )
 
     def check_paths(self) -> None:
@@ -93,10 +98,11 @@ class DataConfig:
             values = [float(p) for p in parts]
         except ValueError:
             values = []
-        if not 1 <= len(values) <= 3 or min(values) < 0 or sum(values) <= 0:
+        finite = all(math.isfinite(value) for value in values)
+        if not 1 <= len(values) <= 3 or not finite or min(values) < 0 or sum(values) <= 0:
             raise ConfigError(
-                f"--split '{self.split}' is not valid; give up to 3 non-negative numbers with a positive sum, "
-                "e.g. '969, 30, 1'"
+                f"--split '{self.split}' is not valid; give up to 3 finite non-negative numbers with a positive "
+                "sum, e.g. '969, 30, 1'"
             )
 
     def _check_data_exists(self) -> None:
@@ -139,10 +145,10 @@ def weights_and_prefixes(data_path: list[str] | None) -> list[tuple[float, str]]
             value = float(weight)
         except ValueError:
             value = -1.0
-        if value < 0:
+        if not 0 <= value < math.inf:  # also refuses nan
             raise ConfigError(
                 f"--data-path: weight '{weight}' before '{prefix}' is not a non-negative number; "
-                "give pairs 'WEIGHT PREFIX ...'"
+                "give pairs 'WEIGHT PREFIX ...' with finite weights"
             )
         pairs.append((value, prefix))
     return pairs

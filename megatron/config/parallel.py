@@ -50,7 +50,7 @@ class ParallelConfig:
         "size, so a 512-GPU plan runs on a laptop.",
     )
     distributed_timeout_minutes: float = arg(
-        10,
+        10.0,
         "Timeout of the rendezvous and of collective operations, in minutes (fractions allowed): a rank "
         "missing or unreachable at start-up fails within it. For collectives it is raised to "
         "--hang-timeout-minutes + 2 while the hang watchdog is on, so the watchdog reports a stuck "
@@ -196,8 +196,11 @@ def pipeline_layer_ranges(
 def all_pipeline_layer_ranges(num_layers: int, pp_size: int, **layout) -> list[list[tuple[int, int]]]:
     """`pipeline_layer_ranges` of every pipeline rank (index = rank); each layer is held exactly once."""
     ranges = [pipeline_layer_ranges(num_layers, pp_size, rank, **layout) for rank in range(pp_size)]
-    held = sorted(layer for chunks in ranges for start, end in chunks for layer in range(start, end))
-    assert held == list(range(num_layers)), f"layout {ranges} does not hold layers 0..{num_layers - 1} once"
+    # the chunks tile 0..num_layers (checked per chunk, not per layer: --num-layers may be huge)
+    chunks = sorted(chunk for rank_chunks in ranges for chunk in rank_chunks)
+    ends = [0] + [end for _, end in chunks]
+    tiled = all(start == ends[i] and start <= end for i, (start, end) in enumerate(chunks))
+    assert tiled and ends[-1] == num_layers, f"layout {ranges} does not hold layers 0..{num_layers - 1} once"
     return ranges
 
 
