@@ -15,7 +15,11 @@ Drop-in for Megatron-LM's ``tools/preprocess_data.py`` (same flag names, same ou
 - bad lines (malformed JSON, missing key, non-string value, invalid UTF-8 or lone surrogates, empty
   document) are skipped and counted, or with ``--strict`` fail at the first one with ``file:line``;
 - output is written under temporary names and renamed at the end: an interrupted run leaves nothing
-  that looks complete.
+  that looks complete; an existing dataset is replaced only with ``--overwrite``;
+- a document over ``--max-document-bytes`` is tokenized in pieces (or skipped), so memory follows the
+  piece size; ``--workers`` is capped at the usable cores;
+- every failure is one line and an exit status (2: the input or a flag, 1: a failed write, 130:
+  Ctrl-C), and workers never outlive the parent (docs/data-format.md lists the cases).
 
 Example::
 
