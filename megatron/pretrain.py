@@ -19,8 +19,11 @@ and the metrics JSONL gets a start marker; a launch that keeps failing at one it
 ("crash loop: ..."). An error that ends the run also goes to torchrun's error file (`@record`).
 
 `--dry-run` prints the memory and time plan of `megatron.planner` for the config and layout (WORLD_SIZE,
-or --data-parallel-size without it, sets the data-parallel size) and exits 0 before the tokenizer check and the process groups; it needs no
-data or tokenizer paths.
+or --data-parallel-size without it, else 1, sets the data-parallel size; the plan says which) and exits 0
+before the tokenizer check and the process groups; it needs no data or tokenizer paths.
+
+A run resumed (--load) from a checkpoint at --train-iters exits 0 at once ("already finished"), one from
+a checkpoint past it exits 2 naming the iteration; both read the tracker file before any process group.
 """
 
 from __future__ import annotations

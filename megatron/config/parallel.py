@@ -47,7 +47,7 @@ class ParallelConfig:
         None,
         "Data-parallel degree, to check the launch: the world size must equal TP x PP x this (default: "
         "derived, world size / (TP x PP)). Under --dry-run without WORLD_SIZE it sets the planned world "
-        "size, so a 512-GPU plan runs on a laptop.",
+        "size, so a 512-GPU plan runs on a laptop (without it a dry run plans data-parallel size 1).",
     )
     distributed_timeout_minutes: float = arg(
         10.0,

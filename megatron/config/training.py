@@ -96,7 +96,9 @@ class TrainingConfig:
     dry_run: bool = arg(
         False,
         "Print the per-stage memory and time plan for this config and layout (model on the meta device, "
-        "nothing allocated, no data or tokenizer needed) and exit.",
+        "nothing allocated, no data or tokenizer needed) and exit. Without WORLD_SIZE it plans at "
+        "--data-parallel-size, else at data-parallel size 1; without --vocab-size or a tokenizer at the "
+        "StarCoder vocabulary (49152); the plan states both.",
     )
     dry_run_gpu: str = arg("A100", "GPU the --dry-run plan assumes.", choices=tuple(PLANNER_GPU_MEMORY))
     dry_run_mfu: float = arg(

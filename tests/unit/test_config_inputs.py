@@ -299,3 +299,25 @@ def test_a_saved_tiny_run_rerun_at_and_below_its_length(tmp_path, tiny_dataset_p
     assert below.returncode == 2
     assert "holds a checkpoint at iteration 2" in below.stderr + below.stdout
     assert "Traceback" not in below.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--split", "nan"], ["--split 'nan'", "finite"]),
+        (["--split", "969,inf,1"], ["--split '969,inf,1'", "finite"]),
+        (["--data-path", "nan", "A", "1", "B"], ["weight 'nan' before 'A'", "finite weights"]),
+        (["--data-path", "inf", "A"], ["weight 'inf' before 'A'"]),
+    ],
+)
+def test_non_finite_split_and_blend_weights_are_refused(argv, words):
+    with pytest.raises(ConfigError) as error:
+        _load([*BASE, *argv])
+    assert all(word in str(error.value) for word in words), str(error.value)
+
+
+def test_a_huge_layer_count_is_checked_without_listing_every_layer():
+    """The pipeline-layout check works per chunk: a billion layers validate in well under a second and
+    without memory (it listed every layer: a MemoryError)."""
+    cfg = _load([*BASE, "--num-layers", "1000000000", "--pipeline-model-parallel-size", "8"], world_size=8)
+    assert cfg.model.num_layers == 10**9
