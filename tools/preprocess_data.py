@@ -1037,6 +1037,10 @@ def _worker_main(tasks, results, job: Job, parent_pid: int) -> None:
         results.put(("error", -1, traceback.format_exc()))
 
 
+class WorkerError(Exception):
+    """A worker died (killed, out of memory) or failed: the environment's or the program's fault."""
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the platform has one)."""
     if hasattr(os, "sched_getaffinity"):
@@ -1090,14 +1094,16 @@ class WorkerPool:
             try:
                 status, sequence, payload = self._results.get(timeout=1.0)
             except queue.Empty:
-                dead = [p.exitcode for p in self._processes if p.exitcode is not None]
+                dead = [p for p in self._processes if p.exitcode is not None]
                 if dead:
-                    raise RuntimeError(
-                        f"a preprocessing worker exited unexpectedly (exit code {dead[0]})"
-                    ) from None
+                    code = dead[0].exitcode
+                    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+                    if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+                        how += " (out of memory? try fewer --workers or a smaller --chunk-mb)"
+                    raise WorkerError(f"worker process {dead[0].pid} {how}; no output was written") from None
                 continue
             if status == "error":
-                raise RuntimeError(f"a preprocessing worker failed:\n{payload}")
+                raise WorkerError(f"a worker process failed; no output was written:\n{payload}")
             return sequence, payload
 
     def map(self, chunks):
@@ -1441,7 +1447,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"preprocess_data: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
-    except (OutputError, OSError) as error:
+    except (OutputError, WorkerError, OSError) as error:
         print(f"preprocess_data: error: {error}", file=sys.stderr)
         raise SystemExit(1) from error
     except (KeyboardInterrupt, Terminated) as interruption:

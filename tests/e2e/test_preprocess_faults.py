@@ -5,8 +5,8 @@ nothing that looks complete after a failure (no .bin/.idx, no temporary file), n
 - --workers far above the cores: capped (one line), the run takes seconds, no more workers than cores;
   the pool shuts down without tracebacks, also when a bad line stops a --strict run;
 - a full disk (a real tmpfs as root, else a file-size limit): one line naming the output and the errno;
-- SIGKILL of the parent: its workers exit within seconds; SIGINT (Ctrl-C) mid-run and at moments
-  through start-up: status 130 and one line, or a complete run;
+- SIGKILL of the parent: its workers exit within seconds; a worker killed mid-run: one line, status 1;
+  SIGINT (Ctrl-C) mid-run and at moments through start-up: status 130 and one line, or a complete run;
 - a 50 MB one-line document: split into pieces, under 1 GB peak RSS; --long-documents skip counts it;
 - truncated or corrupt .jsonl.gz, damaged Parquet, an unsupported .zst: named, status 2;
 - a read-only output directory, an existing dataset without --overwrite: refused up front, status 2;
@@ -208,6 +208,21 @@ def test_sigkill_of_the_parent_ends_its_workers(tmp_path, tiny_tokenizer_path, l
     process.wait(timeout=10)
     assert _gone_within(workers, 10) == []  # was: alive for over a minute, ignoring SIGTERM
     assert not any(name.endswith((".bin", ".idx")) for name in _left(tmp_path))
+
+
+def test_a_worker_killed_mid_run_is_one_line(tmp_path, tiny_tokenizer_path, large_input):
+    argv = _argv(tiny_tokenizer_path, [large_input], tmp_path / "out", "--workers", 2, "--chunk-mb", 0.25)
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=launch_env(), text=True
+    )
+    workers = _wait_for_workers(process, 2)  # the second starts with the second of 48 chunks
+    for worker in workers:  # both, so that chunks are surely lost (one idle worker may die unmissed)
+        worker.send_signal(signal.SIGTERM)  # workers take SIGTERM at once (no clean-up to do)
+    stdout, stderr = process.communicate(timeout=30)
+    result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+    assert result.returncode == 1, _output(result)
+    _one_error_line(result, "worker process", "was killed by SIGTERM", "no output was written")
+    assert _left(tmp_path) == [] and _gone_within(workers, 10) == []
 
 
 def test_ctrl_c_mid_run_exits_130_with_one_line(tmp_path, tiny_tokenizer_path, large_input):
