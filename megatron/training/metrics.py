@@ -163,7 +163,7 @@ def format_training_line(metrics: dict) -> str:
         f"TFLOP/s/device: {metrics['tflops_per_device']:.3f}",
         f"MFU: {100.0 * mfu:.1f}%"
         if mfu is not None
-        else "MFU: n/a (above the measured peak; pass --peak-tflops)",
+        else "MFU: n/a (above the reference peak; pass --peak-tflops with the real peak)",
     ]
     return " | ".join(parts)
 

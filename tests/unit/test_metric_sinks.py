@@ -142,7 +142,10 @@ def test_an_mfu_above_100_percent_is_withheld_everywhere(tmp_path):
     why there is no MFU, the JSONL holds null, TensorBoard/W&B get no point."""
     metrics = _training_record(peak_flops=1e9)  # ~6 TFLOP/s achieved against a 1 GFLOP/s peak
     assert metrics["mfu"] is None
-    assert "MFU: n/a (above the measured peak; pass --peak-tflops)" in format_training_line(metrics)
+    assert (
+        "MFU: n/a (above the reference peak; pass --peak-tflops with the real peak)"
+        in format_training_line(metrics)
+    )
     assert "mfu" not in megatron_scalars(metrics) and "throughput" in megatron_scalars(metrics)
     writer = JsonlWriter(tmp_path / "metrics.jsonl")
     writer.write(metrics, 4)
