@@ -280,6 +280,8 @@ def test_no_effect_flags_are_reported_in_notes(inputs):
     ]
     argv += ["--kill-switch-path", "/tmp/kill", "--structured-logs", "--log-params-norm"]
     cfg = load_config(argv)
+    assert cfg.logging.log_params_norm  # a real flag now: no note about it
+    assert not any(note.startswith("--log-params-norm") for note in cfg.notes(device_type="cpu"))
     notes = cfg.notes(device_type="cpu")
     assert cfg.no_effect_flags["DDP-impl"] == "local"
     for flag_name in (
