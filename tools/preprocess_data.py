@@ -57,7 +57,7 @@ import glob
 import gzip
 import json
 import multiprocessing
-import queue
+import multiprocessing.connection
 import tempfile
 import threading
 import time
@@ -870,25 +870,30 @@ def _metadata_pieces(texts, parts, metadata_ids):
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Hold Ctrl-C until the block ends, then raise ``KeyboardInterrupt``.
+    """Hold Ctrl-C (and SIGTERM, under ``main``) until the block ends, then raise what they raise.
 
     A KeyboardInterrupt raised inside a Rust tokenizer's call (it polls for signals) surfaces as a
     panic message or a half-built result; here it waits the fraction of a second the call takes.
-    Only the main thread can handle signals, and a process ignoring SIGINT (a worker) stays as it is.
+    Only the main thread can handle signals; a signal ignored or handled otherwise stays as it is.
     """
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    raising = {signal.SIGINT: (signal.default_int_handler, KeyboardInterrupt)}
+    raising[signal.SIGTERM] = (_raise_terminated, Terminated)
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {
+        number: signal.signal(number, lambda signum, frame: received.append(signum))
+        for number, (handler, _) in raising.items()
+        if signal.getsignal(number) is handler
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if received:
-        raise KeyboardInterrupt
+        raise raising[received[0]][1]
 
 
 def encode_bounded(engine, texts: list[str], max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1023,6 +1028,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(tasks, results, job: Job, parent_pid: int) -> None:
+    """Take chunks from ``tasks`` until terminated; send each result (or a failure) on ``results``, this
+    worker's own pipe."""
     # The parent handles Ctrl-C and stops the workers; a worker must not die half-way on its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The parent's SIGTERM handler (inherited through fork) would unwind with a traceback: die at once.
@@ -1030,11 +1037,11 @@ def _worker_main(tasks, results, job: Job, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     try:
         engine = make_engine(job.engine_spec, parallel=False)
-        while (wire := tasks.get()) is not None:
-            chunk = Chunk(*wire)
-            results.put(("ok", chunk.sequence, _to_wire(process_chunk(chunk, job, engine))))
+        while True:
+            chunk = Chunk(*tasks.get())
+            results.send(("ok", chunk.sequence, _to_wire(process_chunk(chunk, job, engine))))
     except Exception:
-        results.put(("error", -1, traceback.format_exc()))
+        results.send(("error", -1, traceback.format_exc()))
 
 
 class WorkerError(Exception):
@@ -1054,13 +1061,18 @@ class WorkerPool:
     Fork (not spawn) so that nothing has to be importable by name; at most ``2 * max_workers`` chunks
     are in flight, so memory stays bounded however large the input. Workers start as chunks arrive,
     so a small input never starts more processes than it has chunks. Each worker dies with the
-    parent (even a SIGKILLed one); ``close`` ends them with a sentinel, or at once on failure.
+    parent (even a SIGKILLed one); ``close`` ends them at once.
+
+    Tasks share one queue; each worker sends its results on a pipe of its own whose write end only it
+    holds, so a worker that dies (killed, out of memory), even half-way through a message, shows as
+    an end of file there at once, instead of a reader blocked on a shared pipe for ever.
     """
 
     def __init__(self, job: Job, max_workers: int):
         self._context = multiprocessing.get_context("fork")
         self._tasks = self._context.Queue()
-        self._results = self._context.Queue()
+        self._results = {}  # the parent's read end of each worker's pipe -> the worker
+        self._ready = []  # results received but not yet returned
         self._job = job
         self._max_workers = max_workers
         self._max_in_flight = 2 * max_workers
@@ -1074,37 +1086,50 @@ class WorkerPool:
         previous = os.environ.get("TOKENIZERS_PARALLELISM")
         # tokenizers warns after a fork once its thread pool has been used; workers are single-threaded.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        reader, writer = self._context.Pipe(duplex=False)
         try:
             process = self._context.Process(
-                target=_worker_main, args=(self._tasks, self._results, self._job, os.getpid()), daemon=True
+                target=_worker_main, args=(self._tasks, writer, self._job, os.getpid()), daemon=True
             )
             # Ctrl-C during fork would be swallowed by an at-fork hook (logging's) or hit the new worker
             # before it ignores SIGINT: hold it until the worker exists.
             with interrupts_deferred():
                 process.start()
             self._processes.append(process)
+            self._results[reader] = process
         finally:
+            writer.close()  # the worker's copy is the only one: its death is an end of file here
             if previous is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = previous
 
+    @staticmethod
+    def _died(process) -> WorkerError:
+        process.join(timeout=5.0)
+        code = process.exitcode
+        if code is None:
+            how = "closed its pipe"
+        elif code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with {code}"
+        if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+            how += " (out of memory? try fewer --workers or a smaller --chunk-mb)"
+        return WorkerError(f"worker process {process.pid} {how}; no output was written")
+
     def _receive(self):
-        while True:
-            try:
-                status, sequence, payload = self._results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in self._processes if p.exitcode is not None]
-                if dead:
-                    code = dead[0].exitcode
-                    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
-                    if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
-                        how += " (out of memory? try fewer --workers or a smaller --chunk-mb)"
-                    raise WorkerError(f"worker process {dead[0].pid} {how}; no output was written") from None
-                continue
-            if status == "error":
-                raise WorkerError(f"a worker process failed; no output was written:\n{payload}")
-            return sequence, payload
+        """The next (sequence, result) from any worker; ``WorkerError`` when one died or failed."""
+        while not self._ready:
+            for reader in multiprocessing.connection.wait(list(self._results)):
+                try:
+                    status, sequence, payload = reader.recv()
+                except (EOFError, OSError):
+                    raise self._died(self._results[reader]) from None
+                if status == "error":
+                    raise WorkerError(f"a worker process failed; no output was written:\n{payload}")
+                self._ready.append((sequence, payload))
+        return self._ready.pop()
 
     def map(self, chunks):
         """Results of ``chunks`` in input order."""
@@ -1130,26 +1155,24 @@ class WorkerPool:
                 yield pending.pop(next_sequence)
                 next_sequence += 1
 
-    def close(self, finished: bool) -> None:
-        """Stop the workers: ``finished``, each takes a stop sentinel and exits; otherwise (a failure or
-        an interruption) they are terminated at once. Either way within a few seconds in all."""
-        if finished:
-            for _ in self._processes:
-                self._tasks.put(None)
-        else:
-            for process in self._processes:
-                if process.exitcode is None:
-                    process.terminate()
-        deadline = time.monotonic() + (5.0 if finished else 2.0)
+    def close(self) -> None:
+        """Stop the workers at once (SIGTERM, which they take without clean-up: results travel on
+        pipes the parent has read; a dead worker may hold the task queue's lock, so no stop message
+        is sent), then SIGKILL any left after two seconds."""
+        for process in self._processes:
+            if process.exitcode is None:
+                process.terminate()
+        deadline = time.monotonic() + 2.0
         for process in self._processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
         for process in self._processes:
             if process.exitcode is None:
                 process.kill()
                 process.join(timeout=1.0)
-        for channel in (self._tasks, self._results):
-            channel.cancel_join_thread()
-            channel.close()
+        self._tasks.cancel_join_thread()
+        self._tasks.close()
+        for reader in self._results:
+            reader.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1376,7 +1399,7 @@ def run(args: argparse.Namespace) -> Summary:
     max_workers = worker_count(args.workers)
     job, tokenizer, engine_note = _prepare(args, files)
     summary = Summary(engine=engine_note, outputs=prefixes, max_document_bytes=job.split_over_bytes)
-    writers, pool, progress, finished = {}, None, None, False
+    writers, pool, progress, restore = {}, None, None, None
     try:
         writers = {
             key: DocumentWriter(p, np.dtype(job.dtype), job.metadata_keys)
@@ -1391,10 +1414,9 @@ def run(args: argparse.Namespace) -> Summary:
             engine = make_engine(job.engine_spec, parallel=False, tokenizer=tokenizer)
             results = (process_chunk(chunk, job, engine) for chunk in chunks)
         _consume(results, writers, summary, progress)
-        finished = True
         if summary.documents == 0:
             raise ValueError(f"no valid documents in {', '.join(files)} (every line was skipped)")
-        _completing()
+        restore = _completing()
         for writer in writers.values():
             _write_step(writer, "finalize")
     except BaseException:
@@ -1403,21 +1425,26 @@ def run(args: argparse.Namespace) -> Summary:
         raise
     finally:
         if pool is not None:
-            pool.close(finished)
+            pool.close()
             summary.workers = pool.num_started
         if progress is not None:
             progress.close()
+        if restore is not None and not RUNNING_AS_SCRIPT:  # a script keeps Ctrl-C ignored to its end
+            restore()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _completing() -> None:
+def _completing():
     """From here the run completes (its outputs are renamed into place): Ctrl-C is ignored and SIGTERM
     ends the process without unwinding, so neither reports "no output was written" over a complete
-    dataset. ``main`` restores Ctrl-C for in-process callers."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    dataset. Returns what puts the previous handlers back (for in-process callers), or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return lambda: [signal.signal(number, handler) for number, handler in previous.items()]
 
 
 class Terminated(BaseException):
@@ -1433,7 +1460,6 @@ def main(argv: list[str] | None = None) -> int:
     a write failure (a full disk) with 1, Ctrl-C with 130 and SIGTERM with 143, leaving no output."""
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous_interrupt_handler = signal.getsignal(signal.SIGINT)
     # A killed run cleans up like an interrupted one (SIGTERM would otherwise skip the clean-up).
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -1458,8 +1484,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(130 if interrupted else 143) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        if not RUNNING_AS_SCRIPT:  # a script leaves Ctrl-C ignored once its outputs are in place
-            signal.signal(signal.SIGINT, previous_interrupt_handler)
     for line in summary.lines():
         print(line)
     return 0

@@ -6,7 +6,8 @@ nothing that looks complete after a failure (no .bin/.idx, no temporary file), n
   the pool shuts down without tracebacks, also when a bad line stops a --strict run;
 - a full disk (a real tmpfs as root, else a file-size limit): one line naming the output and the errno;
 - SIGKILL of the parent: its workers exit within seconds; a worker killed mid-run: one line, status 1;
-  SIGINT (Ctrl-C) mid-run and at moments through start-up: status 130 and one line, or a complete run;
+  SIGINT (Ctrl-C) or SIGTERM mid-run, and SIGINT at moments through start-up: status 130 (143) and
+  one line, or a complete run;
 - a 50 MB one-line document: split into pieces, under 1 GB peak RSS; --long-documents skip counts it;
 - truncated or corrupt .jsonl.gz, damaged Parquet, an unsupported .zst: named, status 2;
 - a read-only output directory, an existing dataset without --overwrite: refused up front, status 2;
@@ -36,6 +37,9 @@ pytestmark = pytest.mark.slow
 
 TOOL = str(REPO_ROOT / "tools" / "preprocess_data.py")
 INTERRUPTED = "preprocess_data: interrupted; no output was written"
+# A run that takes seconds (the reference tokenizer: gigatoken does 12 MB in a fraction of a second),
+# so that a signal sent once both workers exist lands mid-run.
+MID_RUN = ("--workers", 2, "--chunk-mb", 0.25, "--tokenizer-engine", "tokenizers")
 
 
 def _argv(tokenizer_path, inputs, prefix, *extra) -> list[str]:
@@ -201,7 +205,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, tiny_tokenize
 
 
 def test_sigkill_of_the_parent_ends_its_workers(tmp_path, tiny_tokenizer_path, large_input):
-    argv = _argv(tiny_tokenizer_path, [large_input], tmp_path / "out", "--workers", 2, "--chunk-mb", 0.25)
+    argv = _argv(tiny_tokenizer_path, [large_input], tmp_path / "out", *MID_RUN)
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=launch_env())
     workers = _wait_for_workers(process, 2)
     process.kill()
@@ -211,7 +215,7 @@ def test_sigkill_of_the_parent_ends_its_workers(tmp_path, tiny_tokenizer_path, l
 
 
 def test_a_worker_killed_mid_run_is_one_line(tmp_path, tiny_tokenizer_path, large_input):
-    argv = _argv(tiny_tokenizer_path, [large_input], tmp_path / "out", "--workers", 2, "--chunk-mb", 0.25)
+    argv = _argv(tiny_tokenizer_path, [large_input], tmp_path / "out", *MID_RUN)
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=launch_env(), text=True
     )
@@ -225,18 +229,27 @@ def test_a_worker_killed_mid_run_is_one_line(tmp_path, tiny_tokenizer_path, larg
     assert _left(tmp_path) == [] and _gone_within(workers, 10) == []
 
 
-def test_ctrl_c_mid_run_exits_130_with_one_line(tmp_path, tiny_tokenizer_path, large_input):
-    argv = _argv(tiny_tokenizer_path, [large_input], tmp_path / "out", "--workers", 2, "--chunk-mb", 0.25)
+@pytest.mark.parametrize(
+    ("signal_number", "status", "line"),
+    [
+        (signal.SIGINT, 130, INTERRUPTED),
+        (signal.SIGTERM, 143, INTERRUPTED.replace("interrupted", "terminated")),
+    ],
+)
+def test_ctrl_c_or_sigterm_mid_run_is_one_line(
+    tmp_path, tiny_tokenizer_path, large_input, signal_number, status, line
+):
+    argv = _argv(tiny_tokenizer_path, [large_input], tmp_path / "out", *MID_RUN)
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=launch_env(), text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a shell's foreground job
     )  # fmt: skip
     workers = _wait_for_workers(process, 2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=20)
     result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
-    assert result.returncode == 130, _output(result)
-    assert _one_error_line(result) == INTERRUPTED
+    assert result.returncode == status, _output(result)
+    assert _one_error_line(result) == line
     assert _left(tmp_path) == [] and _gone_within(workers, 10) == []
 
 

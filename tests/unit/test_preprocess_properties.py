@@ -215,3 +215,16 @@ def test_a_split_document_decodes_to_its_text(tiny_tokenizer, tiny_tokenizer_pat
     assert len(preprocess.split_long_text(text, max_bytes)) >= 5
     assert tiny_tokenizer.decode(long.tolist()) == text
     assert short.tolist() == tiny_tokenizer.encode("short") and tail.tolist() == tiny_tokenizer.encode("tail")
+
+
+def test_an_in_process_run_leaves_the_signal_handlers_as_it_found_them(tmp_path, tiny_tokenizer_path):
+    """The CLI ignores Ctrl-C once its outputs are in place; a caller of run() (tests, benchmarks) must
+    get its handlers back."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "def f():\n    return 1\n"}) + "\n", encoding="utf-8")
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    argv = ["--input", str(source), "--output-prefix", str(tmp_path / "out"), "--quiet"]
+    argv += ["--tokenizer-type", "TokenizerFromFile", "--tokenizer-file", str(tiny_tokenizer_path)]
+    assert preprocess.run(preprocess.parse_args(argv)).documents == 1
+    assert preprocess.main([*argv, "--overwrite"]) == 0
+    assert {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)} == before
