@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"search_data: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `search_data ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
     return 0
 
 
