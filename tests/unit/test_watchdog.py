@@ -134,7 +134,9 @@ def test_the_flag_rejects_negative_and_nan(minutes, tmp_path):
     from megatron.config import ConfigError, TrainingConfig
 
     config = TrainingConfig(train_iters=1, hang_timeout_minutes=minutes)
-    with pytest.raises(ConfigError, match=r"--hang-timeout-minutes .* must be a finite number >= 0 \(0 = off\)"):
+    with pytest.raises(
+        ConfigError, match=r"--hang-timeout-minutes .* must be a finite number >= 0 \(0 = off\)"
+    ):
         config.validate()
 
 
