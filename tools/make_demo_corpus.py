@@ -14,12 +14,13 @@ import argparse
 import hashlib
 import json
 import os
-import secrets
 import sys
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+
+from megatron.fileio import create_temporary
 
 # The Stack's `lang` names for common extensions; anything else gets the extension without its dot.
 LANGUAGE_BY_EXTENSION = {
@@ -129,22 +130,10 @@ def iter_records(
             yield make_record(path, root, text, len(text.encode("utf-8")))
 
 
-def create_temporary(output: Path) -> tuple[int, str]:
-    """A new, unique file beside ``output``, opened for writing, mode ``0o666 & ~umask`` as a plain
-    ``open()`` would give (``tempfile.mkstemp``'s 0600 keeps other users of a shared directory out)."""
-    for _ in range(100):
-        path = output.parent / f".{output.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(path)
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no unused temporary name beside {output}")
-
-
 def write_jsonl_atomically(records: Iterator[dict], output: Path) -> tuple[int, int]:
     """Write records to `output` through a temporary file renamed at the end; return (records, bytes of content)."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    file_descriptor, temporary_name = create_temporary(output)
+    file_descriptor, temporary_name = create_temporary(output.parent, f".{output.name}.")  # umask mode
     num_records = num_content_bytes = 0
     try:
         with os.fdopen(file_descriptor, "w", encoding="utf-8") as file:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from megatron.data.tokenizer import STARCODER_SPECIAL_TOKENS
+from megatron.fileio import create_temporary
 from megatron.log import progress_bar
 
 NUM_BYTE_TOKENS = 256
@@ -131,22 +131,10 @@ def check_special_tokens(tokenizer: Tokenizer) -> None:
         assert tokenizer.token_to_id(token) == token_id, (token, tokenizer.token_to_id(token))
 
 
-def create_temporary(output: Path) -> tuple[int, str]:
-    """A new, unique file beside ``output``, opened for writing, mode ``0o666 & ~umask`` as a plain
-    ``open()`` would give (``tempfile.mkstemp``'s 0600 keeps other users of a shared directory out)."""
-    for _ in range(100):
-        path = output.parent / f".{output.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(path)
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no unused temporary name beside {output}")
-
-
 def save_atomically(tokenizer: Tokenizer, output: Path) -> None:
     """Write tokenizer.json through a temporary file renamed at the end, so no partial file is left."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    file_descriptor, temporary_name = create_temporary(output)
+    file_descriptor, temporary_name = create_temporary(output.parent, f".{output.name}.")  # umask mode
     os.close(file_descriptor)
     try:
         tokenizer.save(temporary_name, pretty=True)

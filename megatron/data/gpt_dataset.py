@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import time
 
 import numpy as np
@@ -67,6 +66,7 @@ from megatron.data.token_ids import (
     first_out_of_range,
     out_of_range_message,
 )
+from megatron.fileio import create_temporary
 from megatron.log import get_logger
 
 logger = get_logger(__name__)
@@ -126,27 +126,10 @@ def _load_cached(paths: dict[str, str], plan: IndexPlan) -> IndexArrays | None:
     return arrays
 
 
-def _create_temporary(directory: str) -> tuple[int, str]:
-    """A new file in ``directory`` with a unique name, opened for writing, mode ``0o666 & ~umask``.
-
-    Not ``tempfile.mkstemp``: its files are mode 0600, so a cache shared by several users (or jobs under
-    other accounts) would hold index files only their builder can read. Here the kernel applies the
-    umask (and a directory's default ACL) as for any ordinary file, without reading the process-wide
-    umask (which only ``os.umask`` can, by changing it, racing other threads).
-    """
-    for _ in range(100):
-        tmp_path = os.path.join(directory, f".tmp-{os.getpid()}-{secrets.token_hex(6)}.npy")
-        try:
-            return os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp_path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no unused temporary name in {directory}")
-
-
 def _publish(path: str, array: np.ndarray) -> None:
     """Write ``array`` to ``path`` atomically: a unique temporary file, fsync, then os.replace."""
     directory = os.path.dirname(path) or "."
-    fd, tmp_path = _create_temporary(directory)
+    fd, tmp_path = create_temporary(directory, f".tmp-{os.getpid()}-", ".npy")  # umask mode, not 0600
     try:
         with os.fdopen(fd, "wb") as stream:
             np.save(stream, array, allow_pickle=False)
