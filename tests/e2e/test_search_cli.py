@@ -99,7 +99,26 @@ def test_merged_datasets_keep_their_metadata(dataset, tiny_tokenizer_path, demo_
     assert all(m["metadata"]["max_stars_repo_path"] == path for m in matches[:2])
 
 
+def test_a_reader_that_stops_early_is_not_an_error(index, demo_corpus_path, tmp_path):
+    """`search_data ... | head -1`: the pipe closes before the lines are written; no traceback, status 0."""
+    generated = tmp_path / "generated.py"
+    generated.write_text(_training_excerpt(demo_corpus_path, 5)[0], encoding="utf-8")
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "tools" / "search_data.py"),
+        "--index",
+        index,
+        "--file",
+        generated,
+    ]
+    process = subprocess.Popen(command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # closed before the tool writes its first line
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr.decode()) == (0, "")
+
+
 def test_user_errors_exit_2_with_a_message(index, dataset, tmp_path, tiny_tokenizer_path):
+    """Last in the file: it damages the module's dataset copy to test the stale-index check."""
     missing = _tool("search_data", "--index", tmp_path / "nowhere", "--text", "x")
     assert missing.returncode == 2 and "no search index there" in missing.stderr
     short = _tool("search_data", "--index", index, "--text", "x", "--min-tokens", "10")
@@ -119,21 +138,3 @@ def test_user_errors_exit_2_with_a_message(index, dataset, tmp_path, tiny_tokeni
     data.tofile(dataset + ".bin")  # last: the other tests read this dataset
     stale = _tool("search_data", "--index", index, "--text", "x")
     assert stale.returncode == 2 and "stale index" in stale.stderr and "Traceback" not in stale.stderr
-
-
-def test_a_reader_that_stops_early_is_not_an_error(index, demo_corpus_path, tmp_path):
-    """`search_data ... | head -1`: the pipe closes before the lines are written; no traceback, status 0."""
-    generated = tmp_path / "generated.py"
-    generated.write_text(_training_excerpt(demo_corpus_path, 5)[0], encoding="utf-8")
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "tools" / "search_data.py"),
-        "--index",
-        index,
-        "--file",
-        generated,
-    ]
-    process = subprocess.Popen(command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process.stdout.close()  # closed before the tool writes its first line
-    _, stderr = process.communicate(timeout=120)
-    assert (process.returncode, stderr.decode()) == (0, "")
