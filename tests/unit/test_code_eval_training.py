@@ -67,11 +67,11 @@ def test_model_parallel_layouts_are_refused():
     )
     run = SimpleNamespace(
         parallel_state=state,
-        state=SimpleNamespace(iteration=1),  # not on the interval: refused all the same, at the first step
+        state=SimpleNamespace(iteration=1000),
         cfg=SimpleNamespace(training=TrainingConfig(eval_code_interval=1000)),
-    )
+    )  # a launch is refused by the config first (tests/unit/test_config_inputs.py); this guards direct callers
     with pytest.raises(ConfigError, match="--eval-code-interval needs --tensor-model-parallel-size 1"):
-        code_eval.maybe_evaluate_code(run)
+        code_eval.evaluate_code(run)
 
 
 @pytest.mark.parametrize(
