@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron.training.metrics import read_metrics
+from megatron.training.metrics import effective_records, read_records
 
 METRICS_FILENAME = "metrics.jsonl"
 FORMATS = ("png", "svg", "pdf")
@@ -114,18 +114,6 @@ def default_name(run: str) -> str:
     return path.parent.name if path.name == METRICS_FILENAME else path.stem
 
 
-def _raw_records(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def latest_history(records: list[dict]) -> list[dict]:
     """Records of one kind with iterations increasing: a record whose iteration is not past the one
     before it was logged by a re-run (a file without start markers, written before runs logged them),
@@ -177,13 +165,12 @@ def load_run(run: str, name: str | None = None) -> Run:
     """A RUN argument read and checked (PlotError naming the file when it holds no training record)."""
     path = metrics_file(run)
     try:
-        raw = _raw_records(path)
-        records = read_metrics(path)
+        raw = read_records(path)  # the start records too: they hold seq_length
     except (OSError, UnicodeDecodeError) as error:
         raise PlotError(f"{path}: cannot read ({error})") from None
     if not raw:
         raise PlotError(f"{path}: no metric records (empty, or not a metrics JSONL)")
-    loaded = Run(name or default_name(run), path, records, find_seq_length(path, raw))
+    loaded = Run(name or default_name(run), path, effective_records(raw), find_seq_length(path, raw))
     if not loaded.training:
         raise PlotError(
             f"{path}: no training records (lines with lm_loss); the run logged none yet "

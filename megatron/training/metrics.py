@@ -211,15 +211,23 @@ def effective_records(records: list[dict]) -> list[dict]:
     return kept
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """`effective_records` of a metrics JSONL file; a line cut short by a killed process is skipped."""
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Every record of a metrics JSONL file, events included; a line cut short by a killed process (or
+    anything else that is not a JSON object) is skipped."""
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return effective_records(records)
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """`effective_records` of a metrics JSONL file (`read_records`)."""
+    return effective_records(read_records(path))
 
 
 # metrics-file key -> TensorBoard/W&B name of a training record: Megatron-LM's names, then this
