@@ -14,7 +14,9 @@ numbers are those of the whole layer.
 
 Without grad mode (evaluation, generation) `linear` runs its forward GEMM directly, skipping the autograd
 function: the numbers are the same and a decoding step makes one such call per projection per layer.
-Elsewhere (CUDA, autocast, mixed dtypes) every function is the plain torch expression.
+Elsewhere (CUDA, autocast, mixed dtypes) every function is the plain torch expression, and so it is
+while `torch.compile` traces it (`--torch-compile`): the compiler brings its own GEMM kernels and cannot
+trace the oneDNN call.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def _has_onednn_linear() -> bool:
 _ONEDNN_LINEAR = _has_onednn_linear()
 
 
+_compiling = torch.compiler.is_compiling  # True while torch.compile traces (torch >= 2.3)
+
+
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`a @ b.T (+ bias)` for 2-D a, b; fp32 on the CPU (outside autocast) through oneDNN's GEMM.
 
@@ -44,14 +49,15 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
     the faster one, so those stay `@`.
     """
     onednn = _ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
-    if onednn and not torch.is_autocast_enabled("cpu"):
+    if onednn and not torch.is_autocast_enabled("cpu") and not _compiling():
         return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
     return a @ b.t() if bias is None else torch.addmm(bias, a, b.t())
 
 
 def _cpu_kernels(x: torch.Tensor, other: torch.Tensor) -> bool:
     """The CPU kernels apply: x on the CPU, outside autocast, `other` (weight or bias) in x's dtype."""
-    return x.device.type == "cpu" and other.dtype == x.dtype and not torch.is_autocast_enabled("cpu")
+    cpu = x.device.type == "cpu" and other.dtype == x.dtype and not torch.is_autocast_enabled("cpu")
+    return cpu and not _compiling()
 
 
 def bias_grad(grad_2d: torch.Tensor) -> torch.Tensor:
@@ -127,7 +133,7 @@ def concat_linear(
 ) -> torch.Tensor:
     """`linear(x, cat([w1, w2]), cat([b1, b2]))` in one GEMM without saving the concatenated weight (see
     `_ConcatLinear`). Under autocast (which a custom Function would bypass) it is that expression."""
-    if torch.is_autocast_enabled(x.device.type) or not x.dtype == w1.dtype == w2.dtype:
+    if torch.is_autocast_enabled(x.device.type) or not x.dtype == w1.dtype == w2.dtype or _compiling():
         return linear(x, torch.cat([w1, w2]), torch.cat([b1, b2]))
     return _ConcatLinear.apply(x, w1, b1, w2, b2)
 

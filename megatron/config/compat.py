@@ -6,7 +6,7 @@ this table or in the config dataclasses is rejected.
 
 from __future__ import annotations
 
-_FUSION = "Megatron's fused CUDA kernels are not used here"
+_FUSION = "Megatron's fused CUDA kernels are not used here (--torch-compile fuses these operations)"
 _LOGGING = "not implemented; the standard metrics are logged every --log-interval"
 _ALWAYS_LOGGED = "always written to TensorBoard and W&B (see docs/observability.md)"
 

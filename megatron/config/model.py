@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 from dataclasses import dataclass
 
 from megatron.config._fields import ConfigError, arg, require_choice, require_positive, require_range, show
@@ -65,6 +68,14 @@ class ModelConfig:
     )
     use_flash_attn: bool = arg(
         False, "Use flash-attn kernels when installed on a GPU (no effect on CPU: SDPA is used)."
+    )
+    torch_compile: bool = arg(
+        False,
+        "Run each transformer layer's training forward (and its backward) through torch.compile: "
+        "LayerNorm, bias + GELU, dropout and the residual adds become a few generated kernels. Compiles on "
+        "the first iterations (minutes on a 15B model); needs Triton on GPUs or a C++ compiler on CPUs. "
+        "Works with tensor, sequence and pipeline parallelism and activation recomputation (collectives "
+        "run between compiled pieces). Default: off (eager).",
     )
     attention_softmax_in_fp32: bool = arg(
         True,
@@ -150,6 +161,23 @@ class ModelConfig:
         require_choice(self, "attention_head_type", ATTENTION_HEAD_TYPES)
         require_choice(self, "activation", ACTIVATIONS)
         self._validate_recompute()
+
+    def check_torch_compile(self, device_type: str) -> None:
+        """--torch-compile needs inductor's code generator for the device: Triton on CUDA, a C++
+        compiler ($CXX, else g++ or c++) on the CPU. Checked before any process group exists."""
+        if not self.torch_compile:
+            return
+        if device_type == "cuda" and importlib.util.find_spec("triton") is None:
+            raise ConfigError(
+                "--torch-compile on a GPU needs Triton (torch.compile generates Triton kernels): "
+                "pip install triton, or drop --torch-compile"
+            )
+        compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++"]
+        if device_type == "cpu" and not any(shutil.which(c) for c in compilers):
+            raise ConfigError(
+                f"--torch-compile on the CPU needs a C++ compiler ({' or '.join(compilers)} not found on "
+                "PATH; torch.compile builds C++ kernels): install one, or drop --torch-compile"
+            )
 
     def _validate_recompute(self) -> None:
         """Megatron's rules: full needs a method and a layer count, selective takes neither."""

@@ -3,9 +3,13 @@
 Cores, chosen per call by `select_backend`:
 - "flash": `flash_attn_func` from the flash-attn package (CUDA, fp16/bf16, `use_flash_attn`, no explicit
   mask). It takes the single shared K/V head of multi-query attention natively.
-- "sdpa": `F.scaled_dot_product_attention`, the default. Multi-query K/V are broadcast to every query
-  head with `expand` (a stride-0 view, no copy); measured on CPU as fast as `enable_gqa=True` at one
-  shape and clearly faster at the other.
+- "sdpa": `F.scaled_dot_product_attention`, the default. How multi-query K/V reach it is chosen by
+  `sdpa_kv_layout`: on CUDA in half precision without an explicit mask (the causal training step),
+  `enable_gqa=True` (torch >= 2.5) passes the single K/V head as it is, which the flash and cuDNN kernels
+  take natively; a stride-0 `expand` of K/V to every query head can instead make them fall back to the
+  memory-efficient or math kernel. Elsewhere (CPU, fp32, a mask, torch 2.4) K/V are broadcast with
+  `expand` (a view, no copy): measured on CPU as fast as `enable_gqa=True` at one shape and clearly faster
+  at the other.
 - "mqa_matmul": multi-query attention on CPU as plain batched matmuls. With activations laid out
   [b, s, heads, d], all query heads of a block of positions form one [positions * heads, d] matrix
   against the one shared K/V head, so QK^T and PV are single large GEMMs, the output lands in the
@@ -51,8 +55,28 @@ _MQA_MATMUL_MAX_SCORES = 16 * 2**20  # about the probabilities stored per layer 
 _MQA_MATMUL_BLOCKS = 4
 
 
+# F.scaled_dot_product_attention takes `enable_gqa` from torch 2.5 on
+SDPA_HAS_ENABLE_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def sdpa_kv_layout(
+    device_type: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, has_mask: bool
+) -> str:
+    """How `sdpa_attention` hands K/V with `num_kv_heads` heads to SDPA for `num_heads` query heads:
+    "same" (one K/V head per query head), "gqa" (`enable_gqa=True`, K/V not expanded: the flash and
+    cuDNN kernels take them natively) or "expand" (stride-0 broadcast to every query head); see the
+    module docstring."""
+    if num_kv_heads == num_heads:
+        return "same"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if SDPA_HAS_ENABLE_GQA and device_type == "cuda" and half and not has_mask:
+        return "gqa"
+    return "expand"
+
+
 def select_backend(q: torch.Tensor, num_kv_heads: int, attention_mask, use_flash_attn: bool) -> str:
-    """Pick the attention core for these inputs (see the module docstring)."""
+    """Pick the attention core for these inputs (see the module docstring). While torch.compile traces
+    (`--torch-compile`) the CPU core is SDPA: the compiler cannot trace the blocked matmul core."""
     flash_dtype = q.dtype in (torch.float16, torch.bfloat16)
     if (
         use_flash_attn
@@ -64,22 +88,29 @@ def select_backend(q: torch.Tensor, num_kv_heads: int, attention_mask, use_flash
         return "flash"
     b, s, num_heads, _ = q.shape
     small = b * num_heads * s * s // 2 <= _MQA_MATMUL_MAX_SCORES
-    if q.device.type == "cpu" and q.dtype == torch.float32 and num_kv_heads == 1 and small:
+    cpu_fp32 = q.device.type == "cpu" and q.dtype == torch.float32
+    if cpu_fp32 and num_kv_heads == 1 and small and not torch.compiler.is_compiling():
         return "mqa_matmul"
     return "sdpa"
 
 
-def sdpa_attention(q, k, v, attention_mask, dropout_p: float) -> torch.Tensor:
+def sdpa_attention(q, k, v, attention_mask, dropout_p: float, kv_layout: str | None = None) -> torch.Tensor:
     """q [b, s, nh, d], k/v [b, s, nkv, d] -> [b, s, nh, d] with F.scaled_dot_product_attention.
 
-    Its fused kernels (CPU flash, CUDA flash/efficient) accumulate the softmax in fp32 for fp16/bf16.
+    Its fused kernels (CPU flash, CUDA flash/cuDNN/efficient) accumulate the softmax in fp32 for fp16/bf16.
+    `kv_layout`: as `sdpa_kv_layout` returns (None: its choice for these inputs).
     """
     b, s, num_heads, d = q.shape
+    if kv_layout is None:
+        kv_layout = sdpa_kv_layout(q.device.type, q.dtype, num_heads, k.shape[2], attention_mask is not None)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
-    if k.shape[1] != num_heads:  # multi-query: broadcast the shared head without a copy
+    if kv_layout == "expand":  # multi-query: broadcast the shared head without a copy
         k, v = k.expand(b, num_heads, s, d), v.expand(b, num_heads, s, d)
+    gqa = {"enable_gqa": True} if kv_layout == "gqa" else {}  # k/v [b, nkv, s, d] as they are
     mask = None if attention_mask is None else ~attention_mask  # SDPA: True = takes part
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, **gqa
+    )
     return out.transpose(1, 2)  # [b, s, nh, d]
 
 

@@ -55,6 +55,7 @@ gradients are bit-identical to no recomputation.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 
@@ -163,6 +164,7 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, parallel_state, device=device, dtype=dtype)
         self.hidden_dropout = config.hidden_dropout
         self.rng = _split_activation_rng(parallel_state)
+        self.torch_compile = config.torch_compile
 
     def forward(
         self,
@@ -170,15 +172,33 @@ class TransformerLayer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """[b, s, h] -> [b, s, h] (this rank's chunk [b, s/tp, h] under sequence parallelism)."""
-        x = x + self._dropout(self.attention(self.input_layernorm(x), attention_mask, kv_cache))
-        return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
+        """[b, s, h] -> [b, s, h] (this rank's chunk [b, s/tp, h] under sequence parallelism). With
+        `config.torch_compile` the pass without a KV cache runs compiled (`compiled_layer_forward`)."""
+        if self.torch_compile and kv_cache is None:
+            return compiled_layer_forward()(self, x, attention_mask)
+        return _layer_forward(self, x, attention_mask, kv_cache)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.hidden_dropout == 0:  # the identity (and no call per decoded token)
             return x
         with _fork(self.rng, x.device):
             return F.dropout(x, self.hidden_dropout, True)
+
+
+@functools.cache
+def compiled_layer_forward():
+    """`TransformerLayer.forward` without a KV cache under `torch.compile` (`--torch-compile`): one
+    compiled function for every layer (the layer is an argument, its parameters graph inputs), built on
+    first use. Inductor fuses each LayerNorm, the bias + GELU, dropout and the residual adds into a few
+    kernels; collectives, the random-stream swaps and recomputation are graph breaks that run eagerly.
+    Decoding with a KV cache stays eager (its shapes change every step)."""
+    return torch.compile(_layer_forward)
+
+
+def _layer_forward(layer: TransformerLayer, x: torch.Tensor, attention_mask, kv_cache=None) -> torch.Tensor:
+    """The pre-LN block: x + dropout(attention(LN(x))), then x + dropout(mlp(LN(x)))."""
+    x = x + layer._dropout(layer.attention(layer.input_layernorm(x), attention_mask, kv_cache))
+    return x + layer._dropout(layer.mlp(layer.post_attention_layernorm(x)))
 
 
 class LayerDict(nn.ModuleDict):

@@ -96,7 +96,7 @@ def local_grad_norm_squared(
     device = grads[0].device if grads else parallel_state.device
     if not counted:
         return torch.zeros((), dtype=torch.float32, device=device)
-    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in counted])
+    norms = torch.stack(torch._foreach_norm(counted))  # fp32 gradients; one multi-tensor kernel on CUDA
     return norms.square().sum()
 
 
@@ -136,6 +136,12 @@ def _param_groups(params: list[torch.nn.Parameter], weight_decay: float, *, keep
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
     return [group for group in groups if group["params"] or keep_empty]
+
+
+def adamw_implementation(device_type: str) -> dict:
+    """torch.optim.AdamW's implementation flag: the fused kernel on CUDA (one launch per few hundred
+    parameters, all of AdamW's arithmetic in it), the multi-tensor (foreach) one elsewhere."""
+    return {"fused": True} if device_type == "cuda" else {"foreach": True}
 
 
 def _main_copy(param: torch.nn.Parameter) -> torch.nn.Parameter:
@@ -198,7 +204,7 @@ class MixedPrecisionOptimizer:
         else:
             self.main_params = self.model_params
         device_type = self.model_params[0].device.type if self.model_params else "cpu"
-        impl = {"fused": True} if device_type == "cuda" else {"foreach": True}
+        impl = adamw_implementation(device_type)
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.main_params, opt.weight_decay, keep_empty=self.sharded is not None),
             lr=opt.lr,
@@ -316,8 +322,9 @@ class MixedPrecisionOptimizer:
 
     @torch.no_grad()
     def _copy_main_to_model(self) -> None:
-        for param, main in zip(self.model_params, self.main_params, strict=True):
-            param.copy_(main)
+        """Round the updated fp32 masters into the model: one multi-tensor copy (a few kernel launches on
+        CUDA for the whole model, not one per parameter)."""
+        torch._foreach_copy_(self.model_params, self.main_params)
 
     def finish_param_sync(self) -> None:
         """Wait for the parameter all-gathers that --overlap-param-gather leaves running after `step`
@@ -332,8 +339,7 @@ class MixedPrecisionOptimizer:
         if self.sharded is not None:
             self.sharded.load_from_model()
         elif self.mixed:
-            for param, main in zip(self.model_params, self.main_params, strict=True):
-                main.copy_(param)
+            torch._foreach_copy_(self.main_params, self.model_params)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: the fp32 master weights AdamW updates (in fp32

@@ -1,0 +1,220 @@
+"""GPU throughput levers checked on the CPU: the multi-query K/V layout handed to SDPA, `--torch-compile`
+(compiled layers give the eager numbers), and the optimizer's multi-tensor kernels (no per-parameter
+ops in the step). The gpu-marked tests check on a CUDA device what the CPU cannot show."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron.config import ModelConfig
+from megatron.config.optimizer import OptimizerConfig
+from megatron.model import attention as attention_module
+from megatron.model.gpt import GPTModel
+from megatron.training import optimizer as optimizer_module
+from tests.helpers import tiny_model_config
+
+VOCAB = 128
+
+
+# ---------------------------------------------------------------- multi-query K/V layout for SDPA
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "kv_heads", "mask", "expected"),
+    [
+        ("cuda", torch.bfloat16, 1, False, "gqa"),  # the causal training step: flash / cuDNN take 1 head
+        ("cuda", torch.float16, 1, False, "gqa"),
+        ("cuda", torch.bfloat16, 1, True, "expand"),  # explicit mask: no flash; the efficient kernel
+        ("cuda", torch.float32, 1, False, "expand"),  # fp32: no flash / cuDNN kernel
+        ("cpu", torch.bfloat16, 1, False, "expand"),  # CPU: expand measured as fast or faster
+        ("cpu", torch.float32, 1, False, "expand"),
+        ("cuda", torch.bfloat16, 8, False, "same"),  # multi-head
+    ],
+)
+def test_sdpa_kv_layout_choice(device, dtype, kv_heads, mask, expected, monkeypatch):
+    monkeypatch.setattr(attention_module, "SDPA_HAS_ENABLE_GQA", True)
+    assert attention_module.sdpa_kv_layout(device, dtype, 8, kv_heads, mask) == expected
+    monkeypatch.setattr(attention_module, "SDPA_HAS_ENABLE_GQA", False)  # torch 2.4: no enable_gqa
+    assert attention_module.sdpa_kv_layout(device, dtype, 8, kv_heads, mask) in ("expand", "same")
+
+
+@pytest.mark.skipif(not attention_module.SDPA_HAS_ENABLE_GQA, reason="enable_gqa needs torch >= 2.5")
+@pytest.mark.parametrize("masked", [False, True])
+def test_gqa_layout_matches_expand_forward_and_backward(masked):
+    """SDPA with the single K/V head (`enable_gqa`) computes what the stride-0 expansion computes, output
+    and gradients (fp32; the kernels sum in different orders, so close, not bit-equal)."""
+    torch.manual_seed(0)
+    b, s, heads, d = 2, 24, 4, 16
+    q = torch.randn(b, s, heads, d, requires_grad=True)
+    kv = torch.randn(b, s, 1, 2 * d, requires_grad=True)
+    grad = torch.randn(b, s, heads, d)
+    mask = None
+    if masked:  # causal plus a padded key
+        mask = torch.ones(s, s, dtype=torch.bool).triu(1).expand(b, 1, s, s).clone()
+        mask[0, :, :, 3] = True
+        mask[0, :, 3, 3] = False
+    results = []
+    for layout in ("gqa", "expand"):
+        k, v = kv.split(d, dim=-1)
+        out = attention_module.sdpa_attention(q, k, v, mask, 0.0, kv_layout=layout)
+        results.append((out, *torch.autograd.grad(out, (q, kv), grad)))
+    for gqa, expand in zip(*results, strict=True):
+        torch.testing.assert_close(gqa, expand, rtol=1e-5, atol=1e-6)  # fp32 summation order
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not attention_module.SDPA_HAS_ENABLE_GQA, reason="enable_gqa needs torch >= 2.5")
+def test_mqa_training_attention_runs_on_flash_or_cudnn_at_seq_8192():
+    """The causal multi-query core in bf16 at StarCoder's sequence length is served by the flash or
+    cuDNN kernel (restricting SDPA to them must not raise), forward and backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, s, heads, d = 1, 8192, 16, 128
+    q = torch.randn(b, s, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(b, s, 1, 2 * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = kv.split(d, dim=-1)
+    assert attention_module.sdpa_kv_layout("cuda", q.dtype, heads, 1, False) == "gqa"
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = attention_module.sdpa_attention(q, k, v, None, 0.0)
+        out.float().square().mean().backward()
+    assert out.shape == q.shape and kv.grad is not None and torch.isfinite(kv.grad).all()
+
+
+# ---------------------------------------------------------------- --torch-compile
+
+
+def _inductor_available() -> str | None:
+    """Why torch.compile cannot run here (None: it can)."""
+    try:
+        import torch._inductor  # noqa: F401
+    except ImportError as error:  # pragma: no cover - depends on the installation
+        return f"inductor unavailable: {error}"
+    if shutil.which("g++") is None and shutil.which("c++") is None:  # pragma: no cover
+        return "inductor on CPU needs a C++ compiler"
+    return None
+
+
+needs_inductor = pytest.mark.skipif(_inductor_available() is not None, reason=str(_inductor_available()))
+
+
+def _train(config: ModelConfig, steps: int = 2) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Losses and gradients of `steps` plain SGD steps of the tiny model on fixed tokens."""
+    torch.manual_seed(0)  # the dropout draws
+    model = GPTModel(config, VOCAB)
+    model.init_weights(3)
+    tokens = torch.randint(0, VOCAB, (2, config.seq_length), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, VOCAB, (2, config.seq_length), generator=torch.Generator().manual_seed(1))
+    history = []
+    for _ in range(steps):
+        loss = model(tokens, labels=labels).mean()
+        loss.backward()
+        history.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+                p.grad = None
+    return history
+
+
+@pytest.mark.slow
+@needs_inductor
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+        {"recompute_granularity": "selective"},
+    ],
+    ids=["plain", "full-recompute", "selective-recompute"],
+)
+def test_torch_compile_matches_eager_over_two_steps(overrides):
+    """Compiled layers give the eager losses and gradients (fp32; inductor fuses and reorders the
+    elementwise sums and uses SDPA where eager uses the blocked CPU core, hence close, not equal)."""
+    config = tiny_model_config(seq_length=32, **overrides)
+    eager = _train(config)
+    compiled = _train(tiny_model_config(seq_length=32, torch_compile=True, **overrides))
+    for (eager_loss, eager_grads), (loss, grads) in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+        for grad, eager_grad in zip(grads, eager_grads, strict=True):
+            torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_inductor
+def test_torch_compile_recompute_replays_the_compiled_dropout():
+    """With dropout, the compiled layers draw their own masks (inductor's generator, not eager's), and full
+    recomputation replays exactly those: the gradients equal the compiled run's without recomputation."""
+    full = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    plain = _train(tiny_model_config(seq_length=32, dropout=0.1, torch_compile=True), steps=1)
+    recomputed = _train(tiny_model_config(seq_length=32, dropout=0.1, torch_compile=True, **full), steps=1)
+    assert plain[0][0] == recomputed[0][0]
+    for grad, reference in zip(recomputed[0][1], plain[0][1], strict=True):
+        assert torch.equal(grad, reference)
+
+
+def test_torch_compile_refused_without_a_code_generator(monkeypatch):
+    """--torch-compile without Triton on a GPU, or without a C++ compiler on the CPU: a ConfigError naming
+    the flag and what to install, before anything is built."""
+    config = tiny_model_config(torch_compile=True)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(ValueError, match="--torch-compile on a GPU needs Triton"):
+        config.check_torch_compile("cuda")
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(ValueError, match="--torch-compile on the CPU needs a C\\+\\+ compiler"):
+        config.check_torch_compile("cpu")
+    tiny_model_config().check_torch_compile("cpu")  # off: nothing to check
+
+
+# ---------------------------------------------------------------- optimizer: multi-tensor kernels
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators called (each one a kernel launch, or a few, on CUDA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _bf16_step_ops(num_layers: int) -> dict[str, int]:
+    """The operators of the second optimizer step of a bf16 model with fp32 masters."""
+    model = GPTModel(tiny_model_config(num_layers=num_layers), VOCAB)
+    model.init_weights(1)
+    model = model.to(torch.bfloat16)
+    optimizer = optimizer_module.MixedPrecisionOptimizer(model, OptimizerConfig(lr=1e-3, clip_grad=1e-3))
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        optimizer.zero_grad()
+        optimizer.backward(model(tokens, labels=tokens).float().mean())
+        with _OpCounter() as counter:
+            result = optimizer.step()
+    assert result.update_successful
+    return counter.ops
+
+
+def test_adamw_is_fused_on_cuda_and_multi_tensor_elsewhere():
+    assert optimizer_module.adamw_implementation("cuda") == {"fused": True}
+    assert optimizer_module.adamw_implementation("cpu") == {"foreach": True}
+
+
+def test_bf16_step_has_no_per_parameter_ops(monkeypatch):
+    """With the fused AdamW the CUDA run uses, the whole bf16 step (gradient norm, clipping, AdamW, the
+    fp32 masters rounded into the model) is a fixed number of multi-tensor operators: doubling the layers
+    (32 -> 60 parameters) adds none, and the masters reach the model in one multi-tensor copy."""
+    monkeypatch.setattr(optimizer_module, "adamw_implementation", lambda device_type: {"fused": True})
+    small, large = _bf16_step_ops(2), _bf16_step_ops(4)
+    assert small == large
+    assert large.get("_foreach_copy_") == 1 and "copy_" not in large
+    assert large.get("_fused_adamw_") == 2  # one per parameter group (decay, no decay)
+    assert large.get("_foreach_norm") == 1 and "linalg_vector_norm" not in large
+    assert large.get("_foreach_mul_") == 1  # the clipping (clip_grad is tiny, so it clips)
