@@ -38,8 +38,9 @@ the optimizer (exact AdamW state: moments, step, fp32 masters) and the random ge
 This module drives both; the parts live beside it: `staging` (what a save captures), `files` (names,
 durable writes, manifest entries, housekeeping, the kill tests' fault points), `dcp_io` (DCP, the
 checkpoint process group, tensor layouts), `verify` (manifest checks, common.json), `load_plan` (what
-each rank loads and where it goes), `fragments` (the distributed optimizer's fragments as chunks, DCP
-planners, bytes staged and read), `readers` (one-process readers for tools). See docs/checkpoints.md.
+each rank loads and where it goes), `replicated` (DP-replicated tensors read once per DP group and
+exchanged over it), `fragments` (the distributed optimizer's fragments as chunks, DCP planners, bytes
+staged and read), `readers` (one-process readers for tools). See docs/checkpoints.md.
 """
 
 from __future__ import annotations

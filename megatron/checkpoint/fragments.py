@@ -226,26 +226,20 @@ def _load_planner_class():
 
 
 def _stored_bytes(metadata, item) -> int:
-    """Payload bytes of the saved chunk `item` reads from (DCP's own file reader reads the whole chunk,
-    then narrows it; a memory-mapped reader touches only the requested region's pages)."""
+    """Payload bytes of the region of a saved chunk that `item` reads (the data files are memory-mapped
+    and each tensor narrowed before its copy, so only that region's pages are touched)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     saved = metadata.state_dict_metadata[item.storage_index.fqn]
     if not isinstance(saved, TensorStorageMetadata):
         return 0
-    offsets = tuple(item.storage_index.offset or ())
-    hint = item.storage_index.index
-    if hint is not None and hint < len(saved.chunks) and tuple(saved.chunks[hint].offsets) == offsets:
-        chunk = saved.chunks[hint]
-    else:
-        chunk = next(c for c in saved.chunks if tuple(c.offsets) == offsets)
-    return math.prod(chunk.sizes) * saved.properties.dtype.itemsize
+    return math.prod(item.lengths) * saved.properties.dtype.itemsize
 
 
 class CheckpointBytes:
     """Tensor payload bytes this process staged for saves (`staged`) and read at loads (`read`: the
-    saved chunks its reads come from; exact when they are the chunks wanted, as at the saving layout), by
-    the key's first part ("model", "optimizer", "rng"). `reset()` between measurements."""
+    regions of the saved chunks it asked for), by the key's first part ("model", "optimizer", "rng").
+    `reset()` between measurements."""
 
     def __init__(self) -> None:
         self.staged: dict[str, int] = {}

@@ -16,6 +16,7 @@ from megatron.checkpoint.dcp_io import CheckpointGroup, TensorLayout, dcp_load, 
 from megatron.checkpoint.files import MOMENTS, rng_json_name, rng_key
 from megatron.checkpoint.fragments import fragment_chunks
 from megatron.checkpoint.mismatch import mismatch_message
+from megatron.checkpoint.replicated import ReplicatedRead
 from megatron.log import get_logger
 from megatron.parallel.state import ParallelState
 
@@ -36,6 +37,7 @@ class LoadPlan:
         self.optimizer = optimizer
         self.restore_rng = restore_rng
         self.entries: dict[str, tuple[torch.nn.Parameter | None, tuple[int, ...], torch.dtype]] = {}
+        self.metadata = None  # the checkpoint's DCP metadata, once `check` read it
         for name, param in self.params:
             self.entries[f"model/{name}"] = (param, logical_shape(param), param.dtype)
 
@@ -45,6 +47,7 @@ class LoadPlan:
         lacks."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        self.metadata = metadata
         saved = {
             k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
@@ -89,10 +92,12 @@ class LoadPlan:
     def load(self, directory: Path, layout: TensorLayout, pg) -> dict:
         """Read every planned key into fresh CPU buffers (this rank's local part): key -> tensor, or for
         the distributed optimizer's state, key -> {offset: flat fragment} of this rank's fragments only
-        (read as their boxes of the logical tensor, whatever the saving layout)."""
+        (read as their boxes of the logical tensor, whatever the saving layout). With several DP ranks the
+        DP-replicated tensors are read once per DP group and exchanged over it (`replicated`)."""
         fragments = self._fragments()
         tp_rank = self.parallel_state.tensor_model_parallel_rank
         local, state = {}, {}
+        shared = self._replicated(fragments)
         for key, (param, shape, dtype) in self.entries.items():
             if param is None:
                 local[key] = state[key] = torch.empty(shape, dtype=dtype)
@@ -101,11 +106,29 @@ class LoadPlan:
                     offset: torch.empty(n, dtype=dtype) for offset, n in fragments.get(id(param), [])
                 }
                 state[key] = fragment_chunks(param, tp_rank, list(local[key].items()))
+            elif shared is not None:  # this rank's part; the rest from its DP peers
+                local[key] = shared.tensors[key]
+                if key in shared.requests:
+                    state[key] = shared.requests[key]
             else:
                 local[key] = torch.empty(param.shape, dtype=dtype)
                 state[key] = layout.wrap(local[key], param)
         dcp_load(state, directory, pg)
+        if shared is not None:
+            shared.exchange()
         return local
+
+    def _replicated(self, fragments) -> ReplicatedRead | None:
+        """The read of the whole TP-local tensors (the same on every DP rank) split over the DP group;
+        None with one DP rank."""
+        if self.parallel_state.data_parallel_size == 1:
+            return None
+        entries = {
+            key: (param, dtype)
+            for key, (param, _, dtype) in self.entries.items()
+            if param is not None and (fragments is None or not key.startswith("optimizer/"))
+        }
+        return ReplicatedRead(entries, self.metadata, self.parallel_state)
 
     def _fragments(self) -> dict[int, list[tuple[int, int]]] | None:
         """id(param) -> [(offset, numel)] of this rank's distributed-optimizer fragments; None without

@@ -21,7 +21,9 @@ Accounting, for tests and benchmarks (costs that do not depend on the machine ar
   host meets at the step's device sync: there busy time is host time only.
 - `COMM_BYTES`: per group kind, the bytes each rank sends under the bandwidth-optimal (ring) algorithm, the
   standard cost model: for a tensor of B bytes over n ranks, all-reduce 2 (n-1)/n B, reduce-scatter
-  (n-1)/n B of its input, all-gather (n-1)/n B of its output, a point-to-point send B. The planner's
+  (n-1)/n B of its input, all-gather (n-1)/n B of its output, a point-to-point send B, a broadcast
+  (n-1)/n B (the mean over the group of a pipelined ring broadcast, where every rank but the last sends
+  B: the group's total (n-1) B is exact, the least that gives every other rank the tensor). The planner's
   communication table uses the same formulas (`wire_bytes`), so a test can compare plan and count.
 """
 
@@ -116,6 +118,7 @@ _WIRE_FACTORS = {
     "reduce_scatter": lambda n: Fraction(n - 1, n),  # of the input (the whole, unscattered tensor)
     "all_gather": lambda n: Fraction(n - 1, n),  # of the output (the whole, gathered tensor)
     "send": lambda n: Fraction(1),
+    "broadcast": lambda n: Fraction(n - 1, n),  # mean per rank (module docstring)
 }
 
 
@@ -168,6 +171,17 @@ def all_reduce(tensor: torch.Tensor, group: Group, op: str = "sum") -> torch.Ten
     COMM_BYTES.record(group, "all_reduce", tensor)
     with COMM_TIMER.measure():
         dist.all_reduce(tensor, op=reduce_op, group=group.pg)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, group: Group, src: int) -> torch.Tensor:
+    """In place: group rank `src`'s `tensor` (contiguous) on every rank of `group`; returns `tensor`."""
+    if group.is_trivial:
+        return tensor
+    assert tensor.is_contiguous(), "broadcast needs a contiguous tensor"
+    COMM_BYTES.record(group, "broadcast", tensor)
+    with COMM_TIMER.measure():
+        dist.broadcast(tensor, src=group.ranks[src], group=group.pg)
     return tensor
 
 
