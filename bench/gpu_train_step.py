@@ -28,8 +28,9 @@ gradient clipping at 1.0):
 
 Shapes: `1b` = configs/starcoderbase-1b.yaml at seq 8192, micro-batch 1; `15b-layer` = the
 configs/starcoderbase-15b.yaml layer (hidden 6144, 48 heads, multi-query, FFN 24576, seq 8192, vocab
-49152) with TP = PP = 1, micro-batch 1 and --layers layers (default 7: the plan's 66 GB fits an 80 GB
-GPU with room for the peers' different layouts); `tiny` = a 2-layer fp32 model for CPUs (the test).
+49152) with TP = PP = 1, micro-batch 1 and --layers layers (default 6: the plan's 58 GB leaves an 80 GB GPU
+room for the peers, whose layouts need more: transformers keeps fp32 weights and bf16 copies of them,
+Megatron-core's own attention materialises the 48 x 8192 x 8192 scores of the layer it recomputes); `tiny` = a 2-layer fp32 model for CPUs (the test).
 
     python bench/gpu_train_step.py --shape 1b --shape 15b-layer --mcore-path /tmp/site --json out.json
     .venv/bin/python bench/gpu_train_step.py --device cpu --shape tiny --mcore-path /tmp/mcore_site
@@ -54,7 +55,7 @@ from megatron.model.flops import device_peak_flops
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MCORE_PEER = os.path.join(REPO_ROOT, "bench", "peers", "mcore_peer.py")
-DEFAULT_15B_LAYERS = 7
+DEFAULT_15B_LAYERS = 6
 _BATCH_1 = ["--micro-batch-size", "1", "--global-batch-size", "1"]
 SHAPES = {
     "tiny": [
@@ -79,7 +80,7 @@ COMMON = [
     "--lr-warmup-iters",
     "1",
 ]
-PEERS = ("ours", "transformers", "mcore-local", "mcore-sdpa")
+PEERS = ("ours", "transformers", "mcore-sdpa", "mcore-local")
 
 
 def parse_args(argv):
@@ -333,7 +334,8 @@ def planner_gpu(device) -> str | None:
     return next((gpu for gpu in PLANNER_GPU_MEMORY if gpu in name), None)
 
 
-def bench_shape(name: str, args, peak: float) -> dict:
+def bench_shape(name: str, args, peak: float, progress) -> dict:
+    """Every peer on shape `name`; `progress(summary)` after each (the partial numbers survive a kill)."""
     from megatron.planner import plan
 
     cfg = shape_config(name, args)
@@ -349,6 +351,7 @@ def bench_shape(name: str, args, peak: float) -> dict:
     print("| peer | tokens/s | TFLOP/s | MFU | peak GiB | first-step loss | FLOP/token |", flush=True)
     print("|---|---|---|---|---|---|---|", flush=True)
     results = {}
+    summary = {"shape": name, "flops_per_token": fpt, "tokens_per_step": tokens, "peers": results}
     with tempfile.TemporaryDirectory() as scratch:
         init_file = write_init_file(cfg, scratch) if name == "tiny" and args.mcore_path else None
         for peer in args.peers:
@@ -360,8 +363,8 @@ def bench_shape(name: str, args, peak: float) -> dict:
                 )
             results[peer] = result
             print(_row(peer, result, fpt), flush=True)
-    summary = {"shape": name, "flops_per_token": fpt, "tokens_per_step": tokens, "peers": results}
-    summary["ratios"] = _ratios(results)
+            summary["ratios"] = _ratios(results)
+            progress(summary)
     for peer in results:
         print(f"  {peer}: {results[peer].get('notes') or results[peer].get('error')}")
     for key, value in summary["ratios"].items():
@@ -415,11 +418,20 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, {device_description(device)}; peak {peak / 1e12:.4g} TFLOP/s ({peak_desc})"
     )
     print(f"warm-up {args.warmup} steps, then {args.steps} timed steps per peer (median); dropout 0")
-    summaries = [bench_shape(name, args, peak) for name in args.shape]
-    if args.json:
+    summaries = []
+
+    def save(summary: dict) -> None:
+        if not args.json:
+            return
+        shapes = [s for s in summaries if s is not summary] + [summary]
+        numbers = {"device": device_description(device), "torch": torch.__version__, "peak_flops": peak,
+                   "peak": peak_desc, "shapes": shapes}  # fmt: skip
         with open(args.json, "w") as file:
-            json.dump({"device": device_description(device), "torch": torch.__version__, "peak_flops": peak,
-                       "peak": peak_desc, "shapes": summaries}, file, indent=1)  # fmt: skip
+            json.dump(numbers, file, indent=1)
+
+    for name in args.shape:
+        summaries.append(bench_shape(name, args, peak, save))
+        save(summaries[-1])  # with the planner's figures
     return 0
 
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from step_timing import device_description, emit_result, synthetic_batches, time_steps
 
+# torch >= 2.5: scaled_dot_product_attention(..., enable_gqa=True)
+GQA_SDPA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -117,7 +119,8 @@ def allow_cpu() -> None:
 
 class SDPACoreAttention(torch.nn.Module):
     """Drop-in core attention for Megatron-core's SelfAttention: causal torch SDPA over [s, b, heads, d]
-    query and [s, b, 1, d] key/value (multi-query: K/V broadcast without a copy where torch can)."""
+    query and [s, b, 1, d] key/value (multi-query: K/V broadcast without a copy, through enable_gqa in
+    16-bit on CUDA as our model does there)."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, **_):
         super().__init__()
@@ -130,9 +133,14 @@ class SDPACoreAttention(torch.nn.Module):
         k = key.permute(1, 2, 0, 3)  # [b, groups, s, d]
         v = value.permute(1, 2, 0, 3)
         dropout = self.dropout if self.training else 0.0
-        if k.shape[1] != heads:
+        gqa = {}
+        if k.shape[1] != heads and GQA_SDPA and q.is_cuda and q.dtype != torch.float32:
+            gqa = {"enable_gqa": True}  # flash / cuDNN read the one K/V head for every query head
+        elif k.shape[1] != heads:
             k, v = k.expand(b, heads, *k.shape[2:]), v.expand(b, heads, *v.shape[2:])
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # [b, heads, s, d]
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, **gqa
+        )  # [b, heads, s, d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size)
 
 
@@ -294,7 +302,10 @@ def megatron_step(args, model, config):
         optimizer.step()
         return losses[0]["lm loss"]
 
-    return step, f"Float16Module + DDP fp32 grad buffer + {type(optimizer).__name__} ({_adam_name()})"
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    names = "+".join(sorted({type(o).__name__ for o in inner}))
+    wrapper = "Float16Module + " if args.dtype == "bf16" else ""
+    return step, f"{wrapper}DDP fp32 gradient buffer + {names} ({_adam_name()}), the no-pipelining schedule"
 
 
 def _adam_name() -> str:
