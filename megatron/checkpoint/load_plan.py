@@ -111,7 +111,7 @@ class LoadPlan:
                 if key in shared.requests:
                     state[key] = shared.requests[key]
             else:
-                local[key] = torch.empty(param.shape, dtype=dtype)
+                local[key] = self._destination(key, param, dtype)
                 state[key] = layout.wrap(local[key], param)
         dcp_load(state, directory, pg)
         if shared is not None:
@@ -140,16 +140,42 @@ class LoadPlan:
             fragments.setdefault(id(param), []).append((offset, main.numel()))
         return fragments
 
+    def _destination(self, key: str, param: torch.nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+        """Where `key` (a whole tensor-parallel-local tensor) is read to: the model's parameter itself, or
+        its Adam moment when the optimizer already has one, where that lives on the CPU laid out as read
+        (the data files' bytes land there with no copy after the load, `dcp_streams`); else a new CPU
+        buffer. So a load whose data turns out corrupt may leave part of it in these tensors: the load
+        then falls back to an older checkpoint, which overwrites every one of them, or fails."""
+        existing = param if key.startswith("model/") else None
+        kind = key.split("/")[1] if key.startswith("optimizer/") else None
+        if kind in MOMENTS and self.optimizer is not None:
+            mains = {id(p): main for p, offset, main in self.optimizer.main_param_pieces() if offset == 0}
+            main = mains.get(id(param))
+            existing = self.optimizer.optimizer.state.get(main, {}).get(kind) if main is not None else None
+        if (
+            isinstance(existing, torch.Tensor)
+            and existing.device.type == "cpu"
+            and existing.dtype == dtype
+            and existing.shape == param.shape
+            and existing.is_contiguous()
+        ):
+            return existing.detach()
+        return torch.empty(param.shape, dtype=dtype)
+
     @torch.no_grad()
     def apply_model(self, model, loaded: dict) -> None:
+        """The loaded weights into the model (nothing to copy where they were read into the parameter)."""
         for name, param in self.params:
-            param.copy_(loaded[f"model/{name}"])
+            source = loaded[f"model/{name}"]
+            if source.data_ptr() != param.data_ptr() or source.dtype != param.dtype:
+                param.copy_(source)
 
     @torch.no_grad()
     def apply_optimizer(self, optimizer, loaded: dict) -> None:
         """Exact AdamW state: the masters (or from the model's weights where none were saved), both
         moments and the step of every parameter this rank steps on."""
-        if self.optimizer is None:  # the checkpoint had no optimizer state
+        if self.optimizer is None:  # the checkpoint had no optimizer state: fresh moments
+            optimizer.optimizer.state.clear()  # (also none a corrupt checkpoint tried first left behind)
             optimizer.reload_model_params()
             return
         optimizer.reload_model_params()  # masters of fp32 parameters and any not saved

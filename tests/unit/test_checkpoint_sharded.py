@@ -1,5 +1,6 @@
-"""Sharded checkpoints in one process: exact round trips, async saves, keep-last-k, bad input (each named,
-none partially loaded), fallback to the newest complete checkpoint, crash points, the readers tools use.
+"""Sharded checkpoints in one process: exact round trips, async saves, keep-last-k, bad input (each named;
+none partially loaded but corrupt data, which the load finds as it reads it into place), fallback to
+the newest complete checkpoint, crash points, the readers tools use.
 
 Multi-rank behaviour (TP/DP/PP layouts, resharding, failures on one rank) is in
 tests/distributed/test_checkpoint.py.
@@ -375,7 +376,11 @@ def test_bad_checkpoint_is_named_and_nothing_is_loaded(trained, how):
     with pytest.raises(ValueError) as info:
         Checkpointer(state).load(root, model, optimizer, scheduler, None)
     assert expected in str(info.value) and "no usable checkpoint" in str(info.value)
-    assert_same(weights(model), fresh)
+    if how != "bit-flipped shard":  # found before any data is read
+        assert_same(weights(model), fresh)
+    # else the CRC32 of the bytes read into the parameters is known only once they are there: the load
+    # fails (the run stops) or falls back to a complete checkpoint, which overwrites them all
+    # (test_checkpoint_streams.py)
     assert not optimizer.optimizer.state and scheduler.num_steps == 0
 
 
