@@ -175,7 +175,7 @@ class TransformerLayer(nn.Module):
         """[b, s, h] -> [b, s, h] (this rank's chunk [b, s/tp, h] under sequence parallelism). With
         `config.torch_compile` the pass without a KV cache runs compiled (`compiled_layer_forward`)."""
         if self.torch_compile and kv_cache is None:
-            return compiled_layer_forward()(self, x, attention_mask)
+            return compiled_layer_forward(COMPILE_BACKEND)(self, x, attention_mask)
         return _layer_forward(self, x, attention_mask, kv_cache)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,14 +185,19 @@ class TransformerLayer(nn.Module):
             return F.dropout(x, self.hidden_dropout, True)
 
 
+# torch.compile's backend for --torch-compile; tests of the graph structure (graph breaks at collectives,
+# recomputation) use "aot_eager", which traces the same graphs without generating code
+COMPILE_BACKEND = "inductor"
+
+
 @functools.cache
-def compiled_layer_forward():
+def compiled_layer_forward(backend: str = "inductor"):
     """`TransformerLayer.forward` without a KV cache under `torch.compile` (`--torch-compile`): one
     compiled function for every layer (the layer is an argument, its parameters graph inputs), built on
     first use. Inductor fuses each LayerNorm, the bias + GELU, dropout and the residual adds into a few
-    kernels; collectives, the random-stream swaps and recomputation are graph breaks that run eagerly.
-    Decoding with a KV cache stays eager (its shapes change every step)."""
-    return torch.compile(_layer_forward)
+    kernels; collectives and the random-stream swaps are graph breaks that run eagerly. Decoding with a
+    KV cache stays eager (its shapes change every step)."""
+    return torch.compile(_layer_forward, backend=backend)
 
 
 def _layer_forward(layer: TransformerLayer, x: torch.Tensor, attention_mask, kv_cache=None) -> torch.Tensor:

@@ -162,6 +162,9 @@ class _ColumnParallelLinear(torch.autograd.Function):
         return grad_x, None, None, *params
 
 
+_column_parallel_linear_apply = mappings.eager_apply(_ColumnParallelLinear)
+
+
 def column_parallel_linear(
     x: torch.Tensor, weights: list, biases: list, group: Group, *, sequence_parallel: bool
 ) -> torch.Tensor:
@@ -182,7 +185,7 @@ def column_parallel_linear(
             return kernels.concat_linear(region, weights[0], biases[0], weights[1], biases[1])
         return kernels.linear(region, weights[0], biases[0])
     params = [tensor for pair in zip(weights, biases) for tensor in pair]
-    return _ColumnParallelLinear.apply(x, group, sequence_parallel, *params)
+    return _column_parallel_linear_apply(x, group, sequence_parallel, *params)
 
 
 class RowParallelLinear(nn.Module):

@@ -43,6 +43,13 @@ from megatron.parallel.collectives import Group
 SEQUENCE_DIM = 1
 
 
+def eager_apply(function: type[torch.autograd.Function]):
+    """`function.apply` for an autograd Function that communicates, run eagerly while torch.compile
+    traces a caller (`--torch-compile`): a graph break, since dynamo cannot trace the process-group
+    calls nor the byte accounting around them. Without compilation it is `function.apply`."""
+    return torch.compiler.disable(function.apply)
+
+
 def start_input_gather(x: torch.Tensor, group: Group, sequence_parallel: bool) -> collectives.Pending:
     """Start rebuilding a TP region's input from what a layer kept: under sequence parallelism the
     all-gather of the chunk [b, s / tp, h] -> [b, s, h] along the sequence, else `x` itself (it is whole)."""
@@ -157,19 +164,33 @@ class _ReduceScatterAddToSequenceParallelRegion(torch.autograd.Function):
         return whole, whole.sum_to_size(ctx.addend_shape), None
 
 
+_APPLY = {
+    function: eager_apply(function)
+    for function in (
+        _CopyToTensorParallelRegion,
+        _ReduceFromTensorParallelRegion,
+        _GatherFromTensorParallelRegion,
+        _ScatterToSequenceParallelRegion,
+        _GatherFromSequenceParallelRegion,
+        _ReduceScatterToSequenceParallelRegion,
+        _ReduceScatterAddToSequenceParallelRegion,
+    )
+}
+
+
 def copy_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Enter a TP region with a replicated input: identity forward; backward sums the gradient over TP."""
-    return x if group.is_trivial else _CopyToTensorParallelRegion.apply(x, group)
+    return x if group.is_trivial else _APPLY[_CopyToTensorParallelRegion](x, group)
 
 
 def reduce_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Leave a TP region by summing the partial outputs of every rank; backward passes the gradient on."""
-    return x if group.is_trivial else _ReduceFromTensorParallelRegion.apply(x, group)
+    return x if group.is_trivial else _APPLY[_ReduceFromTensorParallelRegion](x, group)
 
 
 def gather_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[..., n / tp] -> [..., n]: concatenate every rank's last-dim shard; backward keeps this rank's."""
-    return x if group.is_trivial else _GatherFromTensorParallelRegion.apply(x, group)
+    return x if group.is_trivial else _APPLY[_GatherFromTensorParallelRegion](x, group)
 
 
 def scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -177,13 +198,13 @@ def scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.
     if group.is_trivial:
         return x
     check_sequence_split(x.shape[SEQUENCE_DIM], group)
-    return _ScatterToSequenceParallelRegion.apply(x, group)
+    return _APPLY[_ScatterToSequenceParallelRegion](x, group)
 
 
 def gather_from_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[b, s / tp, h] -> [b, s, h]: all-gather the sequence; backward reduce-scatters the gradient (each
     rank's gradient covers the whole sequence and is a partial sum)."""
-    return x if group.is_trivial else _GatherFromSequenceParallelRegion.apply(x, group)
+    return x if group.is_trivial else _APPLY[_GatherFromSequenceParallelRegion](x, group)
 
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -192,7 +213,7 @@ def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) ->
     if group.is_trivial:
         return x
     check_sequence_split(x.shape[SEQUENCE_DIM], group)
-    return _ReduceScatterToSequenceParallelRegion.apply(x, group)
+    return _APPLY[_ReduceScatterToSequenceParallelRegion](x, group)
 
 
 def reduce_scatter_add_to_sequence_parallel_region(
@@ -208,4 +229,4 @@ def reduce_scatter_add_to_sequence_parallel_region(
     if group.is_trivial:
         return x + addend
     check_sequence_split(x.shape[SEQUENCE_DIM], group)
-    return _ReduceScatterAddToSequenceParallelRegion.apply(x, addend, group)
+    return _APPLY[_ReduceScatterAddToSequenceParallelRegion](x, addend, group)

@@ -4,6 +4,8 @@ ops in the step). The gpu-marked tests check on a CUDA device what the CPU canno
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import shutil
 
 import pytest
@@ -13,9 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron.config import ModelConfig
 from megatron.config.optimizer import OptimizerConfig
 from megatron.model import attention as attention_module
+from megatron.model import gpt as gpt_module
 from megatron.model.gpt import GPTModel
 from megatron.training import optimizer as optimizer_module
-from tests.helpers import tiny_model_config
+from tests.helpers import REPO_ROOT, tiny_model_config
 
 VOCAB = 128
 
@@ -102,16 +105,20 @@ def _inductor_available() -> str | None:
 needs_inductor = pytest.mark.skipif(_inductor_available() is not None, reason=str(_inductor_available()))
 
 
-def _train(config: ModelConfig, steps: int = 2) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+def _train(
+    config: ModelConfig, steps: int = 2, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     """Losses and gradients of `steps` plain SGD steps of the tiny model on fixed tokens."""
-    torch.manual_seed(0)  # the dropout draws
-    model = GPTModel(config, VOCAB)
+    torch.manual_seed(0)  # the dropout draws (CPU and CUDA)
+    model = GPTModel(config, VOCAB).to(device)
     model.init_weights(3)
+    model = model.to(dtype)
     tokens = torch.randint(0, VOCAB, (2, config.seq_length), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, VOCAB, (2, config.seq_length), generator=torch.Generator().manual_seed(1))
+    tokens, labels = tokens.to(device), labels.to(device)
     history = []
     for _ in range(steps):
-        loss = model(tokens, labels=labels).mean()
+        loss = model(tokens, labels=labels).float().mean()
         loss.backward()
         history.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
         with torch.no_grad():
@@ -123,38 +130,57 @@ def _train(config: ModelConfig, steps: int = 2) -> list[tuple[torch.Tensor, list
 
 @pytest.mark.slow
 @needs_inductor
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {},
-        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
-        {"recompute_granularity": "selective"},
-    ],
-    ids=["plain", "full-recompute", "selective-recompute"],
-)
-def test_torch_compile_matches_eager_over_two_steps(overrides):
-    """Compiled layers give the eager losses and gradients (fp32; inductor fuses and reorders the
-    elementwise sums and uses SDPA where eager uses the blocked CPU core, hence close, not equal)."""
-    config = tiny_model_config(seq_length=32, **overrides)
-    eager = _train(config)
-    compiled = _train(tiny_model_config(seq_length=32, torch_compile=True, **overrides))
+def test_torch_compile_matches_eager_over_two_steps():
+    """Compiled layers (inductor's generated kernels) give the eager losses and gradients over two steps
+    (fp32; inductor fuses and reorders the elementwise sums, and the compiled core is SDPA where eager
+    uses the blocked CPU core: close, not equal)."""
+    eager = _train(tiny_model_config(seq_length=32))
+    compiled = _train(tiny_model_config(seq_length=32, torch_compile=True))
     for (eager_loss, eager_grads), (loss, grads) in zip(eager, compiled, strict=True):
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
         for grad, eager_grad in zip(grads, eager_grads, strict=True):
             torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
-@needs_inductor
-def test_torch_compile_recompute_replays_the_compiled_dropout():
-    """With dropout, the compiled layers draw their own masks (inductor's generator, not eager's), and full
-    recomputation replays exactly those: the gradients equal the compiled run's without recomputation."""
-    full = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+RECOMPUTE = {
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    "selective": {"recompute_granularity": "selective"},
+}
+
+
+@pytest.mark.parametrize("recompute", list(RECOMPUTE))
+def test_torch_compile_with_recomputation_replays_dropout(recompute, monkeypatch):
+    """Compiled layers under activation recomputation, with dropout: the rerun in backward draws the
+    masks of the first run, so the gradients equal the compiled run's without recomputation bit for bit.
+    Traced with the aot_eager backend (the graphs and graph breaks of --torch-compile, no code
+    generation: seconds instead of a minute); test_compiled_dropout_replay_on_cuda runs inductor."""
+    monkeypatch.setattr(gpt_module, "COMPILE_BACKEND", "aot_eager")
     plain = _train(tiny_model_config(seq_length=32, dropout=0.1, torch_compile=True), steps=1)
-    recomputed = _train(tiny_model_config(seq_length=32, dropout=0.1, torch_compile=True, **full), steps=1)
-    assert plain[0][0] == recomputed[0][0]
+    config = tiny_model_config(seq_length=32, dropout=0.1, torch_compile=True, **RECOMPUTE[recompute])
+    recomputed = _train(config, steps=1)
+    assert torch.equal(recomputed[0][0], plain[0][0])
     for grad, reference in zip(recomputed[0][1], plain[0][1], strict=True):
         assert torch.equal(grad, reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_dropout_replay_on_cuda():
+    """Inductor's own dropout (Philox) on CUDA is replayed by full recomputation: bit-identical gradients,
+    and compiled bf16 losses close to eager ones without dropout."""
+    full = RECOMPUTE["full"]
+    plain = _train(tiny_model_config(seq_length=64, dropout=0.1, torch_compile=True), steps=1, device="cuda")
+    config = tiny_model_config(seq_length=64, dropout=0.1, torch_compile=True, **full)
+    recomputed = _train(config, steps=1, device="cuda")
+    assert torch.equal(recomputed[0][0], plain[0][0])
+    for grad, reference in zip(recomputed[0][1], plain[0][1], strict=True):
+        assert torch.equal(grad, reference)
+    eager = _train(tiny_model_config(seq_length=64), device="cuda", dtype=torch.bfloat16)
+    compiled = _train(
+        tiny_model_config(seq_length=64, torch_compile=True), device="cuda", dtype=torch.bfloat16
+    )
+    for (eager_loss, _), (loss, _) in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(loss, eager_loss, rtol=2e-2, atol=2e-2)  # bf16 rounding
 
 
 def test_torch_compile_refused_without_a_code_generator(monkeypatch):
@@ -218,3 +244,24 @@ def test_bf16_step_has_no_per_parameter_ops(monkeypatch):
     assert large.get("_fused_adamw_") == 2  # one per parameter group (decay, no decay)
     assert large.get("_foreach_norm") == 1 and "linalg_vector_norm" not in large
     assert large.get("_foreach_mul_") == 1  # the clipping (clip_grad is tiny, so it clips)
+
+
+# ---------------------------------------------------------------- bench/profile_step.py
+
+
+def test_profile_step_summarises_a_tiny_cpu_run(tmp_path, capsys):
+    """The profiling benchmark runs the real training step on the CPU and reports every kind of time
+    (shares summing to one, GEMMs and AdamW seen) and writes the Chrome trace."""
+    spec = importlib.util.spec_from_file_location("profile_step", REPO_ROOT / "bench" / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    trace = tmp_path / "trace.json"
+    flags = ["--config", "tiny-cpu", "--num-layers", "1", "--seq-length", "32", "--micro-batch-size", "2"]
+    flags += ["--global-batch-size", "4", "--vocab-size", "256", "--steps", "1", "--warmup", "1"]
+    summary = profile_step.main([*flags, "--device", "cpu", "--top", "5", "--trace", str(trace)])
+    assert sum(summary["shares"].values()) == pytest.approx(1.0)
+    assert summary["shares"]["gemm"] > 0 and summary["shares"]["optimizer"] > 0
+    assert len(summary["top"]) == 5
+    assert "traceEvents" in json.loads(trace.read_text())
+    out = capsys.readouterr().out
+    assert "1 layers, hidden 128" in out and "micro-batch 2 x 2" in out and "time share by kind" in out
