@@ -197,7 +197,7 @@ def compiled_layer_forward(backend: str = "inductor"):
     first use. Inductor fuses each LayerNorm, the bias + GELU, dropout and the residual adds into a few
     kernels; collectives and the random-stream swaps are graph breaks that run eagerly. Decoding with a
     KV cache stays eager (its shapes change every step)."""
-    return torch.compile(_layer_forward, backend=backend)
+    return torch.compile(_layer_forward, backend=backend, dynamic=False)
 
 
 def _layer_forward(layer: TransformerLayer, x: torch.Tensor, attention_mask, kv_cache=None) -> torch.Tensor:

@@ -105,6 +105,19 @@ def _inductor_available() -> str | None:
 needs_inductor = pytest.mark.skipif(_inductor_available() is not None, reason=str(_inductor_available()))
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied first, so that earlier tests' compiled graphs (and its recompile limit,
+    past which it silently runs eagerly) do not decide what runs; the test then checks that graphs were
+    compiled: a compiled-vs-eager comparison that ran eagerly twice would prove nothing."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+
+
 def _train(
     config: ModelConfig, steps: int = 2, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
@@ -130,7 +143,7 @@ def _train(
 
 @pytest.mark.slow
 @needs_inductor
-def test_torch_compile_matches_eager_over_two_steps():
+def test_torch_compile_matches_eager_over_two_steps(fresh_dynamo):
     """Compiled layers (inductor's generated kernels) give the eager losses and gradients over two steps
     (fp32; inductor fuses and reorders the elementwise sums, and the compiled core is SDPA where eager
     uses the blocked CPU core: close, not equal)."""
@@ -149,7 +162,7 @@ RECOMPUTE = {
 
 
 @pytest.mark.parametrize("recompute", list(RECOMPUTE))
-def test_torch_compile_with_recomputation_replays_dropout(recompute, monkeypatch):
+def test_torch_compile_with_recomputation_replays_dropout(recompute, monkeypatch, fresh_dynamo):
     """Compiled layers under activation recomputation, with dropout: the rerun in backward draws the
     masks of the first run, so the gradients equal the compiled run's without recomputation bit for bit.
     Traced with the aot_eager backend (the graphs and graph breaks of --torch-compile, no code
@@ -165,7 +178,7 @@ def test_torch_compile_with_recomputation_replays_dropout(recompute, monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_dropout_replay_on_cuda():
+def test_compiled_dropout_replay_on_cuda(fresh_dynamo):
     """Inductor's own dropout (Philox) on CUDA is replayed by full recomputation: bit-identical gradients,
     and compiled bf16 losses close to eager ones without dropout."""
     full = RECOMPUTE["full"]
