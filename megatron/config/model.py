@@ -72,8 +72,9 @@ class ModelConfig:
     torch_compile: bool = arg(
         False,
         "Run each transformer layer's training forward (and its backward) through torch.compile: "
-        "LayerNorm, bias + GELU, dropout and the residual adds become a few generated kernels. Compiles on "
-        "the first iterations (minutes on a 15B model); needs Triton on GPUs or a C++ compiler on CPUs. "
+        "LayerNorm, bias + GELU, dropout and the residual adds become a few generated kernels. Compiles "
+        "during the first iteration; evaluation and generation stay eager. Needs Triton on GPUs or a C++ "
+        "compiler on CPUs. "
         "Works with tensor, sequence and pipeline parallelism and activation recomputation (collectives "
         "run between compiled pieces). Default: off (eager).",
     )

@@ -173,8 +173,9 @@ class TransformerLayer(nn.Module):
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         """[b, s, h] -> [b, s, h] (this rank's chunk [b, s/tp, h] under sequence parallelism). With
-        `config.torch_compile` the pass without a KV cache runs compiled (`compiled_layer_forward`)."""
-        if self.torch_compile and kv_cache is None:
+        `config.torch_compile`, in training mode, it runs compiled (`compiled_layer_forward`); evaluation
+        and inference stay eager (one compiled graph, and no compiler needed to use a checkpoint)."""
+        if self.torch_compile and self.training:
             return compiled_layer_forward(COMPILE_BACKEND)(self, x, attention_mask)
         return _layer_forward(self, x, attention_mask, kv_cache)
 
@@ -195,8 +196,7 @@ def compiled_layer_forward(backend: str = "inductor"):
     """`TransformerLayer.forward` without a KV cache under `torch.compile` (`--torch-compile`): one
     compiled function for every layer (the layer is an argument, its parameters graph inputs), built on
     first use. Inductor fuses each LayerNorm, the bias + GELU, dropout and the residual adds into a few
-    kernels; collectives and the random-stream swaps are graph breaks that run eagerly. Decoding with a
-    KV cache stays eager (its shapes change every step)."""
+    kernels; collectives and the random-stream swaps are graph breaks that run eagerly."""
     return torch.compile(_layer_forward, backend=backend, dynamic=False)
 
 

@@ -176,6 +176,29 @@ def test_torch_compile_with_recomputation_replays_dropout(recompute, monkeypatch
         assert torch.equal(grad, reference)
 
 
+def test_torch_compile_leaves_evaluation_and_decoding_eager(monkeypatch):
+    """Only the training forward is compiled: eval-mode forwards and KV-cache decoding compile nothing
+    (and give what the same model gives without the flag)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(gpt_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    models = []
+    for compile_ in (True, False):
+        model = GPTModel(tiny_model_config(torch_compile=compile_), VOCAB)
+        model.init_weights(3)
+        models.append(model.eval())
+    tokens = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [model(tokens) for model in models]
+        cache = models[0].new_kv_cache(2)
+        models[0](tokens[:, :4], kv_cache=cache)
+        models[0](tokens[:, 4:5], kv_cache=cache)
+    assert torch.equal(logits[0], logits[1])
+    assert counters["stats"]["unique_graphs"] == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_dropout_replay_on_cuda(fresh_dynamo):
