@@ -28,7 +28,7 @@ from megatron.checkpoint.files import DATA_SUFFIX, ChecksumWriter, crc32_hex
 _CRC_CHUNK_BYTES = 16 << 20
 # a file read whole: one `readinto` per chunk (large for the device, small enough that the CRC of one
 # chunk overlaps the read of the next); an item's zip headers and pickle are read through a head of
-# _HEAD_BYTES, and an item no larger is read whole into memory
+# _HEAD_BYTES (an item no larger: all of it), the data beyond it straight into place
 _READ_CHUNK_BYTES = 16 << 20
 _HEAD_BYTES = 64 << 10
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip local file header (30 bytes)
@@ -355,9 +355,7 @@ def _stream_file(reader, path: Path, items: list, planner, checksum: bool) -> di
     crc = _Crc32() if checksum else None
     cache = _FileCache()
     try:
-        with open(path, "rb", buffering=0) as handle:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        with open(path, "rb", buffering=0) as handle:  # (POSIX_FADV_SEQUENTIAL measured no faster)
             stream = _Sequential(handle, path, crc)
             for info, requests in _by_item(items):
                 _stream_item(reader, stream, info, requests, planner, cache)
@@ -381,10 +379,10 @@ def _stream_item(reader, stream: _Sequential, info, requests: list, planner, cac
     from torch.distributed.checkpoint.planner import LoadItemType
 
     tensors = all(request.type != LoadItemType.BYTE_IO for request in requests)
-    if not tensors or getattr(info, "transform_descriptors", None) or info.length <= _HEAD_BYTES:
+    if not tensors or getattr(info, "transform_descriptors", None):
         _from_bytes(reader, stream.read(info.length), info, requests, planner, cache)
         return
-    head = stream.read(_HEAD_BYTES)
+    head = stream.read(min(info.length, _HEAD_BYTES))  # an item no larger: all of it
     guess = _guess_layout(head, cache)
     if guess is None or guess[1] + guess[0].nbytes > info.length:
         _from_bytes(reader, head + stream.read(info.length - len(head)), info, requests, planner, cache)

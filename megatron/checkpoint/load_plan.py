@@ -38,6 +38,7 @@ class LoadPlan:
         self.restore_rng = restore_rng
         self.entries: dict[str, tuple[torch.nn.Parameter | None, tuple[int, ...], torch.dtype]] = {}
         self.metadata = None  # the checkpoint's DCP metadata, once `check` read it
+        self._mains: dict | None = None  # id(param) -> its fp32 parameter AdamW updates (`_destination`)
         for name, param in self.params:
             self.entries[f"model/{name}"] = (param, logical_shape(param), param.dtype)
 
@@ -149,8 +150,10 @@ class LoadPlan:
         existing = param if key.startswith("model/") else None
         kind = key.split("/")[1] if key.startswith("optimizer/") else None
         if kind in MOMENTS and self.optimizer is not None:
-            mains = {id(p): main for p, offset, main in self.optimizer.main_param_pieces() if offset == 0}
-            main = mains.get(id(param))
+            if self._mains is None:  # whole parameters' fp32 counterparts (the distributed optimizer's
+                pieces = self.optimizer.main_param_pieces()  # fragments never reach this line)
+                self._mains = {id(p): main for p, offset, main in pieces if offset == 0}
+            main = self._mains.get(id(param))
             existing = self.optimizer.optimizer.state.get(main, {}).get(kind) if main is not None else None
         if (
             isinstance(existing, torch.Tensor)
