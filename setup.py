@@ -29,6 +29,7 @@ setup(
         "fast-tokenize": ["gigatoken>=0.10"],
         "sentencepiece": ["sentencepiece>=0.2"],
         "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]>=1.8"],
+        "fp8": ["torchao>=0.10"],  # --fp8-format
         "logging": ["tensorboard>=2.14", "wandb>=0.16"],
         "parquet": ["pyarrow>=14"],
         "attribution": ["rbloom>=1.5"],

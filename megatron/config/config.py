@@ -107,8 +107,11 @@ class Config:
             require_finite(getattr(self, name))  # what the section's own range checks did not name
         self._check_model_parallel()
         self._check_world_size()
-        if self.model.torch_compile:  # only then is torch imported here (to see the device)
+        if self.model.torch_compile or self.model.fp8_format:  # only then is torch imported (the device)
             self.model.check_torch_compile(_detect_device_type())
+            self.model.check_fp8(
+                self.training.precision, self.parallel.tensor_model_parallel_size, _detect_device_type()
+            )
         if self.training.eval_code_interval and self.parallel.model_parallel_size > 1:
             raise ConfigError(
                 f"--eval-code-interval {self.training.eval_code_interval} needs --tensor-model-parallel-size 1 "

@@ -13,6 +13,7 @@ ATTENTION_HEAD_TYPES = ("multihead", "multiquery")
 ACTIVATIONS = ("gelu_tanh", "gelu")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+FP8_FORMATS = ("hybrid", "e4m3")  # megatron.model.fp8 applies them
 
 
 def _divisors_near(n: int, target: int, count: int = 4) -> list[int]:
@@ -77,6 +78,15 @@ class ModelConfig:
         "compiler on CPUs. "
         "Works with tensor, sequence and pipeline parallelism and activation recomputation (collectives "
         "run between compiled pieces). Default: off (eager).",
+    )
+    fp8_format: str | None = arg(
+        None,
+        "FP8 GEMMs in the decoder layers' MLP and attention output projection, through torchao's float8 "
+        "training (dynamic per-tensor scales; weights, gradients and optimizer unchanged): hybrid (e4m3 "
+        "activations and weights, e5m2 gradients) or e4m3 (e4m3 throughout). Needs --bf16, "
+        "--tensor-model-parallel-size 1, the torchao package and, on a GPU, FP8 support (H100/H200: "
+        "compute capability 8.9 or higher). Default: off (bf16 GEMMs).",
+        choices=FP8_FORMATS,
     )
     attention_softmax_in_fp32: bool = arg(
         True,
@@ -161,7 +171,34 @@ class ModelConfig:
         require_range(self, "hidden_dropout", 0.0, 1.0, high_open=True)
         require_choice(self, "attention_head_type", ATTENTION_HEAD_TYPES)
         require_choice(self, "activation", ACTIVATIONS)
+        if self.fp8_format is not None:
+            require_choice(self, "fp8_format", FP8_FORMATS)
         self._validate_recompute()
+
+    def check_fp8(self, precision: str, tensor_model_parallel_size: int, device_type: str) -> None:
+        """--fp8-format needs bf16 weights, tensor-parallel size 1 (torchao swaps plain linears), torchao,
+        and on CUDA a GPU with FP8 GEMMs; checked before any process group exists."""
+        if self.fp8_format is None:
+            return
+        fp8 = show("fp8_format", self.fp8_format)
+        if precision != "bf16":
+            raise ConfigError(f"{fp8} needs --bf16 (got {precision}): FP8 GEMMs scale bf16 inputs")
+        if tensor_model_parallel_size != 1:
+            raise ConfigError(
+                f"{fp8} needs --tensor-model-parallel-size 1 (got {tensor_model_parallel_size}): the "
+                "tensor-parallel linears are not converted to FP8; use data or pipeline parallelism"
+            )
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError(f"{fp8} needs the torchao package (pip install torchao), or drop it")
+        if device_type == "cuda":
+            import torch
+
+            major, minor = torch.cuda.get_device_capability()
+            if (major, minor) < (8, 9):
+                raise ConfigError(
+                    f"{fp8} needs a GPU with FP8 GEMMs (compute capability >= 8.9: H100, H200, L4, "
+                    f"RTX 40xx); this one is {major}.{minor}: drop --fp8-format"
+                )
 
     def check_torch_compile(self, device_type: str) -> None:
         """--torch-compile needs inductor's code generator for the device: Triton on CUDA, a C++

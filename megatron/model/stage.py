@@ -24,6 +24,7 @@ from torch import nn
 
 from megatron.config import ModelConfig
 from megatron.model import init, layers, partition
+from megatron.model.fp8 import convert_to_fp8
 from megatron.model.gpt import (
     Embedding,
     GPTModel,
@@ -46,10 +47,15 @@ def build_model(
     dtype=None,
 ) -> nn.Module:
     """This rank's model: `GPTModel` without pipeline parallelism, else its `GPTStage` for the layout flags
-    of `parallel_config` (a `ParallelConfig`; None: an even split, not interleaved)."""
+    of `parallel_config` (a `ParallelConfig`; None: an even split, not interleaved); with
+    `config.fp8_format`, its layers' linears converted to FP8 training (`megatron.model.fp8`)."""
     if parallel_state is None or parallel_state.pipeline_model_parallel_size == 1:
-        return GPTModel(config, vocab_size, parallel_state, device=device, dtype=dtype)
-    return GPTStage(config, vocab_size, parallel_state, parallel_config, device=device, dtype=dtype)
+        model = GPTModel(config, vocab_size, parallel_state, device=device, dtype=dtype)
+    else:
+        model = GPTStage(config, vocab_size, parallel_state, parallel_config, device=device, dtype=dtype)
+    if config.fp8_format is not None:  # FP8 GEMMs in the layers' linears (megatron.model.fp8)
+        convert_to_fp8(model, config.fp8_format)
+    return model
 
 
 class OutputEmbedding(nn.Module):

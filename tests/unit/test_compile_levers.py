@@ -301,3 +301,86 @@ def test_profile_step_summarises_a_tiny_cpu_run(tmp_path, capsys):
     assert "traceEvents" in json.loads(trace.read_text())
     out = capsys.readouterr().out
     assert "1 layers, hidden 128" in out and "micro-batch 2 x 2" in out and "time share by kind" in out
+
+
+# ---------------------------------------------------------------- --fp8-format (torchao float8 training)
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+
+
+def _fp8_run(fp8_format: str | None, device: str = "cpu"):
+    """(model, loss, gradients by name, aten::_scaled_mm calls) of one bf16 forward + backward."""
+    from torch.profiler import profile
+
+    from megatron.model import build_model
+
+    model = build_model(tiny_model_config(seq_length=32, hidden_size=128, fp8_format=fp8_format), VOCAB)
+    model = model.to(device)
+    model.init_weights(3)
+    model = model.to(torch.bfloat16)
+    tokens = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    with profile() as prof:
+        loss = model(tokens, labels=tokens).float().mean()
+        loss.backward()
+    fp8_gemms = sum(event.count for event in prof.key_averages() if event.key == "aten::_scaled_mm")
+    grads = {name: param.grad.float() for name, param in model.named_parameters()}
+    return model, loss.detach(), grads, fp8_gemms
+
+
+@needs_torchao
+@pytest.mark.parametrize("fp8_format", ["hybrid", "e4m3"])
+def test_fp8_format_runs_the_layer_linears_in_fp8_with_the_same_parameters(fp8_format):
+    """The MLP and attention output linears of every layer become torchao Float8Linear (the fused Q+K/V
+    projection and the output layer stay bf16): same parameter names, objects and attributes, three FP8
+    GEMMs per converted linear (forward, input and weight gradients), and the bf16 model's loss and
+    gradients up to FP8 rounding (torch's FP8 GEMM runs on the CPU too)."""
+    reference_model, reference_loss, reference_grads, reference_gemms = _fp8_run(None)
+    model, loss, grads, fp8_gemms = _fp8_run(fp8_format)
+    converted = sorted(name for name, m in model.named_modules() if type(m).__name__ == "Float8Linear")
+    assert converted == sorted(
+        f"layers.{i}.{part}"
+        for i in range(2)
+        for part in ("attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    )
+    assert reference_gemms == 0 and fp8_gemms == 3 * len(converted)
+    assert list(model.state_dict()) == list(reference_model.state_dict())
+    dense = model.get_submodule("layers.0.attention.dense")
+    assert dense.weight.tensor_model_parallel is False and dense.weight.dtype == torch.bfloat16
+    # FP8 (3 significant bits in e4m3, 2 in e5m2) against bf16: a few percent per element, far less
+    # in the loss; a dropped or unscaled GEMM would be off by O(1)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-2, atol=0)
+    for name, grad in grads.items():
+        error = (grad - reference_grads[name]).norm() / reference_grads[name].norm()
+        assert error < 0.15, (name, float(error))
+
+
+def test_fp8_format_refused_where_it_cannot_work(monkeypatch):
+    config = tiny_model_config(fp8_format="hybrid")
+    with pytest.raises(ValueError, match="--fp8-format hybrid needs --bf16 \\(got fp32\\)"):
+        config.check_fp8("fp32", 1, "cpu")
+    with pytest.raises(ValueError, match="needs --tensor-model-parallel-size 1 \\(got 2\\)"):
+        config.check_fp8("bf16", 2, "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 0))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: object())
+    with pytest.raises(ValueError, match="compute capability >= 8.9.*this one is 8.0"):
+        config.check_fp8("bf16", 1, "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    config.check_fp8("bf16", 1, "cuda")  # an H100
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(ValueError, match="needs the torchao package"):
+        config.check_fp8("bf16", 1, "cuda")
+    with pytest.raises(ValueError, match="is not a valid choice"):
+        tiny_model_config(fp8_format="e5m2").validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 GEMMs"
+)
+@needs_torchao
+def test_fp8_format_on_the_gpu_runs_fp8_gemms_close_to_bf16():
+    _, reference_loss, _, _ = _fp8_run(None, "cuda")
+    model, loss, _, fp8_gemms = _fp8_run("hybrid", "cuda")
+    assert fp8_gemms == 3 * 6
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-2, atol=0)
