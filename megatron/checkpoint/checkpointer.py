@@ -31,9 +31,11 @@ raises `CheckpointError` if it failed. A crash at any point leaves the previous 
 
 Loading verifies the manifest (the files are split across ranks for hashing), falls back to the newest
 complete checkpoint when the tracked one is incomplete or corrupt (saying so), checks every shape
-before anything is written into the model, loads into CPU buffers and only then copies into the model,
-the optimizer (exact AdamW state: moments, step, fp32 masters) and the random generators of every rank
-(when the layout matches the saving layout). Nothing is unpickled beyond DCP's own metadata classes.
+before anything is written into the model, reads the tensors (CPU parameters and live moments in
+place, the rest into CPU buffers copied after: `load_plan`) and sets the optimizer (exact AdamW state:
+moments, step, fp32 masters) and the random generators of every rank (when the layout matches the
+saving layout). Corrupt data, found as it is read, may leave part of it in the model: the fallback
+overwrites it, or the load fails. Nothing is unpickled beyond DCP's own metadata classes.
 
 This module drives both; the parts live beside it: `staging` (what a save captures), `files` (names,
 durable writes, manifest entries, housekeeping, the kill tests' fault points), `dcp_io` (DCP, the
@@ -404,7 +406,8 @@ class Checkpointer:
         """Load the checkpoint the tracker under `load_dir` names (or, given `iteration`, that one: a
         rollback) into the given objects (None: no tracker). An incomplete or corrupt one is skipped for the newest complete one, with a log line;
         ValueError when none is usable or the model's shapes differ (nothing is written into the model
-        before every check passed). `finetune`: model weights only, iteration 0. `load_optim=False`:
+        before the checks that need no tensor data passed; after a ValueError from corrupt data the
+        model's weights are undefined). `finetune`: model weights only, iteration 0. `load_optim=False`:
         fresh optimizer, scheduler and loss scale. `load_rng=False`: keep the current generators."""
         self.wait()
         root = Path(load_dir)
@@ -448,7 +451,8 @@ class Checkpointer:
     def _read_usable(self, root: Path, tracked, model, optimizer, load_rng: bool):
         """(directory, common, plan, CPU buffers) of the tracked checkpoint if it verifies, else of the
         newest one that does (logged). The data files' checksums are checked from the bytes the load
-        reads (nothing is in the model yet), the other files' before reading."""
+        reads (a fallback overwrites whatever a corrupt one read in place), the other files' before
+        reading."""
         tracker = root / TRACKER_FILENAME
         tracked_dir = checkpoint_dir(root, tracked)
         candidates = [tracked_dir] + [path for _, path in find_checkpoints(root) if path != tracked_dir]

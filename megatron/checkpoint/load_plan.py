@@ -1,6 +1,7 @@
-"""Loading, per rank: which DCP keys this rank reads at which logical shapes, the checks that run before
-anything is written into the model, and copying the loaded CPU buffers into the model, the optimizer
-(exact AdamW state) and the random generators. See docs/checkpoints.md.
+"""Loading, per rank: which DCP keys this rank reads at which logical shapes and where to (CPU parameters
+and live Adam moments in place, else CPU buffers), the checks that run before anything is written into
+the model, and copying the loaded buffers into the model, the optimizer (exact AdamW state) and the
+random generators. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class LoadPlan:
                     self.entries[key] = (None, tuple(saved[key].size), saved[key].properties.dtype)
 
     def load(self, directory: Path, layout: TensorLayout, pg) -> dict:
-        """Read every planned key into fresh CPU buffers (this rank's local part): key -> tensor, or for
+        """Read every planned key (this rank's local part) into its `_destination`: key -> tensor, or for
         the distributed optimizer's state, key -> {offset: flat fragment} of this rank's fragments only
         (read as their boxes of the logical tensor, whatever the saving layout). With several DP ranks the
         DP-replicated tensors are read once per DP group and exchanged over it (`replicated`)."""
