@@ -5,7 +5,7 @@ overrides after it), runs `--warmup` untimed steps and then `--steps` steps of t
 (`megatron.training.step.train_step`: micro-batches, backward, gradient norm, AdamW, the step's one host
 read) on random tokens under torch.profiler, and prints:
 
-- the top operators by self time (device time on a GPU, host time on the CPU);
+- the top operators by self time on the CPU, the top kernels by device time on a GPU;
 - the share of GEMM, attention, elementwise / normalisation, communication, optimizer and other time;
 - on a GPU, host reads per step (`aten::_local_scalar_dense`: item() and friends) and the synchronising
   CUDA runtime calls per step (the step's one read of its results is one);
@@ -44,7 +44,7 @@ CATEGORIES = (
     ("optimizer", ("_foreach_", "fused_adam", "multi_tensor", "adamw")),
     (
         "attention",
-        ("scaled_dot_product", "flash", "fmha", "cudnn_attention", "_efficient_attention", "softmax"),
+        ("scaled_dot_product", "flash", "fmha", "sdpa", "cudnn_attention", "_efficient_attention", "softmax"),
     ),
     (
         "gemm",
@@ -60,6 +60,7 @@ CATEGORIES = (
             "sm80_xmma",
             "ampere_",
             "hopper_",
+            "nvjet",
             "cublas",
             "aten::mv",
         ),
@@ -176,28 +177,33 @@ def _kind(event) -> str:
     return kind
 
 
+def _timed(prof, on_device: bool) -> list[tuple[object, float]]:
+    """(event, self time in us) of what the step's time is made of: the GPU's kernels, memcpys and
+    memsets on a GPU (their host-side operators would count the same time twice), else the CPU
+    operators."""
+    if on_device:
+        cuda = torch.autograd.DeviceType.CUDA
+        return [(event, event.self_device_time_total) for event in prof.events() if event.device_type == cuda]
+    return [(event, event.self_cpu_time_total) for event in prof.events()]
+
+
 def summarize(prof, on_device: bool, steps: int, top: int) -> dict:
-    """Top operators, time shares per kind and host reads of a finished profile (times in us)."""
-
-    def self_time(event) -> float:
-        if on_device:
-            return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0))
-        return event.self_cpu_time_total
-
-    averages = [(self_time(event), event) for event in prof.key_averages()]
-    averages = sorted(((t, e) for t, e in averages if t > 0), key=lambda pair: -pair[0])
-    total = sum(t for t, _ in averages) or 1.0
-    shares: Counter = Counter()
+    """Top operators (kernels on a GPU), time shares per kind and host reads of a finished profile."""
+    timed = [(event, time) for event, time in _timed(prof, on_device) if time > 0]
+    total = sum(time for _, time in timed) or 1.0
+    shares, times, calls = Counter(), Counter(), Counter()
+    for event, time in timed:
+        shares[_kind(event)] += time
+        times[event.name] += time
+        calls[event.name] += 1
     host_reads = device_syncs = 0
     for event in prof.events():
-        kind = _kind(event)
-        shares[kind] += self_time(event)
-        if event.name == "aten::_local_scalar_dense" and kind != "optimizer":
+        if event.name == "aten::_local_scalar_dense" and _kind(event) != "optimizer":
             host_reads += 1
         device_syncs += event.name in SYNC_CALLS
     return {
         "total_us": total,
-        "top": [(event.key, t, event.count) for t, event in averages[:top]],
+        "top": [(name, time, calls[name]) for name, time in times.most_common(top)],
         "shares": {label: shares[label] / total for label in [*(c for c, _ in CATEGORIES), "other"]},
         "host_reads_per_step": host_reads / steps,
         "device_syncs_per_step": device_syncs / steps,
@@ -207,7 +213,7 @@ def summarize(prof, on_device: bool, steps: int, top: int) -> dict:
 def report(summary: dict, on_device: bool, steps: int) -> None:
     where = "device" if on_device else "host (CPU)"
     print(f"\nself {where} time per step: {summary['total_us'] / steps / 1e3:.2f} ms over {steps} steps")
-    print(f"\ntop operators by self {where} time:")
+    print(f"\ntop {'kernels' if on_device else 'operators'} by self {where} time:")
     print(f"  {'share':>6}  {'ms/step':>9}  {'calls/step':>10}  name")
     for name, time, count in summary["top"]:
         share = time / summary["total_us"]
