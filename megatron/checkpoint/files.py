@@ -9,7 +9,6 @@ tracker update.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -142,23 +141,25 @@ class ChecksumWriter(io.BufferedWriter):
         self.crc, self.nbytes, self.seeked = 0, 0, False
         self._helper = ThreadPoolExecutor(1)
 
-    def write(self, data) -> int:
-        with self._named_errors():
+    def write(self, data) -> int:  # thousands of small writes per file: no context manager per call
+        try:
             return self._write(data)
+        except OSError as exc:
+            self._raise_named(exc)
+            raise
 
     def flush(self) -> None:
-        with self._named_errors():
-            super().flush()
-
-    @contextlib.contextmanager
-    def _named_errors(self):
-        """ENOSPC or EIO from the kernel names no file: name this one (the name survives DCP's pickling
-        of a rank's failure to the others, where torch's wrapping of it would not)."""
         try:
-            yield
+            super().flush()
         except OSError as exc:
-            if exc.errno is None or exc.filename is not None:
-                raise
+            self._raise_named(exc)
+            raise
+
+    def _raise_named(self, exc: OSError) -> None:
+        """ENOSPC or EIO from the kernel names no file: raise it naming this one (the name survives DCP's
+        pickling of a rank's failure to the others, where torch's wrapping of it would not); return
+        when `exc` needs no name."""
+        if exc.errno is not None and exc.filename is None:
             raise OSError(exc.errno, exc.strerror, str(self.raw.name)) from exc
 
     def _write(self, data) -> int:
@@ -179,8 +180,10 @@ class ChecksumWriter(io.BufferedWriter):
 
     def close(self) -> None:
         try:
-            with self._named_errors():
-                super().close()
+            super().close()
+        except OSError as exc:
+            self._raise_named(exc)
+            raise
         finally:
             self._helper.shutdown()
 
