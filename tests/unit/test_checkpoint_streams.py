@@ -258,3 +258,29 @@ def test_a_fallback_to_a_checkpoint_without_optimizer_state_leaves_fresh_moments
     assert Checkpointer(state).load(tmp_path, model, optimizer, None, None).iteration == 1
     assert not optimizer.optimizer.state  # fresh, as the log says; nothing of the corrupt read is kept
     assert_same(snapshot(model, optimizer), expected)
+
+
+def test_the_writer_checksums_what_passes_and_names_a_full_disk(tmp_path):
+    """A save's data file: its manifest entry comes from the bytes written (small and large writes), and
+    ENOSPC, which the kernel reports without a file name, is raised naming the file."""
+    import errno
+    import os
+
+    from megatron.checkpoint.files import ChecksumWriter
+
+    path = tmp_path / "__0_0.distcp"
+    writer = ChecksumWriter(path)
+    for chunk in [os.urandom(100) for _ in range(300)] + [os.urandom(3 << 20), b"tail"]:
+        writer.write(chunk)
+    writer.close()
+    assert writer.entry() == file_entry(path) and writer.entry()["bytes"] == 300 * 100 + (3 << 20) + 4
+    if not Path("/dev/full").exists():
+        return
+    full = ChecksumWriter("/dev/full")
+    with pytest.raises(OSError) as info:
+        full.write(bytes(2 << 20))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == "/dev/full"
+    full.write(b"small")  # buffered: the kernel sees it at close
+    with pytest.raises(OSError) as info:
+        full.close()
+    assert info.value.errno == errno.ENOSPC and info.value.filename == "/dev/full"
