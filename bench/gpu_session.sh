@@ -3,7 +3,7 @@
 # (ours, transformers and Megatron-core side by side), within about 9 minutes, logs and JSON under $OUT.
 #
 # Here, once (the GPU machine has no network; this fetches what its image lacks into .whl/, ignored by
-# git, about 3 MB: the megatron-core wheel for its Python 3.12; torch, numpy, packaging and transformers
+# git, about 5 MB: the megatron-core wheel for its Python 3.12, and torchao for --fp8-format in our process; torch, numpy, packaging and transformers
 # are already there):
 #     bash bench/gpu_session.sh --download
 # Then the device call, from the repository root:
@@ -16,6 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 MCORE_VERSION=0.16.1
+TORCHAO_VERSION=0.18.0
 WHEEL_DIR=.whl
 
 if [[ "${1:-}" == "--download" ]]; then
@@ -29,6 +30,10 @@ if [[ "${1:-}" == "--download" ]]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
         -d "$WHEEL_DIR" "megatron-core==$MCORE_VERSION" || exit 1
+    # torchao for our own process (--fp8-format and its gpu test), kept apart from megatron-core's site
+    "$python" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$WHEEL_DIR/ours" "torchao==$TORCHAO_VERSION" || exit 1
     ls -l "$WHEEL_DIR"
     exit 0
 fi
@@ -61,6 +66,10 @@ cat "$OUT/env.txt"
 # our package is not installed there: this checkout on PYTHONPATH (gpu_train_step.py keeps it away from
 # the Megatron-core peer's processes, whose package is also named megatron)
 export PYTHONPATH="$PWD"
+if ls "$WHEEL_DIR"/ours/*.whl >/dev/null 2>&1; then  # torchao: our process only, never megatron-core's
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_ours \
+        "$WHEEL_DIR"/ours/*.whl && export PYTHONPATH="$PWD:/tmp/site_ours"
+fi
 
 echo "== pytest -m gpu"
 mapfile -t gpu_tests < <(grep -rlE "mark\.gpu|pytestmark = .*gpu" tests --include='test_*.py' | sort)
