@@ -8,8 +8,8 @@ and reads them back into preallocated tensors with `readinto` (and, for comparis
 ones: first-touching new memory is part of any resume, and costly on some virtual machines). The
 checkpoint loads into a model and optimizer that already hold state (trained one step), as a rollback
 does, so its weights and Adam moments are read in place like the plain read's preallocated tensors.
-Both sides are timed in the same run, `--repeats` times (median shown, and the median of the
-per-repeat ratios). The two writers take turns going first and each starts after `os.sync()`, so
+Both sides are timed in the same run, `--repeats` times after one uncounted warm-up round (median
+shown, and the median of the per-repeat ratios). The two writers take turns going first and each starts after `os.sync()`, so
 neither pays for the other's writeback (with the checkpoint always second its ratio moved with the
 disk's mood, 0.3x-0.8x on one machine); the two readers take turns too. GB/s counts tensor bytes (the
 same numerator for both;
@@ -244,7 +244,7 @@ def measure_throughput(args, shape, workdir: Path) -> None:
         "checkpoint load": [],
     }
     disk_bytes = 0
-    for repeat in range(args.repeats):
+    for repeat in range(args.repeats + 1):  # round 0 is not counted (below)
         plain = workdir / "plain.bin"
         root = workdir / f"ckpt{repeat}"
         # the same conditions for both writers: each starts with no dirty pages left by the other (a
@@ -280,6 +280,9 @@ def measure_throughput(args, shape, workdir: Path) -> None:
         times["plain read new"].append(reads[2][1]())
         plain.unlink()
         shutil.rmtree(root)
+    # the first round warms up both sides (imports, the process's first page-cache use: the plain side,
+    # going first, ran up to 4x slower in it): dropped
+    times = {name: values[1:] for name, values in times.items()}
     for a, b in zip(source.tensors(), target.tensors(), strict=True):
         assert torch.equal(a, b), "the loaded state differs from the saved one"
     print(
