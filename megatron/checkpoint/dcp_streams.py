@@ -16,14 +16,13 @@ import re
 import struct
 import sys
 import threading
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from megatron.checkpoint.files import DATA_SUFFIX, ChecksumWriter, crc32_hex
+from megatron.checkpoint.files import DATA_SUFFIX, ChecksumWriter, crc32, crc32_hex
 
 _CRC_CHUNK_BYTES = 16 << 20
 # a file read whole: one `readinto` per chunk (large for the device, small enough that the CRC of one
@@ -284,7 +283,7 @@ def _deliver(planner, request, tensor: torch.Tensor, target: torch.Tensor | None
 
 
 class _Crc32(threading.Thread):
-    """CRC32 of the buffers handed to `feed`, in order, computed in this thread (zlib releases the GIL)
+    """CRC32 of the buffers handed to `feed`, in order, computed in this thread (it releases the GIL)
     while the reader goes on reading. A buffer must not change until `drain` or `finish` returned."""
 
     def __init__(self) -> None:
@@ -299,7 +298,7 @@ class _Crc32(threading.Thread):
     def run(self) -> None:
         while (view := self._queue.get()) is not None:
             for start in range(0, len(view), _CRC_CHUNK_BYTES):
-                self.crc = zlib.crc32(view[start : start + _CRC_CHUNK_BYTES], self.crc)
+                self.crc = crc32(view[start : start + _CRC_CHUNK_BYTES], self.crc)
             self._queue.task_done()
 
     def drain(self) -> None:

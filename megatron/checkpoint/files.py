@@ -19,12 +19,16 @@ import secrets
 import shutil
 import signal
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from megatron.checkpoint.directory import TRACKER_FILENAME, find_checkpoints
 from megatron.log import get_logger
+
+try:  # zlib-ng's CRC32: the same checksum as zlib's (same values), about 5x faster; releases the GIL
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # the standard library's (about 4 GB/s per core)
+    from zlib import crc32
 
 logger = get_logger(__name__)
 
@@ -80,7 +84,7 @@ def file_entry(path: Path, algorithm: str = "crc32") -> dict:
         while count := handle.readinto(buffer):
             chunk = buffer[:count]
             if digest is None:
-                crc = zlib.crc32(chunk, crc)  # releases the GIL: files hash in parallel threads
+                crc = crc32(chunk, crc)  # releases the GIL: files hash in parallel threads
             else:
                 digest.update(chunk)
             size += count
@@ -166,9 +170,9 @@ class ChecksumWriter(io.BufferedWriter):
         view = memoryview(data).cast("B")
         self.nbytes += view.nbytes
         if view.nbytes < self._OVERLAP_BYTES:
-            self.crc = zlib.crc32(view, self.crc)
+            self.crc = crc32(view, self.crc)
             return super().write(view)
-        checksum = self._helper.submit(zlib.crc32, view, self.crc)
+        checksum = self._helper.submit(crc32, view, self.crc)
         try:
             return super().write(view)
         finally:
@@ -322,7 +326,7 @@ def verify_torch_file(path) -> None:
                 crc = 0
                 with archive.open(info) as record:
                     while chunk := record.read(8 << 20):
-                        crc = zlib.crc32(chunk, crc)
+                        crc = crc32(chunk, crc)
                 if crc != info.CRC:
                     raise ValueError(
                         f"{path}: record {info.filename} has CRC32 {crc:08x}, the file records "
