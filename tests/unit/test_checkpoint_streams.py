@@ -284,3 +284,18 @@ def test_the_writer_checksums_what_passes_and_names_a_full_disk(tmp_path):
     with pytest.raises(OSError) as info:
         full.close()
     assert info.value.errno == errno.ENOSPC and info.value.filename == "/dev/full"
+
+
+def test_without_zlib_ng_the_standard_librarys_crc32_is_used():
+    """zlib-ng's CRC32 gives zlib's values (the file CRCs above are compared with zlib's); without the
+    package, zlib's own is the checkpoint's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, zlib; sys.modules['zlib_ng'] = None\n"
+        "from megatron.checkpoint import files\n"
+        "assert files.crc32 is zlib.crc32, files.crc32"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
