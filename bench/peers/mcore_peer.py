@@ -216,7 +216,9 @@ def build_model(args, config):
         share_embeddings_and_output_weights=True,
     )
     if args.init_from:
-        load_gpt_bigcode_weights(model, torch.load(args.init_from, map_location="cpu"), args.num_layers)
+        load_gpt_bigcode_weights(
+            model, torch.load(args.init_from, map_location="cpu", weights_only=True), args.num_layers
+        )
     return model.to(args.device)
 
 
