@@ -182,16 +182,6 @@ def _load_tensor(view: memoryview, storage, recipes: dict) -> torch.Tensor:
         return tensor
 
 
-def _covers(spans: list[tuple[int, int]], size: int) -> bool:
-    """Whether the (offset, length) spans tile [0, size) exactly."""
-    end = 0
-    for offset, length in sorted(set(spans)):
-        if offset != end:
-            return False
-        end = offset + length
-    return end == size
-
-
 def read_data(reader, plan, planner):
     """DCP `StorageReader.read_data` for `reader` (a FileSystemReader): the items of each file in file
     order; a file read whole is streamed front to back (and checksummed when `checksummed_reads` is
