@@ -72,9 +72,8 @@ class ReplicatedRead:
             key: _reader(key, param, self.tp_rank, metadata, dp_ranks) for key, (param, _) in entries.items()
         }
         readers = _balanced(readers, entries, self.group.size)
-        for dtype in dict.fromkeys(
-            dtype for _, dtype in entries.values()
-        ):  # first-seen order: the same on every rank
+        dtypes = dict.fromkeys(dtype for _, dtype in entries.values())  # first seen first, on every rank
+        for dtype in dtypes:
             keys = [key for key, (_, d) in entries.items() if d == dtype]
             self.flats.append(self._lay_out(keys, entries, readers, dtype))
 
